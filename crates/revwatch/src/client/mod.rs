@@ -1,0 +1,1 @@
+//! Resilient etcd v3 client.
