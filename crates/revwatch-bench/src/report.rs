@@ -13,12 +13,16 @@ pub struct Report {
 
 impl Report {
     pub fn new(suite: &str) -> Self {
-        Self { suite: suite.to_owned(), figures: BTreeMap::new() }
+        Self {
+            suite: suite.to_owned(),
+            figures: BTreeMap::new(),
+        }
     }
 
     pub fn figure(&mut self, name: &str, value: f64) {
         // Two decimals are plenty for microseconds and ratios, and keep the JSON readable.
-        self.figures.insert(name.to_owned(), (value * 100.0).round() / 100.0);
+        self.figures
+            .insert(name.to_owned(), (value * 100.0).round() / 100.0);
     }
 
     pub fn print(&self) {

@@ -51,7 +51,11 @@ pub fn median(values: &[f64]) -> f64 {
 
 /// `ours / baseline`, or 0 when the baseline is 0 (a broken run, reported as such).
 pub fn ratio(ours: f64, baseline: f64) -> f64 {
-    if baseline == 0.0 { 0.0 } else { ours / baseline }
+    if baseline == 0.0 {
+        0.0
+    } else {
+        ours / baseline
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,81 @@
+//! Standalone embedded server: `revwatch-server --data-dir DIR [--listen ADDR]`.
+//!
+//! Prints `listening on ADDR` once it accepts connections, and stops on Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use revwatch_server::{Server, ServerConfig};
+
+const USAGE: &str = "usage: revwatch-server --data-dir DIR [--listen ADDR (default 127.0.0.1:2379)]";
+
+fn parse() -> Result<(String, SocketAddr), String> {
+    let mut data_dir = None;
+    let mut listen = "127.0.0.1:2379".to_owned();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--data-dir" => data_dir = args.next(),
+            "--listen" => listen = args.next().ok_or("--listen needs a value")?,
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    let data_dir = data_dir.ok_or_else(|| USAGE.to_owned())?;
+    let listen = listen
+        .parse()
+        .map_err(|e| format!("bad --listen {listen:?}: {e}"))?;
+    Ok((data_dir, listen))
+}
+
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let (data_dir, listen) = match parse() {
+        Ok(v) => v,
+        Err(msg) => {
+            eprintln!("{msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = async {
+        let server = Server::open(ServerConfig::new(data_dir))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(revwatch_server::ServerError::Listen)?;
+        let addr = listener
+            .local_addr()
+            .map_err(revwatch_server::ServerError::Listen)?;
+        println!("listening on {addr}");
+        server.serve(listener, terminated()).await
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("revwatch-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

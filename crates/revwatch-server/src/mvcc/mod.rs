@@ -1,0 +1,490 @@
+//! The multi-version key-value store, in memory.
+//!
+//! Like etcd's `mvcc` package: every change gets a [`Revision`] (main revision shared by one
+//! write request, sub-revision per change inside it); a key index keeps each key's history
+//! (create/mod revision, version, tombstones), and a revision log keeps the changes in
+//! revision order for watchers. Durability is the backend's job: this module does no I/O.
+
+mod ops;
+mod range;
+mod txn;
+
+pub(crate) use ops::{apply_delete, apply_put};
+pub(crate) use range::range;
+pub(crate) use txn::{apply_txn, check_txn, is_read_only, read_only_txn};
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use etcd_proto::mvccpb::{Event, KeyValue, event::EventType};
+
+use crate::error::EtcdError;
+use crate::lease::LeaseTable;
+
+/// A point in the store's history: `main` is the write request's revision, `sub` orders
+/// the changes made by that request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Revision {
+    pub main: i64,
+    pub sub: i64,
+}
+
+/// One change to one key: a put or, with `tombstone`, a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Record {
+    pub key: Vec<u8>,
+    pub rev: Revision,
+    pub create_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+    pub value: Vec<u8>,
+    pub tombstone: bool,
+}
+
+impl Record {
+    /// The key-value as clients see it. A tombstone carries only key and mod revision.
+    pub fn to_kv(&self) -> KeyValue {
+        if self.tombstone {
+            return KeyValue {
+                key: self.key.clone(),
+                mod_revision: self.rev.main,
+                ..Default::default()
+            };
+        }
+        KeyValue {
+            key: self.key.clone(),
+            create_revision: self.create_revision,
+            mod_revision: self.rev.main,
+            version: self.version,
+            value: self.value.clone(),
+            lease: self.lease,
+        }
+    }
+
+    /// The watch event for this change, without `prev_kv`.
+    pub fn to_event(&self) -> Event {
+        let ty = if self.tombstone {
+            EventType::Delete
+        } else {
+            EventType::Put
+        };
+        Event {
+            r#type: ty as i32,
+            kv: Some(self.to_kv()),
+            prev_kv: None,
+        }
+    }
+}
+
+/// The keys a request covers, decoded from etcd's `(key, range_end)` convention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KeyRange {
+    /// `range_end` empty: exactly `key`.
+    Single(Vec<u8>),
+    /// `range_end == "\0"`: every key `>= key`.
+    From(Vec<u8>),
+    /// Every key in `[key, end)`; empty when `key >= end`.
+    Between(Vec<u8>, Vec<u8>),
+}
+
+impl KeyRange {
+    pub fn new(key: &[u8], range_end: &[u8]) -> Self {
+        match range_end {
+            [] => Self::Single(key.to_vec()),
+            [0] => Self::From(key.to_vec()),
+            end => Self::Between(key.to_vec(), end.to_vec()),
+        }
+    }
+
+    pub fn contains(&self, k: &[u8]) -> bool {
+        match self {
+            Self::Single(key) => k == key.as_slice(),
+            Self::From(key) => k >= key.as_slice(),
+            Self::Between(key, end) => k >= key.as_slice() && k < end.as_slice(),
+        }
+    }
+
+    fn bounds(&self) -> Option<(Bound<&[u8]>, Bound<&[u8]>)> {
+        match self {
+            Self::Single(key) => Some((Bound::Included(key), Bound::Included(key))),
+            Self::From(key) => Some((Bound::Included(key), Bound::Unbounded)),
+            Self::Between(key, end) if key < end => {
+                Some((Bound::Included(key), Bound::Excluded(end)))
+            }
+            Self::Between(..) => None,
+        }
+    }
+}
+
+/// The in-memory multi-version state.
+#[derive(Debug)]
+pub(crate) struct MvccState {
+    /// Each key's retained history, oldest first.
+    index: BTreeMap<Vec<u8>, Vec<Arc<Record>>>,
+    /// Retained changes by main revision (revisions `>= compacted`), for watchers.
+    log: BTreeMap<i64, Vec<Arc<Record>>>,
+    current: i64,
+    /// etcd starts at -1: nothing compacted yet.
+    compacted: i64,
+    pub leases: LeaseTable,
+}
+
+impl MvccState {
+    /// An empty store at revision 1, as a fresh etcd reports.
+    pub fn new(leases: LeaseTable) -> Self {
+        Self {
+            index: BTreeMap::new(),
+            log: BTreeMap::new(),
+            current: 1,
+            compacted: -1,
+            leases,
+        }
+    }
+
+    /// Rebuilds from durable records given in revision order.
+    pub fn restore(
+        records: impl IntoIterator<Item = Record>,
+        current: i64,
+        compacted: i64,
+        mut leases: LeaseTable,
+    ) -> Self {
+        let mut state = Self::new(LeaseTable::default());
+        for rec in records {
+            let rec = Arc::new(rec);
+            if rec.rev.main >= compacted {
+                state.log.entry(rec.rev.main).or_default().push(rec.clone());
+            }
+            state.index.entry(rec.key.clone()).or_default().push(rec);
+        }
+        state.current = current.max(1);
+        state.compacted = compacted;
+        // Re-attach live keys to their leases; a key whose lease is gone keeps its lease id,
+        // as etcd does after an unclean lease loss.
+        for (key, hist) in &state.index {
+            if let Some(last) = hist.last()
+                && !last.tombstone
+                && last.lease != 0
+            {
+                leases.attach(last.lease, key.clone());
+            }
+        }
+        state.leases = leases;
+        state
+    }
+
+    pub fn current(&self) -> i64 {
+        self.current
+    }
+
+    pub fn compacted(&self) -> i64 {
+        self.compacted
+    }
+
+    /// Checks that `rev` (0 = `cur`) can be read when the visible revision is `cur`.
+    pub fn check_read_rev(&self, rev: i64, cur: i64) -> Result<i64, EtcdError> {
+        if rev > cur {
+            return Err(EtcdError::FutureRev);
+        }
+        let rev = if rev <= 0 { cur } else { rev };
+        if rev < self.compacted {
+            return Err(EtcdError::Compacted);
+        }
+        Ok(rev)
+    }
+
+    /// The live record of each key in `range` as of revision `at`, in key order.
+    pub fn visit_at<'a>(
+        &'a self,
+        range: &KeyRange,
+        at: i64,
+    ) -> impl Iterator<Item = &'a Arc<Record>> + 'a {
+        let iter = range.bounds().map(|b| self.index.range::<[u8], _>(b));
+        iter.into_iter()
+            .flatten()
+            .filter_map(move |(_, hist)| latest_at(hist, at))
+    }
+
+    /// The live record of `key` at revision `at`.
+    pub fn get_at(&self, key: &[u8], at: i64) -> Option<&Arc<Record>> {
+        self.index.get(key).and_then(|hist| latest_at(hist, at))
+    }
+
+    /// Changes with main revision in `[from, to]`, grouped by revision, ascending.
+    pub fn log_between(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> impl Iterator<Item = (i64, &Vec<Arc<Record>>)> + '_ {
+        let range = if from <= to { Some(from..=to) } else { None };
+        range
+            .into_iter()
+            .flat_map(|r| self.log.range(r))
+            .map(|(rev, recs)| (*rev, recs))
+    }
+
+    /// Starts a write request at revision `current + 1`.
+    pub fn write(&mut self) -> WriteTxn<'_> {
+        let rev = self.current + 1;
+        WriteTxn {
+            state: self,
+            rev,
+            records: Vec::new(),
+        }
+    }
+
+    /// Compacts history at `rev` like etcd: per key, everything older than the last record at
+    /// or below `rev` is dropped, and so is that record when it is a tombstone. `rev` may not
+    /// exceed `newest`, the newest revision readers may be using.
+    pub fn compact(&mut self, rev: i64, newest: i64) -> Result<Vec<Revision>, EtcdError> {
+        if rev <= self.compacted {
+            return Err(EtcdError::Compacted);
+        }
+        if rev > self.current.min(newest) {
+            return Err(EtcdError::FutureRev);
+        }
+        let mut removed = Vec::new();
+        self.index.retain(|_, hist| {
+            let keep_from = match hist.iter().rposition(|r| r.rev.main <= rev) {
+                None => 0,
+                Some(i) if hist[i].tombstone => i + 1,
+                Some(i) => i,
+            };
+            removed.extend(hist.drain(..keep_from).map(|r| r.rev));
+            !hist.is_empty()
+        });
+        self.log = self.log.split_off(&rev);
+        if let Some(recs) = self.log.get_mut(&rev) {
+            // A tombstone at exactly `rev` is the last record at or below it, so it went.
+            recs.retain(|r| !r.tombstone);
+            if recs.is_empty() {
+                self.log.remove(&rev);
+            }
+        }
+        self.compacted = rev;
+        Ok(removed)
+    }
+
+    /// Every retained record with main revision `<= at`, in key then revision order.
+    pub fn records_up_to(&self, at: i64) -> impl Iterator<Item = &Arc<Record>> + '_ {
+        self.index
+            .values()
+            .flat_map(|h| h.iter())
+            .filter(move |r| r.rev.main <= at)
+    }
+}
+
+fn latest_at(hist: &[Arc<Record>], at: i64) -> Option<&Arc<Record>> {
+    let idx = hist.partition_point(|r| r.rev.main <= at);
+    let rec = hist.get(idx.checked_sub(1)?)?;
+    (!rec.tombstone).then_some(rec)
+}
+
+/// One write request in progress. Changes are visible to ranges inside the same request at
+/// [`WriteTxn::read_rev`]; [`WriteTxn::finish`] assigns the revision only if something changed.
+pub(crate) struct WriteTxn<'a> {
+    state: &'a mut MvccState,
+    rev: i64,
+    records: Vec<Arc<Record>>,
+}
+
+impl WriteTxn<'_> {
+    pub fn state(&self) -> &MvccState {
+        self.state
+    }
+
+    /// The revision reads inside this request see: the new one once something changed.
+    pub fn read_rev(&self) -> i64 {
+        if self.records.is_empty() {
+            self.rev - 1
+        } else {
+            self.rev
+        }
+    }
+
+    /// The revision this request's changes get.
+    pub fn rev(&self) -> i64 {
+        self.rev
+    }
+
+    fn next_rev(&self) -> Revision {
+        Revision {
+            main: self.rev,
+            sub: self.records.len() as i64,
+        }
+    }
+
+    /// Puts `key`, returning the new record. Lease bookkeeping follows the key.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Arc<Record> {
+        let rev = self.next_rev();
+        let prev = self.state.get_at(key, self.rev).cloned();
+        let (create_revision, version) = match &prev {
+            Some(p) => (p.create_revision, p.version + 1),
+            None => (rev.main, 1),
+        };
+        if let Some(p) = &prev
+            && p.lease != 0
+            && p.lease != lease
+        {
+            self.state.leases.detach(p.lease, key);
+        }
+        if lease != 0 {
+            self.state.leases.attach(lease, key.to_vec());
+        }
+        self.push(Record {
+            key: key.to_vec(),
+            rev,
+            create_revision,
+            version,
+            lease,
+            value,
+            tombstone: false,
+        })
+    }
+
+    /// Deletes every live key in `range`; returns how many.
+    pub fn delete_range(&mut self, range: &KeyRange) -> i64 {
+        let victims: Vec<(Vec<u8>, i64)> = self
+            .state
+            .visit_at(range, self.rev)
+            .map(|r| (r.key.clone(), r.lease))
+            .collect();
+        for (key, lease) in &victims {
+            self.delete(key, *lease);
+        }
+        victims.len() as i64
+    }
+
+    fn delete(&mut self, key: &[u8], lease: i64) {
+        if lease != 0 {
+            self.state.leases.detach(lease, key);
+        }
+        let rev = self.next_rev();
+        self.push(Record {
+            key: key.to_vec(),
+            rev,
+            create_revision: 0,
+            version: 0,
+            lease: 0,
+            value: Vec::new(),
+            tombstone: true,
+        });
+    }
+
+    fn push(&mut self, rec: Record) -> Arc<Record> {
+        let rec = Arc::new(rec);
+        self.state
+            .index
+            .entry(rec.key.clone())
+            .or_default()
+            .push(rec.clone());
+        self.records.push(rec.clone());
+        rec
+    }
+
+    /// Undoes every change of this request, lease attachments included.
+    pub fn abort(self) {
+        let before = self.rev - 1;
+        for rec in self.records.iter().rev() {
+            if let Some(hist) = self.state.index.get_mut(&rec.key) {
+                hist.pop();
+                if hist.is_empty() {
+                    self.state.index.remove(&rec.key);
+                }
+            }
+            if !rec.tombstone && rec.lease != 0 {
+                self.state.leases.detach(rec.lease, &rec.key);
+            }
+            if let Some(lease) = self
+                .state
+                .get_at(&rec.key, before)
+                .map(|p| p.lease)
+                .filter(|l| *l != 0)
+            {
+                self.state.leases.attach(lease, rec.key.clone());
+            }
+        }
+    }
+
+    /// Ends the request; the changes, if any, become revision `rev()`.
+    pub fn finish(self) -> Vec<Arc<Record>> {
+        if !self.records.is_empty() {
+            self.state.current = self.rev;
+            self.state.log.insert(self.rev, self.records.clone());
+        }
+        self.records
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> MvccState {
+        MvccState::new(LeaseTable::default())
+    }
+
+    #[test]
+    fn put_update_delete_versions() {
+        let mut s = store();
+        let mut w = s.write();
+        let r = w.put(b"a", b"1".to_vec(), 0);
+        assert_eq!(w.finish().len(), 1);
+        assert_eq!((r.create_revision, r.rev.main, r.version), (2, 2, 1));
+        let mut w = s.write();
+        let r = w.put(b"a", b"2".to_vec(), 0);
+        w.finish();
+        assert_eq!((r.create_revision, r.rev.main, r.version), (2, 3, 2));
+        let mut w = s.write();
+        assert_eq!(w.delete_range(&KeyRange::new(b"a", b"")), 1);
+        w.finish();
+        let mut w = s.write();
+        let r = w.put(b"a", b"3".to_vec(), 0);
+        w.finish();
+        assert_eq!((r.create_revision, r.rev.main, r.version), (5, 5, 1));
+        assert_eq!(s.get_at(b"a", 3).map(|r| r.value.clone()), Some(b"2".to_vec()));
+        assert!(s.get_at(b"a", 4).is_none());
+    }
+
+    #[test]
+    fn empty_delete_does_not_bump_revision() {
+        let mut s = store();
+        let mut w = s.write();
+        assert_eq!(w.delete_range(&KeyRange::new(b"x", b"")), 0);
+        assert!(w.finish().is_empty());
+        assert_eq!(s.current(), 1);
+    }
+
+    #[test]
+    fn compaction_keeps_latest_live_and_drops_tombstones() {
+        let mut s = store();
+        for v in ["1", "2"] {
+            let mut w = s.write();
+            w.put(b"a", v.as_bytes().to_vec(), 0);
+            w.finish();
+        }
+        let mut w = s.write();
+        w.put(b"b", b"x".to_vec(), 0);
+        w.finish();
+        let mut w = s.write();
+        w.delete_range(&KeyRange::new(b"b", b""));
+        w.finish(); // rev 5
+        let removed = s.compact(5, 5).expect("compact");
+        // a@2 superseded; b@4 and its tombstone @5 both go.
+        assert_eq!(removed.len(), 3);
+        assert_eq!(s.get_at(b"a", 5).map(|r| r.rev.main), Some(3));
+        assert_eq!(s.log_between(0, 10).count(), 0);
+        assert_eq!(s.compact(5, 5), Err(EtcdError::Compacted));
+        assert_eq!(s.compact(6, 6), Err(EtcdError::FutureRev));
+        assert_eq!(s.check_read_rev(4, 5), Err(EtcdError::Compacted));
+        assert_eq!(s.check_read_rev(6, 5), Err(EtcdError::FutureRev));
+    }
+
+    #[test]
+    fn key_ranges() {
+        assert!(KeyRange::new(b"a", b"\0").contains(b"zzz"));
+        assert!(!KeyRange::new(b"b", b"a").contains(b"b"));
+        assert!(KeyRange::new(b"a", b"").contains(b"a"));
+        assert!(!KeyRange::new(b"a", b"").contains(b"ab"));
+    }
+}

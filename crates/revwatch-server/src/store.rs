@@ -1,0 +1,425 @@
+//! The store: the in-memory MVCC state behind a lock, a single writer thread that applies
+//! write requests and group-commits them to the backend, and the committed revision that
+//! readers and watchers see.
+//!
+//! Writers queue closures; the writer thread takes everything queued, applies it in order
+//! under one lock, writes the result in one fsynced redb transaction, and only then
+//! publishes the new revision and answers the callers. Readers read at the committed
+//! revision, so they never observe a change that could still be lost.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use etcd_proto::etcdserverpb::{
+    CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest,
+    LeaseGrantResponse, LeaseRevokeResponse, PutRequest, PutResponse, ResponseHeader, TxnRequest,
+    TxnResponse,
+};
+use tokio::sync::{oneshot, watch};
+
+use crate::backend::{Backend, Batch, Identity};
+use crate::error::{EtcdError, ServerError};
+use crate::faults::Faults;
+use crate::lease::{LeaseInfo, LeaseTable};
+use crate::mvcc::{self, KeyRange, MvccState};
+
+/// Most write requests applied in one group commit.
+const MAX_BATCH: usize = 4096;
+
+type Ack = Box<dyn FnOnce(bool) + Send>;
+type Job = Box<dyn FnOnce(&mut Apply<'_>) -> Ack + Send>;
+
+/// State shared by readers and the writer thread.
+struct Shared {
+    state: RwLock<MvccState>,
+    committed: AtomicI64,
+    notify: watch::Sender<i64>,
+    failed: AtomicBool,
+    db_size: AtomicU64,
+    faults: Arc<Faults>,
+}
+
+/// Settings the store needs from the server configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StoreOptions {
+    pub min_lease_ttl: i64,
+    pub lease_check_interval: Duration,
+}
+
+pub(crate) struct Store {
+    shared: Arc<Shared>,
+    identity: Identity,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn header(revision: i64) -> Option<ResponseHeader> {
+    Some(ResponseHeader {
+        revision,
+        ..Default::default()
+    })
+}
+
+impl Store {
+    pub fn open(
+        dir: &std::path::Path,
+        opts: StoreOptions,
+        faults: Arc<Faults>,
+    ) -> Result<Self, ServerError> {
+        let (backend, loaded) = Backend::open(dir)?;
+        let leases = LeaseTable::restore(loaded.leases, Instant::now());
+        let state = MvccState::restore(loaded.records, loaded.current, loaded.compacted, leases);
+        let current = state.current();
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            committed: AtomicI64::new(current),
+            notify: watch::channel(current).0,
+            failed: AtomicBool::new(false),
+            db_size: AtomicU64::new(backend.file_size()),
+            faults,
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("revwatch-writer".into())
+            .spawn(move || run_writer(&writer_shared, &backend, &rx, opts))
+            .map_err(|source| ServerError::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            shared,
+            identity: loaded.identity,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
+    }
+
+    /// The latest durable revision.
+    pub fn committed(&self) -> i64 {
+        self.shared.committed.load(Ordering::Acquire)
+    }
+
+    /// The revision reads and watchers see: the committed one, unless a lag fault holds
+    /// them back.
+    pub fn read_rev(&self) -> i64 {
+        let committed = self.committed();
+        match self.shared.faults.read_lag() {
+            0 => committed,
+            lag => (committed - lag).max(self.state().compacted()).max(1),
+        }
+    }
+
+    pub fn db_size(&self) -> i64 {
+        self.shared.db_size.load(Ordering::Relaxed) as i64
+    }
+
+    /// Wakes watchers up with the current committed revision.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.shared.notify.subscribe()
+    }
+
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    /// Re-sends the committed revision, so watchers re-check what they may deliver.
+    pub fn renotify(&self) {
+        self.shared.notify.send_replace(self.committed());
+    }
+
+    /// Read access to the state. Callers must read at or below [`Store::read_rev`].
+    pub fn state(&self) -> RwLockReadGuard<'_, MvccState> {
+        self.shared
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, MvccState> {
+        self.shared
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the writer thread and returns its result once it is durable.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Apply<'_>) -> Result<T, EtcdError> + Send + 'static,
+    ) -> Result<T, EtcdError> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(EtcdError::Stopped);
+        }
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |ap| {
+            let res = f(ap);
+            Box::new(move |durable| {
+                // The caller may have gone away; nothing to do then.
+                let _ = tx.send(if durable { res } else { Err(EtcdError::Stopped) });
+            })
+        });
+        {
+            let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+            let sender = jobs.as_ref().ok_or(EtcdError::Stopped)?;
+            sender.send(job).map_err(|_| EtcdError::Stopped)?;
+        }
+        rx.await.map_err(|_| EtcdError::Stopped)?
+    }
+
+    pub async fn put(&self, req: PutRequest) -> Result<PutResponse, EtcdError> {
+        self.write(move |ap| ap.put(&req)).await
+    }
+
+    pub async fn delete_range(
+        &self,
+        req: DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, EtcdError> {
+        self.write(move |ap| Ok(ap.delete_range(&req))).await
+    }
+
+    /// Runs a txn. Read-only txns skip the writer; they read at the committed revision.
+    pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, EtcdError> {
+        if mvcc::is_read_only(&req) {
+            return self.read_only_txn(&req);
+        }
+        self.write(move |ap| ap.txn(&req)).await
+    }
+
+    fn read_only_txn(&self, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+        // Everything is evaluated at the read revision, so changes the writer has applied
+        // but not yet made durable stay invisible.
+        let st = self.state();
+        mvcc::read_only_txn(&st, req, self.read_rev())
+    }
+
+    pub async fn compact(&self, revision: i64) -> Result<CompactionResponse, EtcdError> {
+        self.write(move |ap| ap.compact(revision)).await
+    }
+
+    /// Compacts at `revision`, or at the current revision. Returns the compacted revision.
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
+    pub async fn force_compact(&self, revision: Option<i64>) -> Result<i64, EtcdError> {
+        self.write(move |ap| {
+            let rev = revision.unwrap_or(ap.committed);
+            ap.compact(rev).map(|_| rev)
+        })
+        .await
+    }
+
+    pub async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, EtcdError> {
+        self.write(move |ap| ap.lease_grant(&req)).await
+    }
+
+    pub async fn lease_revoke(&self, id: i64) -> Result<LeaseRevokeResponse, EtcdError> {
+        self.write(move |ap| {
+            ap.lease_revoke(id)?;
+            Ok(LeaseRevokeResponse {
+                header: header(ap.state.current()),
+            })
+        })
+        .await
+    }
+
+    /// Renews a lease in memory (keep-alives are not durable, as in etcd).
+    pub fn keep_alive(&self, id: i64) -> Option<i64> {
+        self.state_mut().leases.keep_alive(id, Instant::now())
+    }
+
+    pub fn lease_info(&self, id: i64) -> Option<LeaseInfo> {
+        self.state().leases.info(id, Instant::now())
+    }
+
+    pub fn lease_ids(&self) -> Vec<i64> {
+        self.state().leases.ids()
+    }
+
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer thread once it has committed what it took.
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("writer thread panicked");
+        }
+    }
+}
+
+/// The writer thread's view while applying one group of requests.
+pub(crate) struct Apply<'a> {
+    pub state: &'a mut MvccState,
+    batch: &'a mut Batch,
+    now: Instant,
+    min_lease_ttl: i64,
+    /// The durable revision when this group started: readers may be reading at it, so a
+    /// compaction must not go past it.
+    committed: i64,
+}
+
+impl Apply<'_> {
+    fn put(&mut self, req: &PutRequest) -> Result<PutResponse, EtcdError> {
+        let mut w = self.state.write();
+        let resp = mvcc::apply_put(&mut w, req)?;
+        self.batch.records.extend(w.finish());
+        Ok(resp)
+    }
+
+    fn delete_range(&mut self, req: &DeleteRangeRequest) -> DeleteRangeResponse {
+        let mut w = self.state.write();
+        let resp = mvcc::apply_delete(&mut w, req);
+        self.batch.records.extend(w.finish());
+        resp
+    }
+
+    fn txn(&mut self, req: &TxnRequest) -> Result<TxnResponse, EtcdError> {
+        let path = mvcc::check_txn(self.state, req, self.state.current())?;
+        let mut w = self.state.write();
+        match mvcc::apply_txn(&mut w, req, &path) {
+            Ok(resp) => {
+                self.batch.records.extend(w.finish());
+                Ok(resp)
+            }
+            Err(e) => {
+                // The checks above make this unreachable in practice; never persist half a txn.
+                w.abort();
+                Err(e)
+            }
+        }
+    }
+
+    fn compact(&mut self, revision: i64) -> Result<CompactionResponse, EtcdError> {
+        let removed = self.state.compact(revision, self.committed)?;
+        self.batch.removed.extend(removed);
+        self.batch.compacted = Some(revision);
+        Ok(CompactionResponse {
+            header: header(self.state.current()),
+        })
+    }
+
+    fn lease_grant(&mut self, req: &LeaseGrantRequest) -> Result<LeaseGrantResponse, EtcdError> {
+        let (id, ttl) = self
+            .state
+            .leases
+            .grant(req.id, req.ttl, self.min_lease_ttl, self.now)?;
+        self.batch.lease_put.push((id, ttl));
+        Ok(LeaseGrantResponse {
+            header: header(self.state.current()),
+            id,
+            ttl,
+            error: String::new(),
+        })
+    }
+
+    /// Revokes a lease and deletes its keys in one revision, sorted by key.
+    fn lease_revoke(&mut self, id: i64) -> Result<(), EtcdError> {
+        let keys = self.state.leases.revoke(id).ok_or(EtcdError::LeaseNotFound)?;
+        let mut w = self.state.write();
+        for key in keys {
+            w.delete_range(&KeyRange::Single(key));
+        }
+        self.batch.records.extend(w.finish());
+        self.batch.lease_del.push(id);
+        Ok(())
+    }
+}
+
+fn run_writer(shared: &Shared, backend: &Backend, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
+    let mut next_lease_check = Instant::now() + opts.lease_check_interval;
+    loop {
+        let wait = next_lease_check.saturating_duration_since(Instant::now());
+        let mut jobs = Vec::new();
+        match rx.recv_timeout(wait) {
+            Ok(job) => {
+                jobs.push(job);
+                while jobs.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        let expire = now >= next_lease_check;
+        if expire {
+            next_lease_check = now + opts.lease_check_interval;
+        }
+        commit_group(shared, backend, jobs, expire, opts.min_lease_ttl);
+    }
+}
+
+fn commit_group(shared: &Shared, backend: &Backend, jobs: Vec<Job>, expire: bool, min_ttl: i64) {
+    let mut batch = Batch::default();
+    let mut acks = Vec::with_capacity(jobs.len());
+    {
+        let mut state = shared
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let mut ap = Apply {
+            state: &mut state,
+            batch: &mut batch,
+            now,
+            min_lease_ttl: min_ttl,
+            committed: shared.committed.load(Ordering::Acquire),
+        };
+        if expire {
+            for id in ap.state.leases.expired(now) {
+                // Each expiry is its own revision, like etcd's revoke proposals.
+                let _ = ap.lease_revoke(id);
+            }
+        }
+        for job in jobs {
+            acks.push(job(&mut ap));
+        }
+        batch.current = state.current();
+    }
+    let durable = if shared.failed.load(Ordering::Acquire) {
+        false
+    } else if batch.is_empty() {
+        true
+    } else {
+        match backend.commit(&batch) {
+            Ok(()) => true,
+            Err(e) => {
+                // Memory is now ahead of disk. Stop taking writes; reads stay at the last
+                // durable revision, which is still correct.
+                tracing::error!(error = %e, "commit failed; refusing further writes");
+                shared.failed.store(true, Ordering::Release);
+                false
+            }
+        }
+    };
+    if durable {
+        if batch.current != shared.committed.load(Ordering::Acquire) {
+            shared.committed.store(batch.current, Ordering::Release);
+        }
+        if !batch.is_empty() {
+            shared
+                .db_size
+                .store(backend.file_size(), Ordering::Relaxed);
+            shared.notify.send_replace(batch.current);
+        }
+    }
+    for ack in acks {
+        ack(durable);
+    }
+}

@@ -1,0 +1,213 @@
+//! What cluster to start, and the etcd command line that follows from it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::TlsFiles;
+use crate::TestkitError;
+
+/// etcd's `--auto-compaction-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CompactionMode {
+    /// Keep the last N revisions (checked every 5 minutes by etcd 3.4).
+    #[default]
+    Revision,
+    /// Keep the history of the last retention period.
+    Periodic,
+}
+
+/// Where the etcd binary is, unless `REVWATCH_ETCD_BIN` says otherwise.
+pub const DEFAULT_ETCD_BIN: &str = "/usr/bin/etcd";
+/// Where etcdctl is, unless `REVWATCH_ETCDCTL_BIN` says otherwise.
+pub const DEFAULT_ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
+
+/// What cluster to start. `ClusterOptions { members: 3, ..Default::default() }`.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Number of members: 1 or 3.
+    pub members: usize,
+    /// Serve clients over TLS with client-certificate auth (see [`TlsFiles`]).
+    /// Peers talk plain HTTP: tests only fault the client side.
+    pub tls: bool,
+    /// Root user name and password. When set, the user is created with the
+    /// root role and auth is enabled before [`EtcdCluster::start`](super::EtcdCluster::start) returns.
+    pub auth: Option<(String, String)>,
+    /// `--auto-compaction-retention`: a revision count such as `"100"` in
+    /// [`CompactionMode::Revision`], a duration such as `"2s"` in
+    /// [`CompactionMode::Periodic`].
+    pub auto_compaction_retention: Option<String>,
+    /// How `auto_compaction_retention` is read. Note that etcd 3.4's
+    /// revision-mode compactor only runs every 5 minutes; periodic mode with
+    /// a retention under an hour compacts every retention period.
+    pub auto_compaction_mode: CompactionMode,
+    /// `--experimental-watch-progress-notify-interval`.
+    pub progress_notify_interval: Option<Duration>,
+    /// Raft heartbeat interval (etcd's default: 100 ms).
+    pub heartbeat_interval: Duration,
+    /// Raft election timeout (etcd's default: 1 s). Followers notice a dead
+    /// leader after 1-2x this, so it bounds leader-loss test time. Much lower
+    /// values cause spurious elections on a busy 2-core machine.
+    pub election_timeout: Duration,
+    /// Further etcd flags, appended last.
+    pub extra_args: Vec<String>,
+    /// The etcd binary; `None` means `$REVWATCH_ETCD_BIN`, else [`DEFAULT_ETCD_BIN`].
+    pub etcd_bin: Option<PathBuf>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            members: 1,
+            tls: false,
+            auth: None,
+            auto_compaction_retention: None,
+            auto_compaction_mode: CompactionMode::Revision,
+            progress_notify_interval: None,
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(1000),
+            extra_args: Vec::new(),
+            etcd_bin: None,
+        }
+    }
+}
+
+/// The etcd binary to use: `explicit`, else `$REVWATCH_ETCD_BIN`, else
+/// [`DEFAULT_ETCD_BIN`]; an error naming the install command if it is missing.
+pub fn etcd_binary(explicit: Option<&Path>) -> Result<PathBuf, TestkitError> {
+    let path = explicit
+        .map(Path::to_owned)
+        .or_else(|| std::env::var_os("REVWATCH_ETCD_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ETCD_BIN));
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(TestkitError::EtcdNotFound { path })
+    }
+}
+
+pub(crate) fn cluster_token() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "revwatch-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Formats a duration the way etcd's flags (Go's time.ParseDuration) read it.
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis().max(1))
+}
+
+/// The full command line of member `i`. `ports` holds a client and a peer
+/// port per member, in that order.
+pub(crate) fn member_args(
+    opts: &ClusterOptions,
+    dir: &Path,
+    ports: &[u16],
+    token: &str,
+    tls: Option<&TlsFiles>,
+    i: usize,
+) -> Vec<String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+    let initial_cluster = (0..opts.members)
+        .map(|i| format!("m{i}={}", peer_url(i)))
+        .collect::<Vec<_>>()
+        .join(",");
+    let client_url = format!("{scheme}://127.0.0.1:{}", ports[2 * i]);
+    let mut args = vec![
+        format!("--name=m{i}"),
+        format!("--data-dir={}", dir.join(format!("m{i}.etcd")).display()),
+        format!("--listen-client-urls={client_url}"),
+        format!("--advertise-client-urls={client_url}"),
+        format!("--listen-peer-urls={}", peer_url(i)),
+        format!("--initial-advertise-peer-urls={}", peer_url(i)),
+        format!("--initial-cluster={initial_cluster}"),
+        "--initial-cluster-state=new".into(),
+        format!("--initial-cluster-token={token}"),
+        format!(
+            "--heartbeat-interval={}",
+            opts.heartbeat_interval.as_millis()
+        ),
+        format!("--election-timeout={}", opts.election_timeout.as_millis()),
+        "--logger=zap".into(),
+        "--log-outputs=stderr".into(),
+    ];
+    if let Some(files) = tls {
+        args.extend([
+            format!("--cert-file={}", files.server_cert.display()),
+            format!("--key-file={}", files.server_key.display()),
+            format!("--trusted-ca-file={}", files.ca.display()),
+            "--client-cert-auth".into(),
+        ]);
+    }
+    if let Some(retention) = &opts.auto_compaction_retention {
+        let mode = match opts.auto_compaction_mode {
+            CompactionMode::Revision => "revision",
+            CompactionMode::Periodic => "periodic",
+        };
+        args.push(format!("--auto-compaction-mode={mode}"));
+        args.push(format!("--auto-compaction-retention={retention}"));
+    }
+    if let Some(interval) = opts.progress_notify_interval {
+        args.push(format!(
+            "--experimental-watch-progress-notify-interval={}",
+            go_duration(interval)
+        ));
+    }
+    args.extend(opts.extra_args.iter().cloned());
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_reflects_the_options() {
+        let opts = ClusterOptions {
+            members: 3,
+            auto_compaction_retention: Some("2s".into()),
+            auto_compaction_mode: CompactionMode::Periodic,
+            progress_notify_interval: Some(Duration::from_millis(1500)),
+            extra_args: vec!["--quota-backend-bytes=1000000".into()],
+            ..Default::default()
+        };
+        let ports = [10, 11, 20, 21, 30, 31];
+        let args = member_args(&opts, Path::new("/d"), &ports, "tok", None, 1);
+        for expected in [
+            "--name=m1",
+            "--data-dir=/d/m1.etcd",
+            "--listen-client-urls=http://127.0.0.1:20",
+            "--listen-peer-urls=http://127.0.0.1:21",
+            "--initial-cluster=m0=http://127.0.0.1:11,m1=http://127.0.0.1:21,m2=http://127.0.0.1:31",
+            "--initial-cluster-token=tok",
+            "--heartbeat-interval=100",
+            "--election-timeout=1000",
+            "--auto-compaction-mode=periodic",
+            "--auto-compaction-retention=2s",
+            "--experimental-watch-progress-notify-interval=1500ms",
+        ] {
+            assert!(
+                args.iter().any(|a| a == expected),
+                "{expected} missing from {args:?}"
+            );
+        }
+        assert_eq!(
+            args.last().map(String::as_str),
+            Some("--quota-backend-bytes=1000000")
+        );
+        assert!(!args.iter().any(|a| a.contains("cert")));
+    }
+
+    #[test]
+    fn tokens_are_unique() {
+        assert_ne!(cluster_token(), cluster_token());
+    }
+}

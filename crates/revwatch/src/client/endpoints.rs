@@ -1,0 +1,442 @@
+//! Endpoints: URL parsing, one gRPC channel per endpoint, and health tracking.
+//!
+//! An endpoint that fails at the transport level (or answers `Unavailable`) leaves the
+//! rotation at once. A background prober re-checks it with exponential backoff using
+//! Maintenance.Status and puts it back when it answers and knows a leader.
+
+use std::error::Error as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use etcd_proto::etcdserverpb::StatusRequest;
+use etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use tonic::transport::{Channel, ClientTlsConfig};
+
+use super::config::{Backoff, ClientConfig};
+use super::error::Error;
+use super::retry::short_reason;
+
+/// etcd's default client port, used when an endpoint omits the port.
+const DEFAULT_PORT: u16 = 2379;
+
+/// A validated endpoint URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ParsedEndpoint {
+    /// `scheme://host:port`.
+    pub uri: String,
+    /// `host:port`, used in errors and health reports.
+    pub name: String,
+}
+
+/// Parses `http://h:p`, `https://h:p` or bare `h:p`. Bare endpoints use https when
+/// TLS is configured. A scheme that contradicts the TLS setting is an error rather
+/// than a silent downgrade or a handshake failure later.
+pub(crate) fn parse_endpoint(raw: &str, tls: bool) -> Result<ParsedEndpoint, Error> {
+    let bad = |why: &str| Error::InvalidConfig(format!("invalid endpoint {raw:?}: {why}"));
+    let trimmed = raw.trim();
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_string()
+    } else {
+        format!("{}://{trimmed}", if tls { "https" } else { "http" })
+    };
+    let uri: http::Uri = with_scheme.parse().map_err(|e| bad(&format!("{e}")))?;
+    let scheme = uri.scheme_str().unwrap_or_default();
+    match (scheme, tls) {
+        ("http", false) | ("https", true) => {}
+        ("https", false) => return Err(bad("https endpoint but no TLS configuration given")),
+        ("http", true) => return Err(bad("http endpoint but TLS is configured; use https://")),
+        _ => return Err(bad("scheme must be http or https")),
+    }
+    let host = uri
+        .host()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| bad("missing host"))?;
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(bad("must not have a path"));
+    }
+    // `http::Uri` accepts a non-numeric port, so check it here.
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+    if authority.contains('@') {
+        return Err(bad("must not contain user info"));
+    }
+    let port = match authority.rsplit_once(':') {
+        Some((_, p)) if !authority.ends_with(']') => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("port must be a number from 1 to 65535"))?,
+        _ => DEFAULT_PORT,
+    };
+    let name = format!("{host}:{port}");
+    Ok(ParsedEndpoint {
+        uri: format!("{scheme}://{name}"),
+        name,
+    })
+}
+
+/// A snapshot of one endpoint's health, for status pages and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointHealth {
+    /// The endpoint as `host:port`.
+    pub endpoint: String,
+    /// Whether requests are currently routed to it.
+    pub healthy: bool,
+    /// Failures since it last succeeded.
+    pub consecutive_failures: u32,
+    /// The most recent failure reason, if any.
+    pub last_error: Option<String>,
+}
+
+/// Health state machine of one endpoint. Time is passed in so it can be unit tested.
+#[derive(Debug, Clone)]
+pub(crate) struct Health {
+    healthy: bool,
+    consecutive_failures: u32,
+    last_error: Option<String>,
+    next_probe: Option<Instant>,
+    /// A probe is in flight; do not start another.
+    probing: bool,
+}
+
+impl Health {
+    fn new() -> Self {
+        Health {
+            healthy: true,
+            consecutive_failures: 0,
+            last_error: None,
+            next_probe: None,
+            probing: false,
+        }
+    }
+
+    /// A request or probe succeeded: back into the rotation.
+    pub(crate) fn on_success(&mut self) {
+        self.healthy = true;
+        self.consecutive_failures = 0;
+        self.next_probe = None;
+    }
+
+    /// A request or probe failed: out of the rotation, next probe after a backoff
+    /// that grows with each consecutive failure.
+    pub(crate) fn on_failure(&mut self, reason: String, now: Instant, backoff: &Backoff) {
+        let delay = backoff.delay(self.consecutive_failures, &mut rand::rng());
+        self.healthy = false;
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        self.last_error = Some(reason);
+        self.next_probe = Some(now + delay);
+    }
+
+    /// Whether the prober should check this endpoint now.
+    pub(crate) fn probe_due(&self, now: Instant) -> bool {
+        !self.healthy && !self.probing && self.next_probe.is_none_or(|t| t <= now)
+    }
+
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.healthy
+    }
+}
+
+/// One etcd endpoint: its lazily (re)connecting channel and its health.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub name: String,
+    pub channel: Channel,
+    health: Mutex<Health>,
+    probe_backoff: Backoff,
+}
+
+impl Endpoint {
+    fn health(&self) -> MutexGuard<'_, Health> {
+        // A poisoned lock only means another thread panicked mid-update of plain data.
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn is_healthy(&self) -> bool {
+        self.health().is_healthy()
+    }
+
+    pub(crate) fn mark_success(&self) {
+        let mut h = self.health();
+        if !h.is_healthy() {
+            tracing::info!(endpoint = %self.name, "endpoint back in rotation");
+        }
+        h.on_success();
+    }
+
+    pub(crate) fn mark_failure(&self, reason: &str) {
+        let mut h = self.health();
+        if h.is_healthy() {
+            tracing::warn!(endpoint = %self.name, %reason, "endpoint left rotation");
+        }
+        h.on_failure(reason.to_string(), Instant::now(), &self.probe_backoff);
+    }
+
+    pub(crate) fn snapshot(&self) -> EndpointHealth {
+        let h = self.health();
+        EndpointHealth {
+            endpoint: self.name.clone(),
+            healthy: h.healthy,
+            consecutive_failures: h.consecutive_failures,
+            last_error: h.last_error.clone(),
+        }
+    }
+
+    /// Maintenance.Status without auth (etcd serves it to anyone). Healthy means it
+    /// answered and knows a leader; a member cut off from its cluster does not.
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<(), ProbeFailure> {
+        let mut client = MaintenanceClient::new(self.channel.clone());
+        match tokio::time::timeout(timeout, client.status(StatusRequest {})).await {
+            Err(_) => Err(ProbeFailure::Unreachable(format!(
+                "timed out after {timeout:?}"
+            ))),
+            Ok(Err(status))
+                if status.code() == tonic::Code::Unavailable || status.source().is_some() =>
+            {
+                Err(ProbeFailure::Unreachable(short_reason(&status)))
+            }
+            Ok(Err(status)) => Err(ProbeFailure::Unhealthy(format!(
+                "status: {:?}: {}",
+                status.code(),
+                status.message()
+            ))),
+            Ok(Ok(resp)) if resp.get_ref().leader == 0 => {
+                Err(ProbeFailure::Unhealthy("member has no leader".into()))
+            }
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Probes and records the result.
+    pub(crate) async fn probe_and_mark(&self, timeout: Duration) -> Result<(), ProbeFailure> {
+        let res = self.probe(timeout).await;
+        match &res {
+            Ok(()) => self.mark_success(),
+            Err(f) => self.mark_failure(f.reason()),
+        }
+        self.health().probing = false;
+        res
+    }
+}
+
+/// Why a probe failed.
+#[derive(Debug, Clone)]
+pub(crate) enum ProbeFailure {
+    /// No answer at all (refused, TLS failure, timeout, ...).
+    Unreachable(String),
+    /// It answered, but cannot serve (no leader, error status).
+    Unhealthy(String),
+}
+
+impl ProbeFailure {
+    pub(crate) fn reason(&self) -> &str {
+        match self {
+            ProbeFailure::Unreachable(r) | ProbeFailure::Unhealthy(r) => r,
+        }
+    }
+}
+
+/// All endpoints of a client, with round-robin selection over the healthy ones.
+#[derive(Debug)]
+pub(crate) struct EndpointSet {
+    endpoints: Vec<Arc<Endpoint>>,
+    next: AtomicUsize,
+}
+
+impl EndpointSet {
+    /// Builds one lazily connecting channel per endpoint. Nothing touches the network yet.
+    pub(crate) fn new(
+        config: &ClientConfig,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<EndpointSet, Error> {
+        let mut endpoints = Vec::with_capacity(config.endpoints.len());
+        for raw in &config.endpoints {
+            let parsed = parse_endpoint(raw, tls.is_some())?;
+            if endpoints
+                .iter()
+                .any(|e: &Arc<Endpoint>| e.name == parsed.name)
+            {
+                return Err(Error::InvalidConfig(format!(
+                    "duplicate endpoint {}",
+                    parsed.name
+                )));
+            }
+            let mut ep = tonic::transport::Endpoint::from_shared(parsed.uri.clone())
+                .map_err(|e| Error::InvalidConfig(format!("invalid endpoint {raw:?}: {e}")))?
+                .connect_timeout(config.connect_timeout)
+                .http2_keep_alive_interval(config.keepalive_interval)
+                .keep_alive_timeout(config.keepalive_timeout)
+                // etcd enforces PermitWithoutStream=false: pinging idle connections
+                // gets them closed with "too many pings". Idle connections need no
+                // pings: every request has its own timeout.
+                .keep_alive_while_idle(false)
+                .tcp_nodelay(true);
+            if let Some(tls) = tls {
+                ep = ep
+                    .tls_config(tls.clone())
+                    .map_err(|e| Error::Tls(format!("{}: {}", parsed.name, error_chain(&e))))?;
+            }
+            endpoints.push(Arc::new(Endpoint {
+                name: parsed.name,
+                channel: ep.connect_lazy(),
+                health: Mutex::new(Health::new()),
+                probe_backoff: config.probe_backoff,
+            }));
+        }
+        Ok(EndpointSet {
+            endpoints,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub(crate) fn all(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Picks the next endpoint for an attempt, skipping those in `tried`.
+    pub(crate) fn pick(&self, tried: &[bool]) -> Option<usize> {
+        let healthy: Vec<bool> = self.endpoints.iter().map(|e| e.is_healthy()).collect();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        choose(&healthy, tried, start)
+    }
+
+    /// Starts a probe task for each endpoint whose probe is due. Each endpoint has at
+    /// most one probe in flight, so a frozen endpoint cannot delay the others.
+    pub(crate) fn spawn_due_probes(&self, timeout: Duration) {
+        let now = Instant::now();
+        for ep in &self.endpoints {
+            let mut h = ep.health();
+            if h.probe_due(now) {
+                h.probing = true;
+                drop(h);
+                let ep = Arc::clone(ep);
+                tokio::spawn(async move { ep.probe_and_mark(timeout).await });
+            }
+        }
+    }
+}
+
+/// Round-robin choice: the first healthy, untried endpoint from `start`. When no
+/// endpoint is healthy at all, untried unhealthy ones are tried too (the cluster may
+/// have recovered before the prober noticed). `None` ends the round.
+pub(crate) fn choose(healthy: &[bool], tried: &[bool], start: usize) -> Option<usize> {
+    let n = healthy.len();
+    let any_healthy = healthy.iter().any(|h| *h);
+    (0..n)
+        .map(|i| (start + i) % n)
+        .filter(|i| !tried.get(*i).copied().unwrap_or(false))
+        .find(|i| healthy[*i] || !any_healthy)
+}
+
+/// Formats an error with its sources: `a: b: c`.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse_with_defaults() {
+        let p = parse_endpoint("127.0.0.1:2379", false).unwrap();
+        assert_eq!(p.uri, "http://127.0.0.1:2379");
+        assert_eq!(p.name, "127.0.0.1:2379");
+        let p = parse_endpoint("https://localhost", true).unwrap();
+        assert_eq!(p.uri, "https://localhost:2379");
+        let p = parse_endpoint("localhost:2400", true).unwrap();
+        assert_eq!(p.uri, "https://localhost:2400");
+        let p = parse_endpoint("http://[::1]:2400", false).unwrap();
+        assert_eq!(p.name, "[::1]:2400");
+        let p = parse_endpoint("http://[::1]", false).unwrap();
+        assert_eq!(p.name, "[::1]:2379");
+    }
+
+    #[test]
+    fn bad_endpoints_are_rejected_clearly() {
+        for (raw, tls) in [
+            ("", false),
+            ("http://", false),
+            ("ftp://127.0.0.1:2379", false),
+            ("http://127.0.0.1:notaport", false),
+            ("http://127.0.0.1:2379/v3", false),
+            ("https://127.0.0.1:2379", false),
+            ("http://127.0.0.1:2379", true),
+            ("not a url at all", false),
+            ("http://127.0.0.1:0", false),
+            ("http://user@127.0.0.1:2379", false),
+        ] {
+            let err = parse_endpoint(raw, tls).expect_err(raw);
+            assert!(matches!(err, Error::InvalidConfig(_)), "{raw}: {err}");
+            assert!(err.to_string().contains("invalid endpoint"), "{raw}: {err}");
+        }
+    }
+
+    fn backoff() -> Backoff {
+        Backoff {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn failure_removes_from_rotation_and_schedules_probe_with_backoff() {
+        let mut h = Health::new();
+        let t0 = Instant::now();
+        assert!(h.is_healthy());
+        assert!(!h.probe_due(t0), "healthy endpoints are not probed");
+
+        h.on_failure("connection refused".into(), t0, &backoff());
+        assert!(!h.is_healthy());
+        assert!(!h.probe_due(t0), "first probe waits for the backoff");
+        assert!(h.probe_due(t0 + Duration::from_millis(100)));
+        h.probing = true;
+        assert!(
+            !h.probe_due(t0 + Duration::from_millis(100)),
+            "one probe at a time"
+        );
+        h.probing = false;
+
+        // Repeated failures push the next probe further out, up to the cap.
+        for _ in 0..10 {
+            h.on_failure("connection refused".into(), t0, &backoff());
+        }
+        assert!(!h.probe_due(t0 + Duration::from_millis(499)));
+        assert!(h.probe_due(t0 + Duration::from_secs(1)));
+        assert_eq!(h.consecutive_failures, 11);
+
+        h.on_success();
+        assert!(h.is_healthy());
+        assert_eq!(h.consecutive_failures, 0);
+        assert_eq!(h.last_error.as_deref(), Some("connection refused"));
+    }
+
+    #[test]
+    fn choose_round_robins_over_healthy_untried() {
+        let healthy = [true, false, true];
+        assert_eq!(choose(&healthy, &[false; 3], 0), Some(0));
+        assert_eq!(choose(&healthy, &[false; 3], 1), Some(2));
+        assert_eq!(choose(&healthy, &[true, false, false], 0), Some(2));
+        // Healthy ones exhausted: the round ends rather than trying the dead one.
+        assert_eq!(choose(&healthy, &[true, false, true], 0), None);
+    }
+
+    #[test]
+    fn choose_tries_unhealthy_when_none_is_healthy() {
+        let healthy = [false, false];
+        assert_eq!(choose(&healthy, &[false, false], 1), Some(1));
+        assert_eq!(choose(&healthy, &[false, true], 1), Some(0));
+        assert_eq!(choose(&healthy, &[true, true], 0), None);
+    }
+}
