@@ -18,6 +18,8 @@ use clap::{Parser, ValueEnum};
 enum Suite {
     /// Put/range latency of revwatch's client against the etcd-client crate.
     Client,
+    /// The embedded server against etcd: put throughput, watch latency, memory.
+    Server,
 }
 
 #[derive(Debug, Parser)]
@@ -38,9 +40,19 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The `server` suite runs the embedded server as a child of this very binary.
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some(suites::embedded::SERVE_ARG) {
+        let (Some(dir), Some(addr)) = (raw.get(2), raw.get(3)) else {
+            anyhow::bail!("usage: {} DATA_DIR ADDR", suites::embedded::SERVE_ARG);
+        };
+        return suites::embedded::serve(dir.into(), addr.parse()?).await;
+    }
+
     let args = Args::parse();
     let report = match args.suite {
         Suite::Client => suites::client::run(args.quick).await?,
+        Suite::Server => suites::server::run(args.quick).await?,
     };
     report.print();
     if let Some(path) = &args.json {

@@ -1,1 +1,36 @@
-fn main() {}
+//! `revwatch`: mirror an etcd prefix, or run the embedded etcd-compatible server.
+
+mod etcd;
+mod shutdown;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "revwatch",
+    version,
+    about = "Loss-free, revision-exact mirrors of etcd prefixes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Etcd(etcd::EtcdArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Etcd(args) => etcd::run(args).await,
+    }
+}

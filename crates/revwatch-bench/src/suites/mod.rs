@@ -1,3 +1,6 @@
 //! One module per suite; each returns a [`crate::report::Report`].
 
 pub mod client;
+pub mod embedded;
+pub mod load;
+pub mod server;

@@ -16,6 +16,10 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 
 /// Applies a put. `ignore_value`/`ignore_lease` need the key to exist; a lease must exist.
 pub(crate) fn apply_put(w: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutResponse, EtcdError> {
+    // etcd checks the requested lease before looking at the key.
+    if req.lease != 0 && !w.state().leases.contains(req.lease) {
+        return Err(EtcdError::LeaseNotFound);
+    }
     let prev = w.state().get_at(&req.key, w.read_rev()).cloned();
     if (req.ignore_value || req.ignore_lease) && prev.is_none() {
         return Err(EtcdError::KeyNotFound);
@@ -31,9 +35,6 @@ pub(crate) fn apply_put(w: &mut WriteTxn<'_>, req: &PutRequest) -> Result<PutRes
         ),
         _ => (req.value.clone(), req.lease),
     };
-    if lease != 0 && !w.state().leases.contains(lease) {
-        return Err(EtcdError::LeaseNotFound);
-    }
     w.put(&req.key, value, lease);
     Ok(PutResponse {
         header: header(w.rev()),

@@ -1,0 +1,133 @@
+//! Load generators shared by the suites. Every generator talks to an endpoint through
+//! revwatch's client, so the server under test is the only thing that differs.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use etcd_proto::etcdserverpb::{PutRequest, RequestOp, TxnRequest, request_op::Request};
+use etcd_proto::mvccpb::event::EventType;
+use revwatch::client::{Client, ClientConfig, WatchCreateRequest};
+
+use crate::stats::Samples;
+
+pub async fn connect(endpoint: &str) -> anyhow::Result<Client> {
+    Client::connect(ClientConfig::new([endpoint.to_owned()]))
+        .await
+        .with_context(|| format!("connecting to {endpoint}"))
+}
+
+/// Acknowledged puts per second from `clients` independent connections, each doing
+/// one put at a time, for `duration`.
+pub async fn put_throughput(
+    endpoint: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let mut tasks = Vec::with_capacity(clients);
+    for c in 0..clients {
+        let client = connect(endpoint).await?;
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + duration;
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let req = PutRequest {
+                    key: format!("/bench/tput/{c}/{}", done % 100).into_bytes(),
+                    value: vec![b'x'; 128],
+                    ..Default::default()
+                };
+                client.put(req).await?;
+                done += 1;
+            }
+            Ok::<_, revwatch::client::Error>(done)
+        }));
+    }
+    let start = Instant::now();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Put sent → the event received by a watcher on another connection, `n` times.
+pub async fn watch_latency(endpoint: &str, n: usize) -> anyhow::Result<Samples> {
+    let writer = connect(endpoint).await?;
+    let watcher = connect(endpoint).await?;
+    let key = b"/bench/watch/k".to_vec();
+    let mut stream = watcher
+        .watch(WatchCreateRequest {
+            key: key.clone(),
+            ..Default::default()
+        })
+        .await?;
+    // The created reply comes first; events only after it.
+    let created = stream
+        .message()
+        .await?
+        .context("watch closed before created")?;
+    anyhow::ensure!(created.created, "first watch reply was not `created`");
+
+    let mut samples = Samples::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let put = writer.put(PutRequest {
+            key: key.clone(),
+            value: i.to_string().into_bytes(),
+            ..Default::default()
+        });
+        let event = async {
+            loop {
+                let msg = stream.message().await?.context("watch closed")?;
+                if msg.events.iter().any(|e| e.r#type == EventType::Put as i32) {
+                    return Ok::<_, anyhow::Error>(t.elapsed());
+                }
+            }
+        };
+        let (put, seen) = tokio::join!(put, event);
+        put?;
+        samples.push(seen?);
+    }
+    Ok(samples)
+}
+
+/// Writes `n` keys of `value_len` bytes under `prefix`, 100 per txn.
+pub async fn load_keys(
+    endpoint: &str,
+    prefix: &str,
+    n: usize,
+    value_len: usize,
+) -> anyhow::Result<()> {
+    let client = connect(endpoint).await?;
+    let value = vec![b'v'; value_len];
+    for chunk_start in (0..n).step_by(100) {
+        let success = (chunk_start..(chunk_start + 100).min(n))
+            .map(|i| RequestOp {
+                request: Some(Request::RequestPut(PutRequest {
+                    key: format!("{prefix}{i:08}").into_bytes(),
+                    value: value.clone(),
+                    ..Default::default()
+                })),
+            })
+            .collect();
+        client
+            .txn(TxnRequest {
+                success,
+                ..Default::default()
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Resident set size of a process, in MiB, from /proc.
+pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS line")?;
+    Ok(kib / 1024.0)
+}
