@@ -1,7 +1,9 @@
 //! `revwatch`: mirror an etcd prefix, or run the embedded etcd-compatible server.
 
 mod etcd;
+mod render;
 mod shutdown;
+mod tail;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +20,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    Tail(tail::TailArgs),
     Etcd(etcd::EtcdArgs),
 }
 
@@ -31,6 +34,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Tail(args) => tail::run(args).await,
         Command::Etcd(args) => etcd::run(args).await,
     }
 }

@@ -8,6 +8,7 @@
 #[cfg(feature = "fault-injection")]
 pub use controller::{FaultController, WatchStreamInfo};
 
+#[cfg(not(feature = "fault-injection"))]
 use std::time::{Duration, Instant};
 
 /// The hooks, as the server sees them.

@@ -14,7 +14,7 @@
 //! from concurrent clients share group commits. It is single-node by design: for
 //! replication and high availability, run a real etcd cluster.
 //!
-//! With the `fault-injection` feature, [`Server::faults`] gives tests deterministic faults
+//! With the `fault-injection` feature, `Server::faults` gives tests deterministic faults
 //! that a real etcd cannot produce on cue (stalled streams, late progress replies, lagging
 //! reads, ...).
 //!

@@ -168,7 +168,9 @@ impl Server {
                 LeaseServer::new(LeaseService::new(core.clone(), stop_rx))
                     .max_decoding_message_size(max_msg),
             )
-            .add_service(MaintenanceServer::new(MaintenanceService::new(core.clone())))
+            .add_service(MaintenanceServer::new(MaintenanceService::new(
+                core.clone(),
+            )))
             .add_service(ClusterServer::new(ClusterService::new(core.clone())));
         let signal = async move {
             shutdown.await;

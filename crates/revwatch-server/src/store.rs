@@ -160,7 +160,11 @@ impl Store {
             let res = f(ap);
             Box::new(move |durable| {
                 // The caller may have gone away; nothing to do then.
-                let _ = tx.send(if durable { res } else { Err(EtcdError::Stopped) });
+                let _ = tx.send(if durable {
+                    res
+                } else {
+                    Err(EtcdError::Stopped)
+                });
             })
         });
         {
@@ -211,7 +215,10 @@ impl Store {
         .await
     }
 
-    pub async fn lease_grant(&self, req: LeaseGrantRequest) -> Result<LeaseGrantResponse, EtcdError> {
+    pub async fn lease_grant(
+        &self,
+        req: LeaseGrantRequest,
+    ) -> Result<LeaseGrantResponse, EtcdError> {
         self.write(move |ap| ap.lease_grant(&req)).await
     }
 
@@ -237,7 +244,6 @@ impl Store {
     pub fn lease_ids(&self) -> Vec<i64> {
         self.state().leases.ids()
     }
-
 }
 
 impl Drop for Store {
@@ -327,7 +333,11 @@ impl Apply<'_> {
 
     /// Revokes a lease and deletes its keys in one revision, sorted by key.
     fn lease_revoke(&mut self, id: i64) -> Result<(), EtcdError> {
-        let keys = self.state.leases.revoke(id).ok_or(EtcdError::LeaseNotFound)?;
+        let keys = self
+            .state
+            .leases
+            .revoke(id)
+            .ok_or(EtcdError::LeaseNotFound)?;
         let mut w = self.state.write();
         for key in keys {
             w.delete_range(&KeyRange::Single(key));
@@ -369,10 +379,7 @@ fn commit_group(shared: &Shared, backend: &Backend, jobs: Vec<Job>, expire: bool
     let mut batch = Batch::default();
     let mut acks = Vec::with_capacity(jobs.len());
     {
-        let mut state = shared
-            .state
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut state = shared.state.write().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let mut ap = Apply {
             state: &mut state,
@@ -413,9 +420,7 @@ fn commit_group(shared: &Shared, backend: &Backend, jobs: Vec<Job>, expire: bool
             shared.committed.store(batch.current, Ordering::Release);
         }
         if !batch.is_empty() {
-            shared
-                .db_size
-                .store(backend.file_size(), Ordering::Relaxed);
+            shared.db_size.store(backend.file_size(), Ordering::Relaxed);
             shared.notify.send_replace(batch.current);
         }
     }

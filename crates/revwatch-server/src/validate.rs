@@ -190,9 +190,18 @@ mod tests {
     #[test]
     fn overlapping_writes_are_rejected() {
         let l = Limits::default();
-        assert_eq!(check_txn(&txn(vec![put("a"), put("a")]), &l), Err(EtcdError::DuplicateKey));
-        assert_eq!(check_txn(&txn(vec![put("b"), del("a", "c")]), &l), Err(EtcdError::DuplicateKey));
-        assert_eq!(check_txn(&txn(vec![del("a", "c"), del("b", "")]), &l), Ok(()));
+        assert_eq!(
+            check_txn(&txn(vec![put("a"), put("a")]), &l),
+            Err(EtcdError::DuplicateKey)
+        );
+        assert_eq!(
+            check_txn(&txn(vec![put("b"), del("a", "c")]), &l),
+            Err(EtcdError::DuplicateKey)
+        );
+        assert_eq!(
+            check_txn(&txn(vec![del("a", "c"), del("b", "")]), &l),
+            Ok(())
+        );
         assert_eq!(check_txn(&txn(vec![put("a"), del("b", "")]), &l), Ok(()));
     }
 

@@ -8,7 +8,7 @@
 //! same events in the same order). A progress reply must carry the same revision on both;
 //! only its position among the events may differ (etcd 3.4 may answer before catch-up).
 //!
-//! `REVWATCH_CONFORMANCE_OPS` sets the operations per seed (default 250) and
+//! `REVWATCH_CONFORMANCE_OPS` sets the operations per seed (default 500) and
 //! `REVWATCH_CONFORMANCE_SEEDS` the number of seeds (default 3).
 
 mod common;
@@ -23,7 +23,7 @@ use etcd_proto::etcdserverpb::request_op::Request as Op;
 use etcd_proto::etcdserverpb::response_op::Response as OpResp;
 use etcd_proto::etcdserverpb::watch_create_request::FilterType;
 use etcd_proto::etcdserverpb::{
-    Compare, CompactionRequest, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest,
+    CompactionRequest, Compare, DeleteRangeRequest, HashKvRequest, LeaseGrantRequest,
     LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
     PutRequest, RangeRequest, RangeResponse, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
     WatchCreateRequest, WatchResponse,
@@ -49,7 +49,10 @@ fn env_usize(name: &str, default: usize) -> usize {
 /// A response or the error, as a comparable string.
 type Outcome = Result<String, (tonic::Code, String)>;
 
-fn outcome<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, f: impl FnOnce(T) -> T) -> Outcome {
+fn outcome<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    f: impl FnOnce(T) -> T,
+) -> Outcome {
     match r {
         Ok(resp) => Ok(format!("{:?}", f(resp.into_inner()))),
         Err(s) => Err((s.code(), s.message().to_owned())),
@@ -65,8 +68,9 @@ fn strip(h: &mut Option<ResponseHeader>) {
 }
 
 /// Sorting by a target other than the key leaves ties in an unspecified order (Go's sort
-/// is not stable). Keep what is specified: the sequence of sort values, and the set of
-/// results when nothing was cut off by the limit.
+/// is not stable). Keep what is specified: the results sorted by key (emptied when the
+/// limit cut ties off), followed by one synthetic entry whose key is the sequence of sort
+/// values as returned.
 fn canonical_range(mut r: RangeResponse, req: &RangeRequest) -> RangeResponse {
     strip(&mut r.header);
     if req.sort_target != 0 {
@@ -97,7 +101,11 @@ fn canonical_range(mut r: RangeResponse, req: &RangeRequest) -> RangeResponse {
 
 fn canonical_txn(mut t: TxnResponse, req: &TxnRequest) -> TxnResponse {
     strip(&mut t.header);
-    let ops = if t.succeeded { &req.success } else { &req.failure };
+    let ops = if t.succeeded {
+        &req.success
+    } else {
+        &req.failure
+    };
     for (resp, op) in t.responses.iter_mut().zip(ops) {
         match (&mut resp.response, &op.request) {
             (Some(OpResp::ResponseRange(r)), Some(Op::RequestRange(q))) => {
@@ -238,13 +246,21 @@ impl Gen {
         };
         let target = self.rng.random_range(0..5);
         // Mostly the matching union; sometimes a mismatched one (compares against zero).
-        let kind = if self.rng.random_bool(0.9) { target } else { self.rng.random_range(0..5) };
+        let kind = if self.rng.random_bool(0.9) {
+            target
+        } else {
+            self.rng.random_range(0..5)
+        };
         let union = match kind {
             0 => TargetUnion::Version(self.rng.random_range(0..4)),
             1 => TargetUnion::CreateRevision(self.rev_near()),
             2 => TargetUnion::ModRevision(self.rev_near()),
             3 => TargetUnion::Value(self.value()),
-            _ => TargetUnion::Lease(if self.rng.random_bool(0.5) { 0 } else { LEASE_POOL[0] }),
+            _ => TargetUnion::Lease(if self.rng.random_bool(0.5) {
+                0
+            } else {
+                LEASE_POOL[0]
+            }),
         };
         Compare {
             result: self.rng.random_range(0..4),
@@ -303,7 +319,11 @@ impl Gen {
             start_revision,
             prev_kv: self.rng.random_bool(0.5),
             filters,
-            watch_id: if self.rng.random_bool(0.2) { self.rng.random_range(0..8) } else { 0 },
+            watch_id: if self.rng.random_bool(0.2) {
+                self.rng.random_range(0..8)
+            } else {
+                0
+            },
             ..Default::default()
         }
     }
@@ -443,7 +463,11 @@ fn next_step(g: &mut Gen) -> Step {
         }),
         74..=78 => Step::Grant(LeaseGrantRequest {
             id: LEASE_POOL[g.rng.random_range(0..LEASE_POOL.len())],
-            ttl: if g.rng.random_bool(0.05) { 9_000_000_001 } else { g.rng.random_range(300..1000) },
+            ttl: if g.rng.random_bool(0.05) {
+                9_000_000_001
+            } else {
+                g.rng.random_range(300..1000)
+            },
         }),
         79..=81 => Step::Revoke(LEASE_POOL[g.rng.random_range(0..LEASE_POOL.len())]),
         82..=84 => Step::TimeToLive(LeaseTimeToLiveRequest {
@@ -452,7 +476,11 @@ fn next_step(g: &mut Gen) -> Step {
         }),
         85 => Step::Leases,
         86 => Step::KeepAlive(LEASE_POOL[g.rng.random_range(0..LEASE_POOL.len())]),
-        87 => Step::HashKv(if g.rng.random_bool(0.5) { 0 } else { g.rev_near() }),
+        87 => Step::HashKv(if g.rng.random_bool(0.5) {
+            0
+        } else {
+            g.rev_near()
+        }),
         88..=93 => Step::Watch(g.watch_req()),
         94..=96 => Step::Cancel(g.rng.random_range(0..8)),
         _ => Step::Progress,
@@ -480,12 +508,11 @@ async fn run_step(side: &mut Side, step: &Step) -> Result<Outcome> {
             outcome(c.kv.txn(r).await, |x| canonical_txn(x, &q))
         }
         Step::Compact(revision) => outcome(
-            c.kv
-                .compact(CompactionRequest {
-                    revision,
-                    physical: true,
-                })
-                .await,
+            c.kv.compact(CompactionRequest {
+                revision,
+                physical: true,
+            })
+            .await,
             |mut x| {
                 strip(&mut x.header);
                 x
@@ -495,10 +522,13 @@ async fn run_step(side: &mut Side, step: &Step) -> Result<Outcome> {
             strip(&mut x.header);
             x
         }),
-        Step::Revoke(id) => outcome(c.lease.lease_revoke(LeaseRevokeRequest { id }).await, |mut x| {
-            strip(&mut x.header);
-            x
-        }),
+        Step::Revoke(id) => outcome(
+            c.lease.lease_revoke(LeaseRevokeRequest { id }).await,
+            |mut x| {
+                strip(&mut x.header);
+                x
+            },
+        ),
         Step::TimeToLive(r) => outcome(c.lease.lease_time_to_live(r).await, |mut x| {
             strip(&mut x.header);
             x.keys.sort();
@@ -506,11 +536,14 @@ async fn run_step(side: &mut Side, step: &Step) -> Result<Outcome> {
             x.ttl = x.ttl.signum();
             x
         }),
-        Step::Leases => outcome(c.lease.lease_leases(LeaseLeasesRequest {}).await, |mut x| {
-            strip(&mut x.header);
-            x.leases.sort_by_key(|l| l.id);
-            x
-        }),
+        Step::Leases => outcome(
+            c.lease.lease_leases(LeaseLeasesRequest {}).await,
+            |mut x| {
+                strip(&mut x.header);
+                x.leases.sort_by_key(|l| l.id);
+                x
+            },
+        ),
         Step::KeepAlive(id) => {
             let stream = futures::stream::iter([LeaseKeepAliveRequest { id }]);
             let mut replies = c.lease.lease_keep_alive(stream).await?.into_inner();
@@ -523,16 +556,24 @@ async fn run_step(side: &mut Side, step: &Step) -> Result<Outcome> {
                 })
             ))
         }
-        Step::HashKv(revision) => outcome(c.maint.hash_kv(HashKvRequest { revision }).await, |mut x| {
-            strip(&mut x.header);
-            // Hash values are implementation-specific (etcd's covers its own encoding).
-            x.hash = 0;
-            x
-        }),
+        Step::HashKv(revision) => outcome(
+            c.maint.hash_kv(HashKvRequest { revision }).await,
+            |mut x| {
+                strip(&mut x.header);
+                // Hash values are implementation-specific (etcd's covers its own encoding).
+                x.hash = 0;
+                x
+            },
+        ),
         Step::Watch(r) => {
             side.watch.conn.create(r).await?;
             side.watch.read_until(|m| m.created).await?;
-            Ok(side.watch.logs.last().map(|l| l.created.clone()).unwrap_or_default())
+            Ok(side
+                .watch
+                .logs
+                .last()
+                .map(|l| l.created.clone())
+                .unwrap_or_default())
         }
         Step::Cancel(id) => {
             if side.watch.active.contains_key(&id) {
@@ -560,7 +601,11 @@ async fn run_step(side: &mut Side, step: &Step) -> Result<Outcome> {
 fn header_rev(o: &Outcome) -> Option<i64> {
     let s = o.as_ref().ok()?;
     let i = s.find("revision: ")? + "revision: ".len();
-    s[i..].split(|c: char| !c.is_ascii_digit() && c != '-').next()?.parse().ok()
+    s[i..]
+        .split(|c: char| !c.is_ascii_digit() && c != '-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Checks the atomicity guarantee on our replies: a revision's events are never split
@@ -578,7 +623,11 @@ fn check_atomic(replies: &[WatchResponse]) -> Result<()> {
                 r.watch_id
             );
         }
-        let end = r.events.last().and_then(|e| e.kv.as_ref()).map_or(0, |kv| kv.mod_revision);
+        let end = r
+            .events
+            .last()
+            .and_then(|e| e.kv.as_ref())
+            .map_or(0, |kv| kv.mod_revision);
         last.insert(r.watch_id, end);
     }
     Ok(())
@@ -587,7 +636,10 @@ fn check_atomic(replies: &[WatchResponse]) -> Result<()> {
 async fn run_seed(seed: u64, ops: usize) -> Result<()> {
     let etcd = EtcdCluster::single().await?;
     let ours = TestServer::start().await?;
-    let mut sides = [Side::new(&etcd.endpoint(0)).await?, Side::new(&ours.endpoint()).await?];
+    let mut sides = [
+        Side::new(&etcd.endpoint(0)).await?,
+        Side::new(&ours.endpoint()).await?,
+    ];
     let mut g = Gen {
         rng: StdRng::seed_from_u64(seed),
         cur: 1,
@@ -636,7 +688,13 @@ async fn run_seed(seed: u64, ops: usize) -> Result<()> {
         etcd_side.watch.logs.len() == our_side.watch.logs.len(),
         "seed {seed}: watcher count differs"
     );
-    for (n, (want, got)) in etcd_side.watch.logs.iter().zip(&our_side.watch.logs).enumerate() {
+    for (n, (want, got)) in etcd_side
+        .watch
+        .logs
+        .iter()
+        .zip(&our_side.watch.logs)
+        .enumerate()
+    {
         ensure!(
             want == got,
             "seed {seed}: watcher #{n} differs\netcd: {want:#?}\nours: {got:#?}"
@@ -655,13 +713,16 @@ async fn run_seed(seed: u64, ops: usize) -> Result<()> {
         our_side.watch.logs.len(),
         g.cur
     );
-    ensure!(g.cur > ops as i64 / 10, "seed {seed}: suspiciously few writes succeeded");
+    ensure!(
+        g.cur > ops as i64 / 10,
+        "seed {seed}: suspiciously few writes succeeded"
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_operations_match_etcd() -> Result<()> {
-    let ops = env_usize("REVWATCH_CONFORMANCE_OPS", 250);
+    let ops = env_usize("REVWATCH_CONFORMANCE_OPS", 500);
     let seeds = env_usize("REVWATCH_CONFORMANCE_SEEDS", 3) as u64;
     for seed in 1..=seeds {
         run_seed(seed, ops).await?;

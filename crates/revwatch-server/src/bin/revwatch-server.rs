@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use revwatch_server::{Server, ServerConfig};
 
-const USAGE: &str = "usage: revwatch-server --data-dir DIR [--listen ADDR (default 127.0.0.1:2379)]";
+const USAGE: &str =
+    "usage: revwatch-server --data-dir DIR [--listen ADDR (default 127.0.0.1:2379)]";
 
 fn parse() -> Result<(String, SocketAddr), String> {
     let mut data_dir = None;

@@ -77,6 +77,9 @@ impl Record {
     }
 }
 
+/// Index bounds of a [`KeyRange`]; `None` from [`KeyRange::bounds`] means empty.
+type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
 /// The keys a request covers, decoded from etcd's `(key, range_end)` convention.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum KeyRange {
@@ -105,7 +108,7 @@ impl KeyRange {
         }
     }
 
-    fn bounds(&self) -> Option<(Bound<&[u8]>, Bound<&[u8]>)> {
+    fn bounds(&self) -> Option<KeyBounds<'_>> {
         match self {
             Self::Single(key) => Some((Bound::Included(key), Bound::Included(key))),
             Self::From(key) => Some((Bound::Included(key), Bound::Unbounded)),
@@ -442,7 +445,10 @@ mod tests {
         let r = w.put(b"a", b"3".to_vec(), 0);
         w.finish();
         assert_eq!((r.create_revision, r.rev.main, r.version), (5, 5, 1));
-        assert_eq!(s.get_at(b"a", 3).map(|r| r.value.clone()), Some(b"2".to_vec()));
+        assert_eq!(
+            s.get_at(b"a", 3).map(|r| r.value.clone()),
+            Some(b"2".to_vec())
+        );
         assert!(s.get_at(b"a", 4).is_none());
     }
 

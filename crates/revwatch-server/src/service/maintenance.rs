@@ -64,7 +64,11 @@ impl Maintenance for MaintenanceService {
             Ok(AlarmAction::Get) | Err(_) => alarms.clone(),
             Ok(AlarmAction::Activate) => {
                 let alarm = AlarmMember {
-                    member_id: if req.member_id == 0 { member_id } else { req.member_id },
+                    member_id: if req.member_id == 0 {
+                        member_id
+                    } else {
+                        req.member_id
+                    },
                     alarm: req.alarm,
                 };
                 if req.alarm != AlarmType::None as i32 && !alarms.contains(&alarm) {
@@ -154,6 +158,8 @@ impl Maintenance for MaintenanceService {
         &self,
         _req: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented("single-member server: there is no other leader"))
+        Err(Status::unimplemented(
+            "single-member server: there is no other leader",
+        ))
     }
 }

@@ -70,12 +70,6 @@ impl WatchHub {
         }
     }
 
-    /// Number of open watchers across all streams.
-    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
-    pub fn watcher_count(&self) -> usize {
-        self.watchers.load(Ordering::Acquire)
-    }
-
     #[cfg(feature = "fault-injection")]
     pub fn streams(&self) -> Vec<crate::faults::WatchStreamInfo> {
         let mut out: Vec<_> = self

@@ -69,7 +69,11 @@ impl WatchStream {
     }
 
     /// Serves the stream until the client leaves, the server stops, or a fault drops it.
-    pub async fn run(mut self, mut inbound: Streaming<WatchRequest>, mut stop: watch::Receiver<bool>) {
+    pub async fn run(
+        mut self,
+        mut inbound: Streaming<WatchRequest>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut revs = self.core.store.subscribe();
         let mut drops = self.core.faults.drop_signal();
         let period = self.core.config.progress_notify_interval;
@@ -154,12 +158,18 @@ impl WatchStream {
             self.next_id - 1
         } else if self.watchers.contains_key(&req.watch_id) {
             return self
-                .send(refuse("mvcc: duplicate watch ID provided on the WatchStream"))
+                .send(refuse(
+                    "mvcc: duplicate watch ID provided on the WatchStream",
+                ))
                 .await;
         } else {
             req.watch_id
         };
-        if !self.core.hub.add_watcher(self.id, id, &req.key, &req.range_end) {
+        if !self
+            .core
+            .hub
+            .add_watcher(self.id, id, &req.key, &req.range_end)
+        {
             return self.send(refuse("etcdserver: too many watchers")).await;
         }
         let next_rev = if req.start_revision == 0 {

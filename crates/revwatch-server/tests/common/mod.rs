@@ -166,6 +166,21 @@ impl WatchConn {
             .context("no watch reply within timeout")
     }
 
+    /// Every reply arriving within `window`.
+    pub async fn collect_for(&mut self, window: Duration) -> Result<Vec<WatchResponse>> {
+        let deadline = tokio::time::Instant::now() + window;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(out);
+            }
+            if let Some(m) = self.next(left).await? {
+                out.push(m);
+            }
+        }
+    }
+
     /// Every reply until `idle` passes without one.
     pub async fn drain(&mut self, idle: Duration) -> Result<Vec<WatchResponse>> {
         let mut out = Vec::new();

@@ -75,6 +75,18 @@ impl ClientConfig {
         if self.endpoints.is_empty() {
             return Err(Error::InvalidConfig("no endpoints given".into()));
         }
+        // Parse every endpoint now, so a bad URL fails here and never reaches a
+        // retry loop (a lazily connecting mirror would retry it forever).
+        let mut names = std::collections::HashSet::new();
+        for raw in &self.endpoints {
+            let parsed = super::endpoints::parse_endpoint(raw, self.tls.is_some())?;
+            if !names.insert(parsed.name.clone()) {
+                return Err(Error::InvalidConfig(format!(
+                    "duplicate endpoint {}",
+                    parsed.name
+                )));
+            }
+        }
         if self.keepalive_interval < MIN_KEEPALIVE_INTERVAL {
             return Err(Error::InvalidConfig(format!(
                 "keepalive_interval {:?} is below {:?}: etcd closes connections that ping this often",

@@ -251,16 +251,8 @@ impl EndpointSet {
     ) -> Result<EndpointSet, Error> {
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for raw in &config.endpoints {
+            // Duplicates were rejected by `ClientConfig::validate`.
             let parsed = parse_endpoint(raw, tls.is_some())?;
-            if endpoints
-                .iter()
-                .any(|e: &Arc<Endpoint>| e.name == parsed.name)
-            {
-                return Err(Error::InvalidConfig(format!(
-                    "duplicate endpoint {}",
-                    parsed.name
-                )));
-            }
             let mut ep = tonic::transport::Endpoint::from_shared(parsed.uri.clone())
                 .map_err(|e| Error::InvalidConfig(format!("invalid endpoint {raw:?}: {e}")))?
                 .connect_timeout(config.connect_timeout)

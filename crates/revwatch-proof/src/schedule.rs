@@ -1,0 +1,384 @@
+//! Fault schedules: which fault, when, for how long, all from one seed.
+//!
+//! [`Schedule::generate`] draws faults one after another (each healed before
+//! the next starts, with a pause between), so the same seed and
+//! [`ScheduleConfig`] always give the same schedule and a failing run can be
+//! replayed alone. The schedule is data only; applying it is the executor's
+//! job.
+
+use std::fmt;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+
+/// A fault type, without parameters (for coverage counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FaultType {
+    /// Proxy drops all traffic both ways.
+    Blackhole,
+    /// Proxy resets every connection.
+    Reset,
+    /// Proxy adds latency.
+    Latency,
+    /// Proxy squeezes bandwidth.
+    Bandwidth,
+    /// `kill -9` a member, then restart it.
+    KillRestart,
+    /// SIGSTOP a member, then SIGCONT.
+    Freeze,
+    /// Kill the leader of a 3-member cluster, then restart it.
+    LeaderKill,
+    /// Cut one member of a 3-member cluster off from the client (its proxy).
+    Partition,
+    /// Cut the client off, compact past its revision, reconnect.
+    CompactWhileDisconnected,
+    /// Restart the mirror from its persisted snapshot.
+    MirrorRestart,
+    /// Stop a subscriber from reading for a while.
+    SlowSubscriber,
+}
+
+impl FaultType {
+    /// Every fault type.
+    pub const ALL: [FaultType; 11] = [
+        FaultType::Blackhole,
+        FaultType::Reset,
+        FaultType::Latency,
+        FaultType::Bandwidth,
+        FaultType::KillRestart,
+        FaultType::Freeze,
+        FaultType::LeaderKill,
+        FaultType::Partition,
+        FaultType::CompactWhileDisconnected,
+        FaultType::MirrorRestart,
+        FaultType::SlowSubscriber,
+    ];
+
+    /// Whether the fault needs a 3-member cluster.
+    pub fn needs_cluster(self) -> bool {
+        matches!(self, FaultType::LeaderKill | FaultType::Partition)
+    }
+
+    /// Short name, as used in reports and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultType::Blackhole => "blackhole",
+            FaultType::Reset => "reset",
+            FaultType::Latency => "latency",
+            FaultType::Bandwidth => "bandwidth",
+            FaultType::KillRestart => "kill-restart",
+            FaultType::Freeze => "freeze",
+            FaultType::LeaderKill => "leader-kill",
+            FaultType::Partition => "partition",
+            FaultType::CompactWhileDisconnected => "compact-while-disconnected",
+            FaultType::MirrorRestart => "mirror-restart",
+            FaultType::SlowSubscriber => "slow-subscriber",
+        }
+    }
+}
+
+/// A fault with its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Proxy to `member` drops all traffic both ways.
+    Blackhole {
+        /// Member index.
+        member: usize,
+    },
+    /// Proxy to `member` resets every connection (once, at the start).
+    Reset {
+        /// Member index.
+        member: usize,
+    },
+    /// Proxy to `member` delays each direction by `delay`.
+    Latency {
+        /// Member index.
+        member: usize,
+        /// Added one-way delay.
+        delay: Duration,
+    },
+    /// Proxy to `member` passes at most `bytes_per_sec`.
+    Bandwidth {
+        /// Member index.
+        member: usize,
+        /// Rate limit.
+        bytes_per_sec: u64,
+    },
+    /// `kill -9` `member`, restart it when healed.
+    KillRestart {
+        /// Member index.
+        member: usize,
+    },
+    /// SIGSTOP `member`, SIGCONT when healed.
+    Freeze {
+        /// Member index.
+        member: usize,
+    },
+    /// Kill whichever member leads when the fault starts; restart when healed.
+    LeaderKill,
+    /// Blackhole the proxy of `member` only; the others stay reachable.
+    Partition {
+        /// Member index.
+        member: usize,
+    },
+    /// Blackhole every proxy, write, compact to the current revision, heal.
+    CompactWhileDisconnected,
+    /// Stop the mirror; when healed, start it from its snapshot file.
+    MirrorRestart,
+    /// A subscriber stops reading until healed.
+    SlowSubscriber,
+}
+
+impl Fault {
+    /// The fault's type.
+    pub fn fault_type(&self) -> FaultType {
+        match self {
+            Fault::Blackhole { .. } => FaultType::Blackhole,
+            Fault::Reset { .. } => FaultType::Reset,
+            Fault::Latency { .. } => FaultType::Latency,
+            Fault::Bandwidth { .. } => FaultType::Bandwidth,
+            Fault::KillRestart { .. } => FaultType::KillRestart,
+            Fault::Freeze { .. } => FaultType::Freeze,
+            Fault::LeaderKill => FaultType::LeaderKill,
+            Fault::Partition { .. } => FaultType::Partition,
+            Fault::CompactWhileDisconnected => FaultType::CompactWhileDisconnected,
+            Fault::MirrorRestart => FaultType::MirrorRestart,
+            Fault::SlowSubscriber => FaultType::SlowSubscriber,
+        }
+    }
+}
+
+/// One scheduled fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScheduledFault {
+    /// When it starts, from the start of the run.
+    pub at: Duration,
+    /// What it is.
+    pub fault: Fault,
+    /// How long until it is healed.
+    pub duration: Duration,
+}
+
+/// What a schedule may contain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleConfig {
+    /// Length of the run; no fault starts or lasts beyond it.
+    pub run_length: Duration,
+    /// Cluster size: types that need 3 members are skipped for 1.
+    pub members: usize,
+    /// Types to draw from (those the cluster size allows).
+    pub types: Vec<FaultType>,
+    /// Shortest and longest fault.
+    pub fault_length: (Duration, Duration),
+    /// Shortest and longest pause after a fault is healed.
+    pub pause: (Duration, Duration),
+    /// The client reaches etcd only through `etcd grpc-proxy`.
+    pub grpc_proxy: bool,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            run_length: Duration::from_secs(30),
+            members: 1,
+            types: FaultType::ALL.to_vec(),
+            fault_length: (Duration::from_millis(500), Duration::from_secs(4)),
+            pause: (Duration::from_millis(500), Duration::from_secs(2)),
+            grpc_proxy: false,
+        }
+    }
+}
+
+/// A reproducible fault schedule.
+///
+/// ```
+/// use revwatch_proof::schedule::{Schedule, ScheduleConfig};
+/// let config = ScheduleConfig::default();
+/// let a = Schedule::generate(42, &config);
+/// assert_eq!(a, Schedule::generate(42, &config));
+/// assert!(!a.faults.is_empty());
+/// println!("{a}");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    /// The seed it came from.
+    pub seed: u64,
+    /// Cluster size.
+    pub members: usize,
+    /// Whether the client goes through `etcd grpc-proxy`.
+    pub grpc_proxy: bool,
+    /// Faults in start order; they do not overlap.
+    pub faults: Vec<ScheduledFault>,
+}
+
+impl Schedule {
+    /// Draws a schedule from `seed`. The same seed and config always give
+    /// the same schedule (with the same version of `rand`).
+    pub fn generate(seed: u64, config: &ScheduleConfig) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let members = config.members.max(1);
+        let types: Vec<FaultType> = config
+            .types
+            .iter()
+            .copied()
+            .filter(|t| members >= 3 || !t.needs_cluster())
+            .collect();
+        let mut faults = Vec::new();
+        let mut now = between(&mut rng, config.pause);
+        while let Some(&kind) = types.choose(&mut rng) {
+            let duration = between(&mut rng, config.fault_length);
+            if now + duration > config.run_length {
+                break;
+            }
+            let member = rng.random_range(0..members);
+            let fault = match kind {
+                FaultType::Blackhole => Fault::Blackhole { member },
+                FaultType::Reset => Fault::Reset { member },
+                FaultType::Latency => Fault::Latency {
+                    member,
+                    delay: Duration::from_millis(rng.random_range(20..=400)),
+                },
+                FaultType::Bandwidth => Fault::Bandwidth {
+                    member,
+                    bytes_per_sec: rng.random_range(2_000..=64_000),
+                },
+                FaultType::KillRestart => Fault::KillRestart { member },
+                FaultType::Freeze => Fault::Freeze { member },
+                FaultType::LeaderKill => Fault::LeaderKill,
+                FaultType::Partition => Fault::Partition { member },
+                FaultType::CompactWhileDisconnected => Fault::CompactWhileDisconnected,
+                FaultType::MirrorRestart => Fault::MirrorRestart,
+                FaultType::SlowSubscriber => Fault::SlowSubscriber,
+            };
+            faults.push(ScheduledFault {
+                at: now,
+                fault,
+                duration,
+            });
+            now += duration + between(&mut rng, config.pause);
+        }
+        Self {
+            seed,
+            members,
+            grpc_proxy: config.grpc_proxy,
+            faults,
+        }
+    }
+
+    /// The distinct fault types in the schedule.
+    pub fn types(&self) -> Vec<FaultType> {
+        let mut t: Vec<FaultType> = self.faults.iter().map(|f| f.fault.fault_type()).collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+/// A uniformly drawn duration in `lo..=hi` (millisecond resolution).
+fn between(rng: &mut StdRng, (lo, hi): (Duration, Duration)) -> Duration {
+    let lo_ms = lo.as_millis() as u64;
+    let hi_ms = (hi.as_millis() as u64).max(lo_ms);
+    Duration::from_millis(rng.random_range(lo_ms..=hi_ms))
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.fault_type().name();
+        match self {
+            Fault::Blackhole { member }
+            | Fault::Reset { member }
+            | Fault::KillRestart { member }
+            | Fault::Freeze { member }
+            | Fault::Partition { member } => write!(f, "{name} member {member}"),
+            Fault::Latency { member, delay } => write!(f, "{name} member {member} +{delay:?}"),
+            Fault::Bandwidth {
+                member,
+                bytes_per_sec,
+            } => write!(f, "{name} member {member} {bytes_per_sec} B/s"),
+            Fault::LeaderKill
+            | Fault::CompactWhileDisconnected
+            | Fault::MirrorRestart
+            | Fault::SlowSubscriber => f.write_str(name),
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  seed {} · {} member(s){} · {} faults",
+            self.seed,
+            self.members,
+            if self.grpc_proxy {
+                " via grpc-proxy"
+            } else {
+                ""
+            },
+            self.faults.len()
+        )?;
+        for s in &self.faults {
+            writeln!(
+                f,
+                "  t=+{:>8.3}s {} for {:.3}s",
+                s.at.as_secs_f64(),
+                s.fault,
+                s.duration.as_secs_f64()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_schedule_other_seed_other_schedule() {
+        let config = ScheduleConfig {
+            run_length: Duration::from_secs(120),
+            members: 3,
+            ..ScheduleConfig::default()
+        };
+        let a = Schedule::generate(7, &config);
+        assert_eq!(a, Schedule::generate(7, &config));
+        assert_ne!(a, Schedule::generate(8, &config));
+        assert_eq!(a.to_string(), Schedule::generate(7, &config).to_string());
+    }
+
+    #[test]
+    fn faults_fit_the_run_do_not_overlap_and_respect_cluster_size() {
+        let config = ScheduleConfig {
+            run_length: Duration::from_secs(300),
+            ..ScheduleConfig::default()
+        };
+        for seed in 0..20 {
+            let s = Schedule::generate(seed, &config);
+            let mut end = Duration::ZERO;
+            for f in &s.faults {
+                assert!(f.at >= end, "overlap in seed {seed}");
+                end = f.at + f.duration;
+                assert!(end <= config.run_length);
+                assert!(
+                    !f.fault.fault_type().needs_cluster(),
+                    "single member, seed {seed}"
+                );
+                assert!(f.duration >= config.fault_length.0 && f.duration <= config.fault_length.1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_run_covers_every_type() {
+        let config = ScheduleConfig {
+            run_length: Duration::from_secs(600),
+            members: 3,
+            ..ScheduleConfig::default()
+        };
+        let s = Schedule::generate(1, &config);
+        assert_eq!(s.types(), FaultType::ALL.to_vec());
+    }
+}

@@ -1,0 +1,106 @@
+//! Mirror settings.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::decode::DecodePolicy;
+use super::error::MirrorError;
+use crate::client::Backoff;
+
+/// How far the mirror trusts a progress reply (`watch_id = -1`) as a bookmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProgressTrust {
+    /// For etcd 3.4 (before 3.4.31) and 3.5 (before 3.5.13), which may answer a
+    /// progress request before the stream delivered events up to the reply's
+    /// revision (etcd#15220). A reply at R becomes a bookmark only once (a) the
+    /// watcher is known to have caught up, and (b) a reply to a progress request
+    /// sent *after* R arrived has been received: any event at or below R that the
+    /// server had queued is delivered before that second reply.
+    #[default]
+    Confirmed,
+    /// For servers that answer progress requests only when the stream is caught up
+    /// (fixed etcd, revwatch's server): a reply at or above the last applied
+    /// revision is a bookmark at once.
+    Immediate,
+}
+
+/// Settings of a [`Mirror`](super::Mirror). Start from `MirrorConfig::default()`.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// Keys per page of the initial list and of relists. Default 1000.
+    pub page_size: i64,
+    /// Silence on the watch stream after which a progress request is sent.
+    /// Default 3 s.
+    pub progress_interval: Duration,
+    /// Silence (no event, no progress reply) after which the stream is considered
+    /// dead and the watch resumes elsewhere: the bound on detecting a frozen member
+    /// or a blackholed connection. Default 10 s.
+    pub stall_timeout: Duration,
+    /// Updates queued per subscriber before it is marked lagging. Default 1024.
+    pub subscriber_buffer: usize,
+    /// What to do with a value that fails to decode.
+    pub decode_policy: DecodePolicy,
+    /// Delay between failed attempts to list or watch.
+    pub retry_backoff: Backoff,
+    /// How progress replies are trusted.
+    pub progress_trust: ProgressTrust,
+    /// With [`ProgressTrust::Confirmed`], how long after its creation a watch that
+    /// had history to catch up on (and delivered no event at or above the creation
+    /// revision) is assumed caught up. etcd syncs lagging watchers every 100 ms.
+    /// Default 1 s.
+    pub catch_up_grace: Duration,
+    /// Snapshot file to load at start and to keep written. Default none.
+    pub snapshot_file: Option<PathBuf>,
+    /// Least time between two snapshot file writes. Default 5 s.
+    pub snapshot_interval: Duration,
+    /// Most failing keys listed in [`Status::decode_failures`](super::Status)
+    /// (all are counted). Default 100.
+    pub max_reported_decode_failures: usize,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            page_size: 1000,
+            progress_interval: Duration::from_secs(3),
+            stall_timeout: Duration::from_secs(10),
+            subscriber_buffer: 1024,
+            decode_policy: DecodePolicy::default(),
+            retry_backoff: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+            },
+            progress_trust: ProgressTrust::default(),
+            catch_up_grace: Duration::from_secs(1),
+            snapshot_file: None,
+            snapshot_interval: Duration::from_secs(5),
+            max_reported_decode_failures: 100,
+        }
+    }
+}
+
+impl MirrorConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), MirrorError> {
+        let bad = |msg: String| Err(MirrorError::InvalidConfig(msg));
+        if self.page_size <= 0 {
+            return bad(format!(
+                "page_size must be positive, got {}",
+                self.page_size
+            ));
+        }
+        if self.progress_interval.is_zero() || self.stall_timeout <= self.progress_interval {
+            return bad(format!(
+                "need 0 < progress_interval < stall_timeout, got {:?} and {:?}",
+                self.progress_interval, self.stall_timeout
+            ));
+        }
+        if self.subscriber_buffer == 0 {
+            return bad("subscriber_buffer must be positive".into());
+        }
+        if self.retry_backoff.base.is_zero() || self.retry_backoff.max < self.retry_backoff.base {
+            return bad("retry_backoff: need 0 < base <= max".into());
+        }
+        Ok(())
+    }
+}

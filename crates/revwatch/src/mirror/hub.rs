@@ -1,0 +1,227 @@
+//! Publication: the current snapshot for lock-free readers, and per-subscriber
+//! bounded queues fed in publication order.
+//!
+//! Publication and subscription take the same lock, so a new subscriber gets the
+//! snapshot current at that instant and then exactly the updates published after
+//! it. A subscriber whose queue is full is not waited for: it is marked lagging,
+//! only the newest snapshot is remembered for it, and its next receive yields one
+//! resync diff from the last state it was sent. Memory per subscriber is therefore
+//! bounded by its queue capacity plus two snapshots.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
+use tokio::sync::{Notify, watch};
+
+use super::batch::{Batch, ResyncReason, Update};
+use super::metrics::Metrics;
+use super::snapshot::{Snapshot, diff};
+
+/// Locks a mutex, ignoring poisoning: every critical section here leaves the data
+/// consistent at each step, so a panic elsewhere cannot leave it half-updated.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct Hub<T> {
+    current: ArcSwap<Snapshot<T>>,
+    subscribers: Mutex<Subscribers<T>>,
+    revision: watch::Sender<i64>,
+    capacity: usize,
+    metrics: Metrics,
+}
+
+struct Subscribers<T> {
+    slots: Vec<Arc<Slot<T>>>,
+    closed: bool,
+}
+
+struct Slot<T> {
+    state: Mutex<SlotState<T>>,
+    notify: Notify,
+}
+
+struct SlotState<T> {
+    queue: VecDeque<Update<T>>,
+    /// The state the subscriber has once it drained `queue`.
+    base: Arc<Snapshot<T>>,
+    /// While lagging: the newest snapshot, to resync to.
+    lagging: Option<Arc<Snapshot<T>>>,
+    closed: bool,
+    dropped: bool,
+}
+
+impl<T> Hub<T> {
+    pub(crate) fn new(initial: Arc<Snapshot<T>>, capacity: usize, metrics: Metrics) -> Self {
+        let (revision, _) = watch::channel(initial.revision());
+        Hub {
+            current: ArcSwap::new(initial),
+            subscribers: Mutex::new(Subscribers {
+                slots: Vec::new(),
+                closed: false,
+            }),
+            revision,
+            capacity: capacity.max(1),
+            metrics,
+        }
+    }
+
+    /// The current snapshot, lock-free.
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot<T>> {
+        self.current.load_full()
+    }
+
+    /// The published revision, for waiters.
+    pub(crate) fn revision_watch(&self) -> watch::Receiver<i64> {
+        self.revision.subscribe()
+    }
+
+    /// Makes `snapshot` current and queues `update` (which leads to it) for every
+    /// subscriber, in one critical section.
+    pub(crate) fn publish(&self, snapshot: Arc<Snapshot<T>>, update: Update<T>) {
+        let revision = snapshot.revision();
+        let mut subs = lock(&self.subscribers);
+        self.current.store(Arc::clone(&snapshot));
+        subs.slots.retain(|slot| {
+            let mut st = lock(&slot.state);
+            if st.dropped {
+                return false;
+            }
+            if st.lagging.is_some() {
+                st.lagging = Some(Arc::clone(&snapshot));
+            } else if st.queue.len() < self.capacity {
+                st.queue.push_back(update.clone());
+                st.base = Arc::clone(&snapshot);
+            } else {
+                st.lagging = Some(Arc::clone(&snapshot));
+                self.metrics.subscriber_lagged.inc();
+            }
+            drop(st);
+            slot.notify.notify_one();
+            true
+        });
+        self.metrics.subscribers.set(subs.slots.len() as i64);
+        drop(subs);
+        self.revision.send_replace(revision);
+    }
+
+    /// A new subscription whose first update is the current snapshot.
+    pub(crate) fn subscribe(self: &Arc<Self>) -> Subscription<T> {
+        let mut subs = lock(&self.subscribers);
+        let snapshot = self.current.load_full();
+        let slot = Arc::new(Slot {
+            state: Mutex::new(SlotState {
+                queue: VecDeque::from([Update::Snapshot(Arc::clone(&snapshot))]),
+                base: snapshot,
+                lagging: None,
+                closed: subs.closed,
+                dropped: false,
+            }),
+            notify: Notify::new(),
+        });
+        subs.slots.push(Arc::clone(&slot));
+        self.metrics.subscribers.set(subs.slots.len() as i64);
+        Subscription {
+            slot,
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Ends every subscription once its queue is drained.
+    pub(crate) fn close(&self) {
+        let mut subs = lock(&self.subscribers);
+        subs.closed = true;
+        for slot in subs.slots.drain(..) {
+            lock(&slot.state).closed = true;
+            slot.notify.notify_one();
+        }
+        self.metrics.subscribers.set(0);
+    }
+}
+
+/// A stream of [`Update`]s from a mirror: first the snapshot current when it was
+/// made, then every later batch and bookmark, in order. Dropping it unsubscribes.
+///
+/// Its buffer is bounded ([`MirrorConfig::subscriber_buffer`](super::MirrorConfig));
+/// if the consumer falls further behind, updates are not queued and the next
+/// [`recv`](Self::recv) yields one resync batch
+/// ([`ResyncReason::SubscriberLagged`]) from the last state it received to the
+/// current one.
+pub struct Subscription<T> {
+    slot: Arc<Slot<T>>,
+    metrics: Metrics,
+}
+
+impl<T> std::fmt::Debug for Subscription<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = lock(&self.slot.state);
+        f.debug_struct("Subscription")
+            .field("queued", &st.queue.len())
+            .field("lagging", &st.lagging.is_some())
+            .finish()
+    }
+}
+
+impl<T> Subscription<T> {
+    /// The next update; `None` once the mirror has shut down and everything queued
+    /// was received. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Update<T>> {
+        loop {
+            match self.try_next() {
+                Next::Ready(u) => return Some(u),
+                Next::Closed => return None,
+                Next::Empty => self.slot.notify.notified().await,
+            }
+        }
+    }
+
+    /// The next update if one is ready now, without waiting.
+    pub fn try_recv(&mut self) -> Option<Update<T>> {
+        match self.try_next() {
+            Next::Ready(u) => Some(u),
+            Next::Closed | Next::Empty => None,
+        }
+    }
+
+    /// True while updates are being skipped for this subscriber (a resync follows).
+    pub fn is_lagging(&self) -> bool {
+        lock(&self.slot.state).lagging.is_some()
+    }
+
+    fn try_next(&mut self) -> Next<T> {
+        let mut st = lock(&self.slot.state);
+        if let Some(u) = st.queue.pop_front() {
+            return Next::Ready(u);
+        }
+        if let Some(latest) = st.lagging.take() {
+            let from = std::mem::replace(&mut st.base, Arc::clone(&latest));
+            drop(st);
+            // Computed by the consumer, outside any lock the mirror takes.
+            let changes = diff(&from, &latest);
+            self.metrics.subscriber_resyncs.inc();
+            return Next::Ready(Update::Batch(Arc::new(Batch {
+                revision: latest.revision(),
+                resync: Some(ResyncReason::SubscriberLagged),
+                changes,
+                snapshot: latest,
+            })));
+        }
+        if st.closed { Next::Closed } else { Next::Empty }
+    }
+}
+
+enum Next<T> {
+    Ready(Update<T>),
+    Empty,
+    Closed,
+}
+
+impl<T> Drop for Subscription<T> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.slot.state);
+        st.dropped = true;
+        st.queue.clear();
+        st.lagging = None;
+    }
+}

@@ -1,0 +1,163 @@
+//! Immutable snapshots of the mirrored prefix, and the diff between two of them.
+
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use imbl::OrdMap;
+
+use super::batch::{Change, ChangeKind};
+
+/// One key's state at a snapshot's revision, as etcd reports it.
+#[derive(Debug)]
+pub struct Entry<T> {
+    /// The decoded value.
+    pub value: T,
+    /// The value's bytes as stored in etcd (what the snapshot file persists).
+    pub raw: Bytes,
+    /// Revision of the key's creation (since its last deletion).
+    pub create_revision: i64,
+    /// Revision of the key's last modification.
+    pub mod_revision: i64,
+    /// Number of modifications since creation; 1 for a new key.
+    pub version: i64,
+    /// Lease attached to the key; 0 for none.
+    pub lease: i64,
+}
+
+impl<T> Entry<T> {
+    /// True when both describe the same etcd key version. A `(create, mod)` revision
+    /// pair identifies one write of one key, whatever the decoded value.
+    pub fn same_version(&self, other: &Entry<T>) -> bool {
+        self.mod_revision == other.mod_revision && self.create_revision == other.create_revision
+    }
+}
+
+/// The map's value: shared, and equal when it is the same etcd key version, so
+/// that `OrdMap::diff` compares versions and skips shared subtrees.
+#[derive(Debug)]
+pub(crate) struct Slot<T>(pub(crate) Arc<Entry<T>>);
+
+impl<T> Clone for Slot<T> {
+    fn clone(&self) -> Self {
+        Slot(Arc::clone(&self.0))
+    }
+}
+
+impl<T> PartialEq for Slot<T> {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0.same_version(&other.0)
+    }
+}
+
+pub(crate) type Map<T> = OrdMap<Bytes, Slot<T>>;
+
+/// The mirrored prefix at one revision. Immutable and cheap to share: readers get an
+/// `Arc<Snapshot<T>>` and read it without locks; consecutive snapshots share all
+/// unchanged structure.
+#[derive(Debug)]
+pub struct Snapshot<T> {
+    pub(crate) revision: i64,
+    pub(crate) entries: Map<T>,
+}
+
+impl<T> Clone for Snapshot<T> {
+    fn clone(&self) -> Self {
+        Snapshot {
+            revision: self.revision,
+            entries: self.entries.clone(),
+        }
+    }
+}
+
+impl<T> Snapshot<T> {
+    /// An empty snapshot at `revision` (0 means "nothing synced yet").
+    pub fn empty(revision: i64) -> Self {
+        Snapshot {
+            revision,
+            entries: OrdMap::new(),
+        }
+    }
+
+    /// The etcd revision this snapshot is exact at.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the prefix holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entry for `key`.
+    pub fn get(&self, key: &[u8]) -> Option<&Entry<T>> {
+        self.entries.get(key).map(|s| &*s.0)
+    }
+
+    /// The shared entry for `key` (cheap to keep beyond the snapshot).
+    pub fn get_arc(&self, key: &[u8]) -> Option<Arc<Entry<T>>> {
+        self.entries.get(key).map(|s| Arc::clone(&s.0))
+    }
+
+    /// Every entry, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Entry<T>)> + '_ {
+        self.entries.iter().map(|(k, s)| (k, &*s.0))
+    }
+
+    /// The entries whose keys fall in `range`, in key order, e.g.
+    /// `snap.range((Bound::Included(&b"a/"[..]), Bound::Excluded(&b"a/m"[..])))`.
+    pub fn range<'a, R>(&'a self, range: R) -> impl Iterator<Item = (&'a Bytes, &'a Entry<T>)> + 'a
+    where
+        R: RangeBounds<[u8]> + 'a,
+    {
+        self.entries.range(range).map(|(k, s)| (k, &*s.0))
+    }
+
+    /// The entries whose keys start with `prefix`, in key order.
+    pub fn with_prefix<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = (&'a Bytes, &'a Entry<T>)> + 'a {
+        self.entries
+            .range::<_, [u8]>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, s)| (k, &*s.0))
+    }
+}
+
+/// The changes that turn `old` into `new`: puts for new and changed keys (changed
+/// meaning another etcd key version), deletes for vanished keys, in key order.
+/// Shared subtrees are skipped, so the cost follows the difference, not the size.
+pub fn diff<T>(old: &Snapshot<T>, new: &Snapshot<T>) -> Vec<Change<T>> {
+    use imbl::ordmap::DiffItem;
+    old.entries
+        .diff(&new.entries)
+        .map(|item| match item {
+            DiffItem::Add(k, v) => Change {
+                key: k.clone(),
+                kind: ChangeKind::Put {
+                    entry: Arc::clone(&v.0),
+                    prev: None,
+                },
+            },
+            DiffItem::Update { old, new } => Change {
+                key: new.0.clone(),
+                kind: ChangeKind::Put {
+                    entry: Arc::clone(&new.1.0),
+                    prev: Some(Arc::clone(&old.1.0)),
+                },
+            },
+            DiffItem::Remove(k, v) => Change {
+                key: k.clone(),
+                kind: ChangeKind::Delete {
+                    prev: Some(Arc::clone(&v.0)),
+                },
+            },
+        })
+        .collect()
+}

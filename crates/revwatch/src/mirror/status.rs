@@ -1,0 +1,142 @@
+//! What the mirror reports about itself.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+use super::batch::ResyncReason;
+use super::decode::DecodeFailure;
+use super::error::FailureKind;
+
+/// The mirror's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Listing the prefix for the first time; nothing is served yet.
+    Syncing,
+    /// Watching: snapshots follow etcd.
+    Ready,
+    /// The watch was lost; resuming (or relisting). The last snapshot is served.
+    Reconnecting,
+    /// Serving a snapshot loaded from the snapshot file, etcd not reached yet.
+    Stale,
+    /// Failing for a reason retries are unlikely to fix (e.g. permission denied);
+    /// the last snapshot is served and retries go on.
+    Degraded,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Syncing => "syncing",
+            State::Ready => "ready",
+            State::Reconnecting => "reconnecting",
+            State::Stale => "stale",
+            State::Degraded => "degraded",
+        })
+    }
+}
+
+/// Why a watch was resumed (without relisting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReconnectCause {
+    /// The stream failed or could not be opened.
+    StreamError,
+    /// The server closed the stream.
+    StreamClosed,
+    /// Nothing arrived within the stall timeout.
+    Stall,
+    /// The server canceled the watch (other than for compaction).
+    Canceled,
+    /// A response failed validation before anything from it was applied.
+    Validation,
+}
+
+impl ReconnectCause {
+    /// A short lowercase name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReconnectCause::StreamError => "stream_error",
+            ReconnectCause::StreamClosed => "stream_closed",
+            ReconnectCause::Stall => "stall",
+            ReconnectCause::Canceled => "canceled",
+            ReconnectCause::Validation => "validation",
+        }
+    }
+}
+
+/// The last error the mirror met.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastError {
+    /// Its class.
+    pub kind: FailureKind,
+    /// Its text.
+    pub message: String,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
+/// A point-in-time report, from [`Mirror::status`](super::Mirror::status).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// The state.
+    pub state: State,
+    /// Revision of the published snapshot.
+    pub revision: i64,
+    /// Highest revision seen in any server response header.
+    pub server_revision: i64,
+    /// Last time an event was applied or a bookmark advanced the revision.
+    pub last_event_at: Option<SystemTime>,
+    /// The last error, cleared when a watch is established again.
+    pub last_error: Option<LastError>,
+    /// The failure of the latest attempt to list or to open a watch, while no
+    /// attempt has succeeded since: what [`Mirror::wait_ready`](super::Mirror::wait_ready)
+    /// reports.
+    pub failing: Option<LastError>,
+    /// Endpoint of the current watch stream.
+    pub endpoint: Option<String>,
+    /// Watch resumptions, by cause.
+    pub reconnects: BTreeMap<ReconnectCause, u64>,
+    /// Relists, by cause ([`ResyncReason::Compacted`] or
+    /// [`ResyncReason::Validation`]); the initial list is not counted.
+    pub relists: BTreeMap<ResyncReason, u64>,
+    /// Responses rejected by validation (also counted in `reconnects` or `relists`).
+    pub rejected_responses: u64,
+    /// Progress replies not used as bookmarks (below the applied revision, or not
+    /// yet confirmable).
+    pub untrusted_progress: u64,
+    /// Keys whose current value failed to decode (at most
+    /// `max_reported_decode_failures`).
+    pub decode_failures: Vec<DecodeFailure>,
+    /// Number of keys currently failing to decode.
+    pub decode_failure_count: usize,
+    /// For a snapshot loaded from file: when it was written.
+    pub loaded_snapshot_written_at: Option<SystemTime>,
+    /// Keys in the published snapshot.
+    pub keys: usize,
+}
+
+impl Status {
+    pub(crate) fn new(state: State) -> Self {
+        Status {
+            state,
+            revision: 0,
+            server_revision: 0,
+            last_event_at: None,
+            last_error: None,
+            failing: None,
+            endpoint: None,
+            reconnects: BTreeMap::new(),
+            relists: BTreeMap::new(),
+            rejected_responses: 0,
+            untrusted_progress: 0,
+            decode_failures: Vec::new(),
+            decode_failure_count: 0,
+            loaded_snapshot_written_at: None,
+            keys: 0,
+        }
+    }
+
+    /// Server revision minus published revision (0 when unknown).
+    pub fn lag(&self) -> i64 {
+        (self.server_revision - self.revision).max(0)
+    }
+}

@@ -1,0 +1,329 @@
+//! The writer's side of the mirror: applies one revision, a list, or a bookmark to
+//! the persistent map and yields the snapshot and batch to publish.
+//!
+//! Each operation costs O(changed keys × log n): the map is persistent, so the new
+//! snapshot shares every untouched node with the previous one.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use etcd_proto::mvccpb::{self, event::EventType};
+
+use super::batch::{Batch, Change, ChangeKind, ResyncReason};
+use super::decode::{DecodeFailure, DecodePolicy, Decoder};
+use super::snapshot::{Entry, Map, Slot, Snapshot};
+
+/// An event or listed key that cannot be applied: the response is rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Invalid(pub(crate) String);
+
+pub(crate) struct Writer<T> {
+    map: Map<T>,
+    revision: i64,
+    decoder: Arc<dyn Decoder<T>>,
+    policy: DecodePolicy,
+    /// Keys whose current etcd value failed to decode.
+    failures: BTreeMap<Bytes, DecodeFailure>,
+    /// Decode errors since the last [`take_new_failures`](Self::take_new_failures).
+    new_failures: u64,
+}
+
+/// The outcome of applying something: the snapshot to make current and the batch
+/// that leads to it.
+pub(crate) struct Applied<T> {
+    pub(crate) snapshot: Arc<Snapshot<T>>,
+    pub(crate) batch: Arc<Batch<T>>,
+}
+
+impl<T: Send + Sync + 'static> Writer<T> {
+    pub(crate) fn new(
+        initial: &Snapshot<T>,
+        decoder: Arc<dyn Decoder<T>>,
+        policy: DecodePolicy,
+    ) -> Self {
+        Writer {
+            map: initial.entries.clone(),
+            revision: initial.revision,
+            decoder,
+            policy,
+            failures: BTreeMap::new(),
+            new_failures: 0,
+        }
+    }
+
+    /// The revision of the last published state.
+    pub(crate) fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    /// Keys whose current value failed to decode.
+    pub(crate) fn failures(&self) -> impl Iterator<Item = &DecodeFailure> {
+        self.failures.values()
+    }
+
+    /// Number of decode errors since the last call.
+    pub(crate) fn take_new_failures(&mut self) -> u64 {
+        std::mem::take(&mut self.new_failures)
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot<T>> {
+        Arc::new(Snapshot {
+            revision: self.revision,
+            entries: self.map.clone(),
+        })
+    }
+
+    /// A bookmark: the state is unchanged up to `revision`.
+    pub(crate) fn advance(&mut self, revision: i64) -> Arc<Snapshot<T>> {
+        debug_assert!(revision >= self.revision);
+        self.revision = revision;
+        self.snapshot()
+    }
+
+    /// Applies every event of one revision. The caller has checked that `revision`
+    /// is above the current one and that every event carries it.
+    pub(crate) fn apply_revision(
+        &mut self,
+        revision: i64,
+        events: Vec<mvccpb::Event>,
+    ) -> Result<Applied<T>, Invalid> {
+        // Validate everything first so a bad event leaves the map untouched.
+        for ev in &events {
+            let kv = ev
+                .kv
+                .as_ref()
+                .ok_or_else(|| Invalid("event without a key-value".into()))?;
+            if EventType::try_from(ev.r#type).is_err() {
+                return Err(Invalid(format!("unknown event type {}", ev.r#type)));
+            }
+            if kv.mod_revision != revision {
+                return Err(Invalid(format!(
+                    "event for revision {} grouped under revision {revision}",
+                    kv.mod_revision
+                )));
+            }
+        }
+        let mut changes = Vec::with_capacity(events.len());
+        for ev in events {
+            let Some(kv) = ev.kv else { continue };
+            let key = Bytes::from(kv.key);
+            let prev = self.map.get(&key).map(|s| Arc::clone(&s.0));
+            if ev.r#type == EventType::Delete as i32 {
+                self.map.remove(&key);
+                self.failures.remove(&key);
+                changes.push(Change {
+                    key,
+                    kind: ChangeKind::Delete { prev },
+                });
+                continue;
+            }
+            let raw = Bytes::from(kv.value);
+            match self.decoder.decode(&key, &raw) {
+                Ok(value) => {
+                    let entry = Arc::new(Entry {
+                        value,
+                        raw,
+                        create_revision: kv.create_revision,
+                        mod_revision: kv.mod_revision,
+                        version: kv.version,
+                        lease: kv.lease,
+                    });
+                    self.map.insert(key.clone(), Slot(Arc::clone(&entry)));
+                    self.failures.remove(&key);
+                    changes.push(Change {
+                        key,
+                        kind: ChangeKind::Put { entry, prev },
+                    });
+                }
+                Err(e) => {
+                    if let Some(change) = self.decode_failed(key, revision, &e.to_string(), prev) {
+                        changes.push(change);
+                    }
+                }
+            }
+        }
+        self.revision = revision;
+        let snapshot = self.snapshot();
+        let batch = Arc::new(Batch {
+            revision,
+            resync: None,
+            changes,
+            snapshot: Arc::clone(&snapshot),
+        });
+        Ok(Applied { snapshot, batch })
+    }
+
+    /// Records a decode failure and applies the policy; returns the change
+    /// subscribers must see, if any.
+    fn decode_failed(
+        &mut self,
+        key: Bytes,
+        revision: i64,
+        error: &str,
+        prev: Option<Arc<Entry<T>>>,
+    ) -> Option<Change<T>> {
+        tracing::warn!(key = %String::from_utf8_lossy(&key), revision, error, "value failed to decode");
+        self.new_failures += 1;
+        self.failures.insert(
+            key.clone(),
+            DecodeFailure {
+                key: key.clone(),
+                revision,
+                error: error.to_string(),
+            },
+        );
+        match (self.policy, prev) {
+            (DecodePolicy::DropKey, Some(prev)) => {
+                self.map.remove(&key);
+                Some(Change {
+                    key,
+                    kind: ChangeKind::Delete { prev: Some(prev) },
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts replacing the state with a fresh list at `revision`.
+    pub(crate) fn relist(&mut self, revision: i64, reason: ResyncReason) -> Relist<'_, T> {
+        Relist {
+            old: self.map.clone(),
+            new: self.map.clone(),
+            failures: BTreeMap::new(),
+            changes: Vec::new(),
+            last_key: None,
+            revision,
+            reason,
+            writer: self,
+        }
+    }
+}
+
+/// A list in progress. Pages must come in key order; the old state stays published
+/// until [`finish`](Self::finish), which yields one resync batch with exactly the
+/// difference. Unchanged keys keep their entries, so memory grows with the
+/// difference, not the size.
+pub(crate) struct Relist<'a, T> {
+    writer: &'a mut Writer<T>,
+    old: Map<T>,
+    new: Map<T>,
+    failures: BTreeMap<Bytes, DecodeFailure>,
+    changes: Vec<Change<T>>,
+    last_key: Option<Bytes>,
+    revision: i64,
+    reason: ResyncReason,
+}
+
+impl<T: Send + Sync + 'static> Relist<'_, T> {
+    /// Adds one page of listed keys.
+    pub(crate) fn page(&mut self, kvs: Vec<mvccpb::KeyValue>) -> Result<(), Invalid> {
+        for kv in kvs {
+            if kv.mod_revision > self.revision || kv.create_revision > kv.mod_revision {
+                return Err(Invalid(format!(
+                    "listed key has create/mod revision {}/{} at list revision {}",
+                    kv.create_revision, kv.mod_revision, self.revision
+                )));
+            }
+            let key = Bytes::from(kv.key);
+            if self.last_key.as_ref().is_some_and(|last| *last >= key) {
+                return Err(Invalid(
+                    "list pages are not in strictly increasing key order".into(),
+                ));
+            }
+            self.delete_vanished(Bound::Included(&key[..]));
+            let prev = self.old.get(&key).map(|s| Arc::clone(&s.0));
+            let unchanged = prev.as_ref().is_some_and(|p| {
+                p.mod_revision == kv.mod_revision
+                    && p.create_revision == kv.create_revision
+                    && !self.writer.failures.contains_key(&key)
+            });
+            if !unchanged {
+                let raw = Bytes::from(kv.value);
+                match self.writer.decoder.decode(&key, &raw) {
+                    Ok(value) => {
+                        let entry = Arc::new(Entry {
+                            value,
+                            raw,
+                            create_revision: kv.create_revision,
+                            mod_revision: kv.mod_revision,
+                            version: kv.version,
+                            lease: kv.lease,
+                        });
+                        self.new.insert(key.clone(), Slot(Arc::clone(&entry)));
+                        self.changes.push(Change {
+                            key: key.clone(),
+                            kind: ChangeKind::Put { entry, prev },
+                        });
+                    }
+                    Err(e) => {
+                        let error = e.to_string();
+                        tracing::warn!(key = %String::from_utf8_lossy(&key), revision = kv.mod_revision, error, "value failed to decode");
+                        self.writer.new_failures += 1;
+                        self.failures.insert(
+                            key.clone(),
+                            DecodeFailure {
+                                key: key.clone(),
+                                revision: kv.mod_revision,
+                                error,
+                            },
+                        );
+                        if let (DecodePolicy::DropKey, Some(prev)) = (self.writer.policy, prev) {
+                            self.new.remove(&key);
+                            self.changes.push(Change {
+                                key: key.clone(),
+                                kind: ChangeKind::Delete { prev: Some(prev) },
+                            });
+                        }
+                    }
+                }
+            } else if let Some(f) = self.writer.failures.get(&key) {
+                self.failures.insert(key.clone(), f.clone());
+            }
+            self.last_key = Some(key);
+        }
+        Ok(())
+    }
+
+    /// Deletes old keys after the last listed key and before `upto`.
+    fn delete_vanished(&mut self, upto: Bound<&[u8]>) {
+        let from = match &self.last_key {
+            Some(k) => Bound::Excluded(&k[..]),
+            None => Bound::Unbounded,
+        };
+        let upto = match upto {
+            Bound::Included(k) => Bound::Excluded(k),
+            other => other,
+        };
+        for (key, slot) in self.old.range::<_, [u8]>((from, upto)) {
+            self.new.remove(key);
+            self.changes.push(Change {
+                key: key.clone(),
+                kind: ChangeKind::Delete {
+                    prev: Some(Arc::clone(&slot.0)),
+                },
+            });
+        }
+    }
+
+    /// Completes the list: deletes keys past the last listed one and makes the new
+    /// state the writer's.
+    pub(crate) fn finish(mut self) -> Applied<T> {
+        self.delete_vanished(Bound::Unbounded);
+        // A key still failing keeps its failure record (with its original revision);
+        // keys that vanished or now decode lose theirs.
+        self.writer.failures = self.failures;
+        self.writer.map = self.new;
+        self.writer.revision = self.revision;
+        let snapshot = self.writer.snapshot();
+        let batch = Arc::new(Batch {
+            revision: self.revision,
+            resync: Some(self.reason),
+            changes: self.changes,
+            snapshot: Arc::clone(&snapshot),
+        });
+        Applied { snapshot, batch }
+    }
+}

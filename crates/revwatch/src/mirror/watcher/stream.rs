@@ -1,0 +1,479 @@
+//! Validation of one watch stream's responses, fragment reassembly, grouping of
+//! events by revision, and the bookmark (progress) rules. Pure: no I/O, so every
+//! rule is unit-tested.
+
+use std::time::{Duration, Instant};
+
+use etcd_proto::etcdserverpb::WatchResponse;
+use etcd_proto::mvccpb::Event;
+
+use crate::mirror::config::ProgressTrust;
+
+/// The watch id of progress replies to progress requests.
+const PROGRESS_REPLY_ID: i64 = -1;
+
+/// How a stream ends, from its responses' point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// Canceled because the start revision was compacted: relist.
+    Compacted(i64),
+    /// Canceled for another reason: resume.
+    Canceled(String),
+    /// A response failed validation. `relist` when it may have corrupted what the
+    /// stream delivers (events out of order), otherwise resuming is enough.
+    Invalid { reason: String, relist: bool },
+}
+
+/// What one response yields.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Output {
+    /// True for the created reply.
+    pub(crate) created: bool,
+    /// Complete revisions to apply, in increasing order.
+    pub(crate) revisions: Vec<(i64, Vec<Event>)>,
+    /// A trusted bookmark above the last applied revision.
+    pub(crate) bookmark: Option<i64>,
+    /// A progress reply that was not used as a bookmark.
+    pub(crate) untrusted_progress: bool,
+}
+
+/// Per-stream validation state.
+#[derive(Debug)]
+pub(crate) struct StreamCheck {
+    start: i64,
+    /// Last applied revision (events or bookmarks); everything must be above it.
+    applied: i64,
+    watch_id: Option<i64>,
+    created: Option<(i64, Instant)>,
+    caught_up: bool,
+    fragments: Vec<Event>,
+    trust: ProgressTrust,
+    grace: Duration,
+    progress_sent: u64,
+    progress_replies: u64,
+    /// A progress revision awaiting confirmation, and the number of progress
+    /// requests sent when it arrived.
+    candidate: Option<(i64, u64)>,
+}
+
+fn invalid(reason: String, relist: bool) -> StreamEnd {
+    StreamEnd::Invalid { reason, relist }
+}
+
+impl StreamCheck {
+    /// A stream opened at `start` (= `applied + 1`).
+    pub(crate) fn new(applied: i64, trust: ProgressTrust, grace: Duration) -> Self {
+        StreamCheck {
+            start: applied + 1,
+            applied,
+            watch_id: None,
+            created: None,
+            caught_up: false,
+            fragments: Vec::new(),
+            trust,
+            grace,
+            progress_sent: 0,
+            progress_replies: 0,
+            candidate: None,
+        }
+    }
+
+    /// Records that a progress request was sent.
+    pub(crate) fn progress_requested(&mut self) {
+        self.progress_sent += 1;
+    }
+
+    /// The revision up to which everything has been applied.
+    #[cfg(test)]
+    pub(crate) fn applied(&self) -> i64 {
+        self.applied
+    }
+
+    fn is_caught_up(&self, now: Instant) -> bool {
+        self.caught_up
+            || self
+                .created
+                .is_some_and(|(_, at)| now.saturating_duration_since(at) >= self.grace)
+    }
+
+    /// Validates `resp` and says what to apply. Nothing from a response that fails
+    /// validation is returned.
+    pub(crate) fn on_message(
+        &mut self,
+        resp: WatchResponse,
+        now: Instant,
+    ) -> Result<Output, StreamEnd> {
+        if resp.canceled {
+            if resp.compact_revision > 0 {
+                return Err(StreamEnd::Compacted(resp.compact_revision));
+            }
+            return Err(StreamEnd::Canceled(if resp.cancel_reason.is_empty() {
+                "watch canceled by the server".into()
+            } else {
+                resp.cancel_reason
+            }));
+        }
+        let header_rev = resp.header.as_ref().map_or(0, |h| h.revision);
+        if header_rev <= 0 {
+            return Err(invalid("response without a header revision".into(), false));
+        }
+        if resp.created {
+            return self.on_created(&resp, header_rev, now);
+        }
+        let Some(id) = self.watch_id else {
+            return Err(invalid("response before the created reply".into(), false));
+        };
+        if resp.events.is_empty() && !resp.fragment && self.fragments.is_empty() {
+            return Ok(self.on_progress(resp.watch_id, id, header_rev, now));
+        }
+        if resp.watch_id != id {
+            return Err(invalid(
+                format!("events for unknown watch id {}", resp.watch_id),
+                true,
+            ));
+        }
+        self.fragments.extend(resp.events);
+        if resp.fragment {
+            return Ok(Output::default());
+        }
+        let events = std::mem::take(&mut self.fragments);
+        self.on_events(events, header_rev)
+    }
+
+    fn on_created(
+        &mut self,
+        resp: &WatchResponse,
+        header_rev: i64,
+        now: Instant,
+    ) -> Result<Output, StreamEnd> {
+        if self.watch_id.is_some() {
+            return Err(invalid("second created reply".into(), false));
+        }
+        if !resp.events.is_empty() {
+            return Err(invalid("created reply carries events".into(), false));
+        }
+        // A member behind what we already applied (e.g. just restarted, or cut off)
+        // would serve an old view: go elsewhere.
+        if header_rev < self.applied {
+            return Err(invalid(
+                format!(
+                    "member at revision {header_rev} is behind the applied revision {}",
+                    self.applied
+                ),
+                false,
+            ));
+        }
+        self.watch_id = Some(resp.watch_id);
+        self.created = Some((header_rev, now));
+        // etcd puts a watcher starting above its current revision straight into
+        // its synced set: there is no history to catch up on.
+        self.caught_up = self.start > header_rev;
+        Ok(Output {
+            created: true,
+            ..Output::default()
+        })
+    }
+
+    fn on_progress(&mut self, reply_id: i64, own_id: i64, header_rev: i64, now: Instant) -> Output {
+        let untrusted = Output {
+            untrusted_progress: true,
+            ..Output::default()
+        };
+        if reply_id == PROGRESS_REPLY_ID {
+            self.progress_replies += 1;
+        } else if reply_id != own_id {
+            return untrusted;
+        }
+        // etcd 3.4 can answer with a revision below events still in flight.
+        if header_rev < self.applied {
+            return untrusted;
+        }
+        let trusted_now = self.trust == ProgressTrust::Immediate
+            // Periodic notifies go through the watcher's own ordered channel, and
+            // only to watchers that are synced.
+            || reply_id == own_id;
+        if trusted_now {
+            return self.bookmark(header_rev);
+        }
+        let mut out = Output::default();
+        if let Some((rev, sent_before)) = self.candidate {
+            // Replies answer requests in order: this one answers a request sent
+            // after the candidate arrived, so whatever the server had queued up to
+            // the candidate's revision has been delivered by now.
+            if self.progress_replies > sent_before {
+                self.candidate = None;
+                out = self.bookmark(rev);
+            }
+        }
+        if !self.is_caught_up(now) {
+            out.untrusted_progress = true;
+            return out;
+        }
+        if header_rev > self.applied {
+            match self.candidate {
+                // Keep the older candidate: it confirms sooner.
+                Some(_) => {}
+                None => self.candidate = Some((header_rev, self.progress_sent)),
+            }
+            out.untrusted_progress = out.bookmark.is_none();
+        }
+        out
+    }
+
+    fn bookmark(&mut self, rev: i64) -> Output {
+        if rev <= self.applied {
+            return Output::default();
+        }
+        self.applied = rev;
+        Output {
+            bookmark: Some(rev),
+            ..Output::default()
+        }
+    }
+
+    fn on_events(&mut self, events: Vec<Event>, header_rev: i64) -> Result<Output, StreamEnd> {
+        let mut revisions: Vec<(i64, Vec<Event>)> = Vec::new();
+        let mut last = self.applied;
+        for ev in events {
+            let Some(rev) = ev.kv.as_ref().map(|kv| kv.mod_revision) else {
+                return Err(invalid("event without a key-value".into(), true));
+            };
+            if rev > header_rev {
+                return Err(invalid(
+                    format!("event at revision {rev} above the header revision {header_rev}"),
+                    true,
+                ));
+            }
+            match revisions.last_mut() {
+                Some((r, evs)) if *r == rev => evs.push(ev),
+                _ if rev > last => {
+                    last = rev;
+                    revisions.push((rev, vec![ev]));
+                }
+                _ => {
+                    return Err(invalid(
+                        format!(
+                            "event at revision {rev} does not move past revision {last}: \
+                             repeated or out of order"
+                        ),
+                        true,
+                    ));
+                }
+            }
+        }
+        self.applied = last;
+        if let Some((created_rev, _)) = self.created
+            && last >= created_rev
+        {
+            self.caught_up = true;
+        }
+        if self.candidate.is_some_and(|(rev, _)| rev <= last) {
+            // Superseded by events: nothing left to confirm.
+            self.candidate = None;
+        }
+        Ok(Output {
+            revisions,
+            ..Output::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_proto::etcdserverpb::ResponseHeader;
+    use etcd_proto::mvccpb::{KeyValue, event::EventType};
+
+    fn hdr(rev: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            revision: rev,
+            ..Default::default()
+        })
+    }
+
+    fn put(key: &str, rev: i64) -> Event {
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: key.into(),
+                mod_revision: rev,
+                create_revision: rev,
+                version: 1,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }
+    }
+
+    fn created(rev: i64) -> WatchResponse {
+        WatchResponse {
+            header: hdr(rev),
+            created: true,
+            ..Default::default()
+        }
+    }
+
+    fn events(header: i64, evs: Vec<Event>) -> WatchResponse {
+        WatchResponse {
+            header: hdr(header),
+            events: evs,
+            ..Default::default()
+        }
+    }
+
+    fn progress(rev: i64) -> WatchResponse {
+        WatchResponse {
+            header: hdr(rev),
+            watch_id: -1,
+            ..Default::default()
+        }
+    }
+
+    fn check(applied: i64, trust: ProgressTrust) -> StreamCheck {
+        StreamCheck::new(applied, trust, Duration::from_secs(1))
+    }
+
+    #[test]
+    fn groups_catch_up_events_by_revision() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Immediate);
+        assert!(c.on_message(created(20), now).unwrap().created);
+        let out = c
+            .on_message(
+                events(20, vec![put("a", 11), put("b", 11), put("a", 15)]),
+                now,
+            )
+            .unwrap();
+        let revs: Vec<(i64, usize)> = out.revisions.iter().map(|(r, e)| (*r, e.len())).collect();
+        assert_eq!(revs, [(11, 2), (15, 1)]);
+        assert_eq!(c.applied(), 15);
+    }
+
+    #[test]
+    fn repeated_or_backward_revisions_are_rejected_without_output() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Immediate);
+        c.on_message(created(12), now).unwrap();
+        c.on_message(events(12, vec![put("a", 12)]), now).unwrap();
+        let err = c
+            .on_message(events(13, vec![put("b", 12)]), now)
+            .unwrap_err();
+        assert!(
+            matches!(err, StreamEnd::Invalid { relist: true, .. }),
+            "{err:?}"
+        );
+        let mut c = check(10, ProgressTrust::Immediate);
+        c.on_message(created(12), now).unwrap();
+        let err = c
+            .on_message(events(12, vec![put("a", 12), put("b", 11)]), now)
+            .unwrap_err();
+        assert!(matches!(err, StreamEnd::Invalid { relist: true, .. }));
+        assert_eq!(c.applied(), 10, "nothing from a rejected response counts");
+    }
+
+    #[test]
+    fn events_above_header_or_at_start_minus_one_are_rejected() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Immediate);
+        c.on_message(created(12), now).unwrap();
+        assert!(c.on_message(events(12, vec![put("a", 13)]), now).is_err());
+        let mut c = check(10, ProgressTrust::Immediate);
+        c.on_message(created(12), now).unwrap();
+        // A resume at revision + 0 would redeliver revision 10.
+        assert!(c.on_message(events(12, vec![put("a", 10)]), now).is_err());
+    }
+
+    #[test]
+    fn created_reply_behind_applied_is_rejected_without_relist() {
+        let mut c = check(10, ProgressTrust::Immediate);
+        let err = c.on_message(created(9), Instant::now()).unwrap_err();
+        assert!(matches!(err, StreamEnd::Invalid { relist: false, .. }));
+    }
+
+    #[test]
+    fn fragments_are_reassembled_before_applying() {
+        let now = Instant::now();
+        let mut c = check(1, ProgressTrust::Immediate);
+        c.on_message(created(1), now).unwrap();
+        let mut first = events(2, vec![put("a", 2)]);
+        first.fragment = true;
+        assert!(c.on_message(first, now).unwrap().revisions.is_empty());
+        let out = c.on_message(events(2, vec![put("b", 2)]), now).unwrap();
+        assert_eq!(out.revisions.len(), 1);
+        assert_eq!(out.revisions[0].1.len(), 2);
+    }
+
+    #[test]
+    fn compaction_cancel_asks_for_relist() {
+        let now = Instant::now();
+        let mut c = check(1, ProgressTrust::Immediate);
+        c.on_message(created(50), now).unwrap();
+        let resp = WatchResponse {
+            canceled: true,
+            compact_revision: 40,
+            ..Default::default()
+        };
+        assert_eq!(c.on_message(resp, now), Err(StreamEnd::Compacted(40)));
+    }
+
+    #[test]
+    fn immediate_trust_bookmarks_at_or_above_applied_only() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Immediate);
+        c.on_message(created(10), now).unwrap();
+        let out = c.on_message(progress(9), now).unwrap();
+        assert!(out.untrusted_progress && out.bookmark.is_none());
+        assert_eq!(c.on_message(progress(14), now).unwrap().bookmark, Some(14));
+        // Nothing at or below a bookmark may follow.
+        assert!(c.on_message(events(15, vec![put("a", 14)]), now).is_err());
+    }
+
+    #[test]
+    fn confirmed_trust_needs_a_later_reply() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Confirmed);
+        // Start above the server revision: synced at creation.
+        c.on_message(created(10), now).unwrap();
+        c.progress_requested();
+        let out = c.on_message(progress(14), now).unwrap();
+        assert_eq!(out.bookmark, None, "an unconfirmed reply is no bookmark");
+        // The server had event 13 queued when it answered 14 (etcd#15220).
+        let out = c.on_message(events(14, vec![put("a", 13)]), now).unwrap();
+        assert_eq!(out.revisions.len(), 1);
+        c.progress_requested();
+        let out = c.on_message(progress(16), now).unwrap();
+        assert_eq!(out.bookmark, Some(14));
+        c.progress_requested();
+        assert_eq!(c.on_message(progress(16), now).unwrap().bookmark, Some(16));
+    }
+
+    #[test]
+    fn confirmed_trust_waits_for_catch_up() {
+        let t0 = Instant::now();
+        let mut c = check(5, ProgressTrust::Confirmed);
+        // History to catch up on: 6..=20.
+        c.on_message(created(20), t0).unwrap();
+        c.progress_requested();
+        assert!(c.on_message(progress(20), t0).unwrap().untrusted_progress);
+        c.progress_requested();
+        assert_eq!(c.on_message(progress(20), t0).unwrap().bookmark, None);
+        // After the grace period the watcher counts as caught up.
+        let later = t0 + Duration::from_secs(2);
+        c.progress_requested();
+        assert_eq!(c.on_message(progress(20), later).unwrap().bookmark, None);
+        c.progress_requested();
+        assert_eq!(
+            c.on_message(progress(20), later).unwrap().bookmark,
+            Some(20)
+        );
+    }
+
+    #[test]
+    fn events_before_created_are_rejected() {
+        let mut c = check(1, ProgressTrust::Immediate);
+        assert!(
+            c.on_message(events(2, vec![put("a", 2)]), Instant::now())
+                .is_err()
+        );
+    }
+}

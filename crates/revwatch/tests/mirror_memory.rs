@@ -1,0 +1,534 @@
+//! Mirror behaviour over the in-memory source: listing, resume, relist, stalls,
+//! validation, subscribers, decoding, persistence and readiness, each compared with
+//! the source's own state.
+
+mod mirror_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mirror_support::{Replay, snap_kvs, truth};
+use revwatch::client::{Backoff, ResponseHeader, WatchResponse};
+use revwatch::mirror::{
+    DecodePolicy, FailureKind, MemoryOp, MemorySource, Mirror, MirrorConfig, MirrorError,
+    ProgressTrust, ReconnectCause, ResyncReason, State, Update,
+};
+
+const P: &[u8] = b"p/";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn fast_config() -> MirrorConfig {
+    MirrorConfig {
+        page_size: 3,
+        progress_interval: Duration::from_millis(50),
+        stall_timeout: Duration::from_millis(300),
+        retry_backoff: Backoff {
+            base: Duration::from_millis(2),
+            max: Duration::from_millis(20),
+        },
+        progress_trust: ProgressTrust::Immediate,
+        ..MirrorConfig::default()
+    }
+}
+
+async fn start(src: &MemorySource, config: MirrorConfig) -> Mirror {
+    Mirror::builder(P)
+        .config(config)
+        .start(src.clone())
+        .await
+        .unwrap()
+}
+
+async fn assert_converged(mirror: &Mirror, src: &MemorySource) {
+    let snap = mirror.consistent_snapshot(WAIT).await.unwrap();
+    assert_eq!(snap.revision(), src.revision());
+    assert_eq!(snap_kvs(&snap), truth(src, P, snap.revision()).await);
+}
+
+#[tokio::test]
+async fn lists_in_pages_then_follows_with_one_batch_per_revision() {
+    let src = MemorySource::new();
+    for i in 0..10 {
+        src.put(format!("p/{i:02}").as_bytes(), b"v");
+    }
+    src.put(b"q/outside", b"x");
+    let mirror = start(&src, fast_config()).await;
+    let mut sub = mirror.subscribe();
+    mirror.wait_ready().await.unwrap();
+    assert_eq!(mirror.snapshot().len(), 10);
+
+    let txn_rev = src.txn(vec![
+        MemoryOp::Put(b"p/00".to_vec(), b"w".to_vec(), 0),
+        MemoryOp::Delete(b"p/01".to_vec()),
+        MemoryOp::Put(b"p/new".to_vec(), b"n".to_vec(), 5),
+    ]);
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, txn_rev, WAIT).await;
+    assert_eq!(
+        replay.batches.first(),
+        Some(&(12, true)),
+        "initial list is one resync"
+    );
+    assert_eq!(replay.batches.last(), Some(&(txn_rev, false)));
+    assert_converged(&mirror, &src).await;
+    let e = mirror.snapshot().get_arc(b"p/00").unwrap();
+    assert_eq!(
+        (e.version, e.create_revision, e.mod_revision),
+        (2, 2, txn_rev)
+    );
+    assert_eq!(mirror.snapshot().get(b"p/new").unwrap().lease, 5);
+}
+
+#[tokio::test]
+async fn resumes_after_disconnect_without_relist() {
+    let src = MemorySource::new();
+    src.put(b"p/a", b"1");
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    src.disconnect_watches();
+    let r1 = src.put(b"p/b", b"2");
+    let r2 = src.delete(b"p/a");
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, r2, WAIT).await;
+    assert_eq!(replay.batches, vec![(r1, false), (r2, false)]);
+    let st = mirror.status();
+    assert!(st.relists.is_empty(), "{st:?}");
+    assert!(st.reconnects[&ReconnectCause::StreamError] >= 1);
+    assert_converged(&mirror, &src).await;
+}
+
+#[tokio::test]
+async fn compaction_while_disconnected_relists_with_an_exact_diff() {
+    let src = MemorySource::new();
+    src.put(b"p/keep", b"1");
+    src.put(b"p/change", b"1");
+    src.put(b"p/gone", b"1");
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    src.set_unreachable(true);
+    src.disconnect_watches();
+    src.put(b"p/change", b"2");
+    src.delete(b"p/gone");
+    let last = src.put(b"p/added", b"3");
+    src.compact(last);
+    src.set_unreachable(false);
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, last, WAIT).await;
+    assert_eq!(replay.batches, vec![(last, true)]);
+    assert_eq!(mirror.status().relists[&ResyncReason::Compacted], 1);
+    assert_converged(&mirror, &src).await;
+}
+
+#[tokio::test]
+async fn relist_batch_holds_exactly_the_difference() {
+    let src = MemorySource::new();
+    for k in ["p/a", "p/b", "p/c", "p/d"] {
+        src.put(k.as_bytes(), b"1");
+    }
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    assert!(matches!(sub.recv().await, Some(Update::Snapshot(_))));
+    src.set_unreachable(true);
+    src.disconnect_watches();
+    src.put(b"p/b", b"2");
+    src.delete(b"p/c");
+    let last = src.put(b"p/e", b"1");
+    src.compact(last);
+    src.set_unreachable(false);
+    let Some(Update::Batch(b)) = tokio::time::timeout(WAIT, sub.recv()).await.unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(b.resync, Some(ResyncReason::Compacted));
+    let summary: Vec<(String, bool)> = b
+        .changes
+        .iter()
+        .map(|c| {
+            (
+                String::from_utf8_lossy(&c.key).into_owned(),
+                c.kind.is_put(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("p/b".into(), true),
+            ("p/c".into(), false),
+            ("p/e".into(), true)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn frozen_stream_is_detected_and_resumed() {
+    let src = MemorySource::new();
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    src.set_frozen(true);
+    let rev = src.put(b"p/x", b"1");
+    let started = std::time::Instant::now();
+    // The stream delivers nothing while frozen; a new stream is frozen too, so
+    // unfreeze once the stall was seen.
+    while !mirror
+        .status()
+        .reconnects
+        .contains_key(&ReconnectCause::Stall)
+    {
+        assert!(started.elapsed() < WAIT, "stall not detected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    src.set_frozen(false);
+    mirror.snapshot_at_least(rev, WAIT).await.unwrap();
+    assert_converged(&mirror, &src).await;
+}
+
+fn injected(header: i64, key: &str, rev: i64) -> WatchResponse {
+    use etcd_proto::mvccpb::{Event, KeyValue};
+    WatchResponse {
+        header: Some(ResponseHeader {
+            revision: header,
+            ..Default::default()
+        }),
+        events: vec![Event {
+            r#type: 0,
+            kv: Some(KeyValue {
+                key: key.into(),
+                value: b"bogus".to_vec(),
+                create_revision: rev,
+                mod_revision: rev,
+                version: 1,
+                ..Default::default()
+            }),
+            prev_kv: None,
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_backward_event_is_rejected_and_never_applied() {
+    let src = MemorySource::new();
+    src.put(b"p/a", b"1");
+    let r = src.put(b"p/b", b"1");
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, r, WAIT).await;
+    // A repeated revision, as a buggy server might send after a partition.
+    src.inject(injected(r, "p/evil", r));
+    let r2 = src.put(b"p/c", b"1");
+    replay.follow_until(&mut sub, r2, WAIT).await;
+    assert!(mirror.snapshot().get(b"p/evil").is_none());
+    let st = mirror.status();
+    assert_eq!(st.rejected_responses, 1);
+    assert_eq!(st.relists[&ResyncReason::Validation], 1);
+    assert_converged(&mirror, &src).await;
+}
+
+#[tokio::test]
+async fn late_subscriber_gets_current_snapshot_then_every_batch() {
+    let src = MemorySource::new();
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let writer = {
+        let src = src.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                src.put(format!("p/{}", i % 17).as_bytes(), i.to_string().as_bytes());
+                if i % 10 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut subs = Vec::new();
+    for _ in 0..5 {
+        subs.push(mirror.subscribe());
+        tokio::task::yield_now().await;
+    }
+    writer.await.unwrap();
+    let last = src.revision();
+    for mut sub in subs {
+        let mut replay = Replay::keeping_snapshots();
+        replay.follow_until(&mut sub, last, WAIT).await;
+        for (rev, kvs) in &replay.snapshots {
+            if *rev > 0 {
+                assert_eq!(*kvs, truth(&src, P, *rev).await, "state at {rev}");
+            }
+        }
+        assert_eq!(replay.resyncs, 0);
+    }
+}
+
+#[tokio::test]
+async fn slow_subscriber_is_resynced_with_bounded_buffer() {
+    let src = MemorySource::new();
+    let config = MirrorConfig {
+        subscriber_buffer: 4,
+        ..fast_config()
+    };
+    let mirror = start(&src, config).await;
+    mirror.wait_ready().await.unwrap();
+    let mut slow = mirror.subscribe();
+    let mut fast = mirror.subscribe();
+    let fast_task = tokio::spawn(async move {
+        let mut replay = Replay::default();
+        while let Some(u) = fast.recv().await {
+            replay.apply(&u);
+        }
+        replay
+    });
+    let mut last = 0;
+    for i in 0..200 {
+        last = src.put(format!("p/{}", i % 7).as_bytes(), i.to_string().as_bytes());
+        if i == 100 {
+            src.delete(b"p/3");
+        }
+        // Let the mirror and the fast subscriber keep up.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+    }
+    mirror.snapshot_at_least(last, WAIT).await.unwrap();
+    assert!(slow.is_lagging());
+    let mut replay = Replay::default();
+    replay.follow_until(&mut slow, last, WAIT).await;
+    assert_eq!(replay.resyncs, 1);
+    // The queue held 4 updates (the snapshot and 3 more), then one resync: it
+    // never grew past its capacity.
+    assert_eq!(replay.batches.len() + replay.bookmarks.len(), 3 + 1);
+    assert_eq!(replay.state, truth(&src, P, last).await);
+    drop(mirror);
+    let fast_replay = tokio::time::timeout(WAIT, fast_task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fast_replay.resyncs, 0, "a fast subscriber is not affected");
+    assert_eq!(fast_replay.revision, last);
+}
+
+#[tokio::test]
+async fn bad_values_are_isolated_by_policy() {
+    for policy in [DecodePolicy::DropKey, DecodePolicy::KeepLastGood] {
+        let src = MemorySource::new();
+        src.put(b"p/n", b"1");
+        let mirror = Mirror::builder(P)
+            .config(MirrorConfig {
+                decode_policy: policy,
+                ..fast_config()
+            })
+            .decoder(
+                |_k: &[u8], v: &[u8]| -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+                    Ok(std::str::from_utf8(v)?.parse::<u64>()?)
+                },
+            )
+            .start(src.clone())
+            .await
+            .unwrap();
+        mirror.wait_ready().await.unwrap();
+        let bad = src.put(b"p/n", b"not a number");
+        let other = src.put(b"p/m", b"7");
+        let snap = mirror.snapshot_at_least(other, WAIT).await.unwrap();
+        assert_eq!(snap.get(b"p/m").unwrap().value, 7);
+        let st = mirror.status();
+        assert_eq!(st.decode_failure_count, 1);
+        assert_eq!(st.decode_failures[0].key, Bytes::from_static(b"p/n"));
+        assert_eq!(st.decode_failures[0].revision, bad);
+        match policy {
+            DecodePolicy::DropKey => assert!(snap.get(b"p/n").is_none()),
+            DecodePolicy::KeepLastGood => assert_eq!(snap.get(b"p/n").unwrap().value, 1),
+        }
+        let fixed = src.put(b"p/n", b"5");
+        let snap = mirror.snapshot_at_least(fixed, WAIT).await.unwrap();
+        assert_eq!(snap.get(b"p/n").unwrap().value, 5);
+        assert_eq!(mirror.status().decode_failure_count, 0);
+    }
+}
+
+#[tokio::test]
+async fn wait_ready_reports_the_cause() {
+    let src = MemorySource::new();
+    src.set_permission_denied(true);
+    let mirror = start(&src, fast_config()).await;
+    let err = mirror.wait_ready().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MirrorError::NotReady {
+                kind: FailureKind::PermissionDenied,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(mirror.status().state, State::Degraded);
+    src.set_permission_denied(false);
+    src.set_unreachable(true);
+    let mirror = start(&src, fast_config()).await;
+    let err = mirror.wait_ready().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MirrorError::NotReady {
+                kind: FailureKind::Unreachable,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    src.set_unreachable(false);
+    // It keeps retrying and gets ready once the source is back.
+    tokio::time::timeout(WAIT, async {
+        while mirror.wait_ready().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn snapshot_at_least_times_out_clearly() {
+    let src = MemorySource::new();
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let err = mirror
+        .snapshot_at_least(1000, Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MirrorError::Timeout { wanted: 1000, .. }),
+        "{err}"
+    );
+    // A revision with no change in the prefix is reached through a bookmark.
+    let rev = src.put(b"elsewhere", b"1");
+    let snap = mirror.snapshot_at_least(rev, WAIT).await.unwrap();
+    assert_eq!(snap.revision(), rev);
+}
+
+#[tokio::test]
+async fn confirmed_progress_trust_reaches_quiet_revisions() {
+    let src = MemorySource::new();
+    src.put(b"p/a", b"1");
+    let mirror = start(
+        &src,
+        MirrorConfig {
+            progress_trust: ProgressTrust::Confirmed,
+            ..fast_config()
+        },
+    )
+    .await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    let rev = src.put(b"elsewhere", b"1");
+    let snap = mirror.consistent_snapshot(WAIT).await.unwrap();
+    assert!(snap.revision() >= rev);
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, rev, WAIT).await;
+    assert!(replay.bookmarks.contains(&snap.revision()));
+}
+
+#[tokio::test]
+async fn fragmented_replies_are_applied_whole() {
+    let src = MemorySource::new();
+    src.set_fragment(Some(2));
+    let mirror = start(&src, fast_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    let ops = (0..7)
+        .map(|i| MemoryOp::Put(format!("p/{i}").into_bytes(), b"v".to_vec(), 0))
+        .collect();
+    let rev = src.txn(ops);
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, rev, WAIT).await;
+    assert_eq!(replay.batches, vec![(rev, false)]);
+    assert_eq!(replay.state.len(), 7);
+}
+
+#[tokio::test]
+async fn persisted_snapshot_is_resumed_and_served_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirror.snap");
+    let config = MirrorConfig {
+        snapshot_file: Some(file.clone()),
+        snapshot_interval: Duration::from_millis(10),
+        ..fast_config()
+    };
+    let src = MemorySource::new();
+    for i in 0..5 {
+        src.put(format!("p/{i}").as_bytes(), b"v");
+    }
+    let saved_rev = {
+        let mirror = start(&src, config.clone()).await;
+        mirror.wait_ready().await.unwrap();
+        let rev = src.put(b"p/last", b"x");
+        mirror.snapshot_at_least(rev, WAIT).await.unwrap();
+        // Written at a bounded rate: wait for the file to catch up.
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let m = start(
+                    &MemorySource::new(),
+                    MirrorConfig {
+                        snapshot_interval: Duration::from_secs(3600),
+                        ..config.clone()
+                    },
+                )
+                .await;
+                if m.snapshot().revision() == rev {
+                    break;
+                }
+                drop(m);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap();
+        rev
+    };
+    let later = src.put(b"p/after", b"y");
+
+    // etcd unreachable: the loaded snapshot is served, Stale.
+    src.set_unreachable(true);
+    let mirror = start(&src, config.clone()).await;
+    assert_eq!(mirror.snapshot().revision(), saved_rev);
+    assert_eq!(mirror.snapshot().len(), 6);
+    assert!(mirror.wait_ready().await.is_err());
+    let st = mirror.status();
+    assert_eq!(st.state, State::Stale);
+    assert!(st.loaded_snapshot_written_at.is_some());
+
+    // Reachable again: resumes from the file's revision, no relist.
+    let mut sub = mirror.subscribe();
+    src.set_unreachable(false);
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, later, WAIT).await;
+    assert_eq!(replay.batches, vec![(later, false)]);
+    assert!(mirror.status().relists.is_empty());
+    assert_converged(&mirror, &src).await;
+}
+
+#[tokio::test]
+async fn corrupt_snapshot_file_is_reported_and_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mirror.snap");
+    std::fs::write(&file, b"RWSNAP01 definitely not a snapshot").unwrap();
+    let src = MemorySource::new();
+    src.put(b"p/a", b"1");
+    let mirror = start(
+        &src,
+        MirrorConfig {
+            snapshot_file: Some(file),
+            ..fast_config()
+        },
+    )
+    .await;
+    let err = mirror.status().last_error.expect("reported");
+    assert!(err.message.contains("corrupt"), "{}", err.message);
+    mirror.wait_ready().await.unwrap();
+    assert_converged(&mirror, &src).await;
+}
