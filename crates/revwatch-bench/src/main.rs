@@ -20,6 +20,8 @@ enum Suite {
     Client,
     /// The embedded server against etcd: put throughput, watch latency, memory.
     Server,
+    /// The mirror against a raw watch, a naive snapshotting map and a raw list.
+    Mirror,
 }
 
 #[derive(Debug, Parser)]
@@ -48,11 +50,16 @@ async fn main() -> anyhow::Result<()> {
         };
         return suites::embedded::serve(dir.into(), addr.parse()?).await;
     }
+    // The `mirror` suite measures each relist in a child of this very binary.
+    if raw.get(1).map(String::as_str) == Some(suites::mirror::CHILD_ARG) {
+        return suites::mirror::child_main(&raw[2..]).await;
+    }
 
     let args = Args::parse();
     let report = match args.suite {
         Suite::Client => suites::client::run(args.quick).await?,
         Suite::Server => suites::server::run(args.quick).await?,
+        Suite::Mirror => suites::mirror::run(args.quick).await?,
     };
     report.print();
     if let Some(path) = &args.json {

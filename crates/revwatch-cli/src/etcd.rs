@@ -27,6 +27,8 @@ impl EtcdArgs {
 }
 
 pub async fn run(args: EtcdArgs) -> anyhow::Result<()> {
+    // Before anything else, so a Ctrl-C during start-up still stops us cleanly.
+    let mut signals = crate::shutdown::Signals::install();
     let server = Server::open(args.config())
         .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -38,7 +40,9 @@ pub async fn run(args: EtcdArgs) -> anyhow::Result<()> {
         args.data_dir.display(),
         server.revision()
     );
-    server.serve(listener, crate::shutdown::signal()).await?;
+    server
+        .serve(listener, async move { signals.recv().await })
+        .await?;
     eprintln!("revwatch etcd: stopped");
     Ok(())
 }

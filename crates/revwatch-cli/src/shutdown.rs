@@ -1,23 +1,40 @@
-//! The process's stop signal: Ctrl-C or SIGTERM, whichever comes first.
+//! The process's stop signal: Ctrl-C (SIGINT) or SIGTERM, whichever comes first.
 
-/// Resolves on SIGINT or SIGTERM. If a handler cannot be installed, that signal is
-/// simply not awaited (the other still works) rather than stopping the program at once.
-pub async fn signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+use tokio::signal::unix::{Signal, SignalKind, signal as unix_signal};
+
+/// Handlers for SIGINT and SIGTERM, installed at once (not on first poll), so a signal
+/// that arrives while the command starts up is not lost and does not kill the process
+/// before it can shut down cleanly.
+pub struct Signals {
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+}
+
+impl Signals {
+    /// Installs both handlers. If one cannot be installed, that signal keeps its
+    /// default action (the other still works) rather than stopping the program.
+    pub fn install() -> Signals {
+        Signals {
+            interrupt: unix_signal(SignalKind::interrupt()).ok(),
+            terminate: unix_signal(SignalKind::terminate()).ok(),
         }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    }
+
+    /// Resolves on the next SIGINT or SIGTERM.
+    pub async fn recv(&mut self) {
+        async fn next(s: Option<&mut Signal>) {
+            match s {
+                Some(s) => {
+                    if s.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        tokio::select! {
+            () = next(self.interrupt.as_mut()) => {}
+            () = next(self.terminate.as_mut()) => {}
+        }
     }
 }

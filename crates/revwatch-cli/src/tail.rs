@@ -1,16 +1,25 @@
 //! `revwatch tail`: mirror a prefix and print every delivered batch.
 
-use std::{io::Write, net::SocketAddr, path::PathBuf};
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context;
 use clap::Args;
 use revwatch::{
-    client::{ClientConfig, Credentials, Pem, TlsConfig},
-    mirror::{ClientSource, Mirror, MirrorConfig, Status, Update},
+    client::{
+        ClientConfig, Credentials, Error, Pem, RangeRequest, RangeResponse, TlsConfig,
+        WatchCreateRequest,
+    },
+    mirror::{ClientSource, Mirror, MirrorConfig, Source, State, Status, Subscription, Update},
 };
 use revwatch_server::{RunningServer, Server, ServerConfig};
+use tokio::sync::watch;
 
-use crate::render;
+use crate::{render, shutdown::Signals};
 
 /// Mirror an etcd prefix and print every delivered batch (state changes go to stderr).
 #[derive(Debug, Args)]
@@ -73,28 +82,67 @@ impl TailArgs {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    // Before anything else, so a Ctrl-C during start-up still stops us cleanly.
+    let mut signals = Signals::install();
     // Keep the embedded server alive for as long as we tail it.
-    let (endpoints, _embedded) = if args.embedded {
-        let server = start_embedded(&args).await?;
-        (vec![server.endpoint()], Some(server))
+    let embedded = if args.embedded {
+        Some(start_embedded(&args).await?)
     } else {
-        (args.endpoints.clone(), None)
+        None
+    };
+    let endpoints = match &embedded {
+        Some(server) => vec![server.endpoint()],
+        None => args.endpoints.clone(),
     };
 
     let config = MirrorConfig {
         snapshot_file: args.snapshot_file.clone(),
         ..MirrorConfig::default()
     };
-    let source = ClientSource::lazy(args.client_config(endpoints)?)?;
+    let (gate, source) = Gated::new(ClientSource::lazy(args.client_config(endpoints)?)?);
     let mirror = Mirror::builder(args.prefix.as_bytes())
         .config(config)
         .start(source)
         .await?;
-
-    tokio::select! {
-        r = follow(&mirror, args.json) => r,
-        () = crate::shutdown::signal() => Ok(()),
+    // The mirror cannot reach etcd yet, so this is its starting point (e.g. Stale with
+    // the snapshot file's state), and the subscription starts from it too.
+    let mut status = mirror.status_changes();
+    let initial = status.borrow_and_update().clone();
+    for line in status_lines(None, &initial, SystemTime::now()) {
+        eprintln!("{line}");
     }
+    let updates = mirror.subscribe();
+    gate.send_replace(true);
+
+    let followed = tokio::select! {
+        r = follow(updates, status, initial, args.json) => r,
+        () = signals.recv() => Ok(()),
+    };
+
+    // However we got here, stop the mirror properly: its final snapshot file write
+    // lets a restart resume from the last published revision.
+    let reader = mirror.clone();
+    let stopped = tokio::select! {
+        r = mirror.shutdown() => r.map_err(|e| anyhow::Error::new(e).context("stopping the mirror")),
+        () = signals.recv() => Err(anyhow::anyhow!(
+            "interrupted again while stopping: exited without the final snapshot file write"
+        )),
+    };
+    let revision = reader.snapshot().revision();
+    drop(reader);
+    if stopped.is_ok() {
+        match &args.snapshot_file {
+            Some(path) => eprintln!(
+                "revwatch: stopped at revision {revision} (snapshot file {} is at revision {revision})",
+                path.display()
+            ),
+            None => eprintln!("revwatch: stopped at revision {revision}"),
+        }
+    }
+    if let Some(server) = embedded {
+        stop_embedded(server).await;
+    }
+    followed.and(stopped)
 }
 
 async fn start_embedded(args: &TailArgs) -> anyhow::Result<RunningServer> {
@@ -112,19 +160,74 @@ async fn start_embedded(args: &TailArgs) -> anyhow::Result<RunningServer> {
     Ok(running)
 }
 
+/// How long the embedded server may take to close its connections at exit.
+const EMBEDDED_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stops the embedded server, waiting a bounded time for its connections to close.
+async fn stop_embedded(server: RunningServer) {
+    match tokio::time::timeout(EMBEDDED_STOP_TIMEOUT, server.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("revwatch: stopping the embedded server: {e}"),
+        Err(_) => eprintln!(
+            "revwatch: the embedded server did not close its connections within {EMBEDDED_STOP_TIMEOUT:?}"
+        ),
+    }
+}
+
+/// A source that holds every request until its gate opens: `tail` opens it once it has
+/// reported the mirror's initial status and subscribed, so that neither misses the
+/// state the mirror starts from, however fast etcd answers.
+#[derive(Clone)]
+struct Gated<S> {
+    inner: S,
+    open: watch::Receiver<bool>,
+}
+
+impl<S: Source> Gated<S> {
+    /// The closed gate's handle (send `true` to open it) and the gated source.
+    fn new(inner: S) -> (watch::Sender<bool>, Gated<S>) {
+        let (gate, open) = watch::channel(false);
+        (gate, Gated { inner, open })
+    }
+
+    /// Resolves once the gate is open (or its handle is gone).
+    async fn opened(&self) {
+        let mut open = self.open.clone();
+        // Only whether it opened: the guard must not be held across an await.
+        let _ = open.wait_for(|o| *o).await.is_ok();
+    }
+}
+
+impl<S: Source> Source for Gated<S> {
+    type Watch = S::Watch;
+
+    async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
+        self.opened().await;
+        self.inner.range(req).await
+    }
+
+    async fn watch(&self, req: WatchCreateRequest) -> Result<Self::Watch, Error> {
+        self.opened().await;
+        self.inner.watch(req).await
+    }
+}
+
 /// Prints deliveries and status changes until the mirror stops or stdout closes.
-async fn follow(mirror: &Mirror, as_json: bool) -> anyhow::Result<()> {
-    let mut updates = mirror.subscribe();
-    let mut status = mirror.status_changes();
-    let mut last = status.borrow_and_update().clone();
+async fn follow<T: Send + Sync + 'static>(
+    mut updates: Subscription<T>,
+    mut status: watch::Receiver<Status>,
+    mut last: Status,
+    as_json: bool,
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     loop {
         tokio::select! {
             update = updates.recv() => {
                 let text = match update {
                     None => return Ok(()),
-                    // The empty state before the first list has nothing to show.
-                    Some(Update::Snapshot(s)) if s.is_empty() => continue,
+                    // The empty state before the first list has nothing to show (a
+                    // snapshot loaded from file does, even when empty: its revision).
+                    Some(Update::Snapshot(s)) if s.revision() == 0 => continue,
                     Some(Update::Snapshot(s)) => render::snapshot(&s, as_json),
                     Some(Update::Batch(b)) => render::batch(&b, as_json),
                     Some(Update::Progress(_)) => continue,
@@ -139,39 +242,67 @@ async fn follow(mirror: &Mirror, as_json: bool) -> anyhow::Result<()> {
                     return Ok(());
                 }
                 let now = status.borrow_and_update().clone();
-                report_status(&last, &now);
+                for line in status_lines(Some(&last), &now, SystemTime::now()) {
+                    eprintln!("{line}");
+                }
                 last = now;
             }
         }
     }
 }
 
-/// State changes, relists and new errors, on stderr.
-fn report_status(before: &Status, now: &Status) {
-    if now.state != before.state {
-        eprintln!("revwatch: {} at revision {}", now.state, now.revision);
+/// What changed from `before` to `now` (everything worth saying about `now` when
+/// there is no `before`): the state, relists and reconnects with their cause, and
+/// new errors, one stderr line each.
+fn status_lines(before: Option<&Status>, now: &Status, at: SystemTime) -> Vec<String> {
+    let mut lines = Vec::new();
+    if before.is_none_or(|b| b.state != now.state) {
+        let mut line = format!("revwatch: {} at revision {}", now.state, now.revision);
+        match now.state {
+            State::Stale => {
+                line.push_str(" (from the snapshot file");
+                if let Some(written) = now.loaded_snapshot_written_at {
+                    let age = at.duration_since(written).unwrap_or_default().as_secs();
+                    line.push_str(&format!(", written {age}s ago"));
+                }
+                line.push_str("; served until etcd answers)");
+            }
+            State::Ready => {
+                if let Some(endpoint) = &now.endpoint {
+                    line.push_str(&format!(" (watching {endpoint})"));
+                }
+            }
+            State::Syncing | State::Reconnecting | State::Degraded => {}
+        }
+        lines.push(line);
     }
     for (cause, n) in &now.relists {
-        if before.relists.get(cause) != Some(n) {
-            eprintln!(
-                "revwatch: relist ({}) at revision {}",
+        if before.and_then(|b| b.relists.get(cause)) != Some(n) {
+            lines.push(format!(
+                "revwatch: relist ({}) from revision {}",
                 cause.as_str(),
                 now.revision
-            );
+            ));
         }
     }
     for (cause, n) in &now.reconnects {
-        if before.reconnects.get(cause) != Some(n) {
-            eprintln!(
+        if before.and_then(|b| b.reconnects.get(cause)) != Some(n) {
+            lines.push(format!(
                 "revwatch: reconnecting ({}) from revision {}",
                 cause.as_str(),
                 now.revision
-            );
+            ));
         }
     }
-    if let Some(e) = &now.failing
-        && before.failing.as_ref().map(|b| &b.message) != Some(&e.message)
-    {
-        eprintln!("revwatch: {}: {}", e.kind, e.message);
+    match (before, &now.failing, &now.last_error) {
+        (Some(b), Some(e), _) if b.failing.as_ref().map(|f| &f.message) != Some(&e.message) => {
+            lines.push(format!("revwatch: {}: {}", e.kind, e.message));
+        }
+        // At start: a failure so far, or an ignored (e.g. corrupt) snapshot file.
+        (None, Some(e), _) | (None, None, Some(e)) => {
+            lines.push(format!("revwatch: {}: {}", e.kind, e.message));
+        }
+        _ => {}
     }
+    lines
 }

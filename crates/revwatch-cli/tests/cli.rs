@@ -3,14 +3,15 @@
 use std::{
     io::{BufRead, BufReader},
     net::TcpListener,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
     time::Duration,
 };
 
 use nix::{sys::signal::Signal, unistd::Pid};
+use revwatch::client::{Client, ClientConfig, DeleteRangeRequest, PutRequest};
 use revwatch_testkit::etcd::EtcdCluster;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_revwatch");
 const WAIT: Duration = Duration::from_secs(20);
@@ -42,13 +43,34 @@ impl Proc {
 
     /// Waits for a stderr line containing `needle`.
     fn await_stderr(&self, needle: &str) {
+        self.stderr_until(needle);
+    }
+
+    /// Waits for a stderr line containing `needle`; every line up to it, it included.
+    fn stderr_until(&self, needle: &str) -> Vec<String> {
+        let mut seen = Vec::new();
         loop {
             match self.stderr.recv_timeout(WAIT) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) => {}
-                Err(e) => panic!("no stderr line with {needle:?}: {e}"),
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    seen.push(line);
+                    if found {
+                        return seen;
+                    }
+                }
+                Err(e) => panic!("no stderr line with {needle:?} ({e}); got {seen:#?}"),
             }
         }
+    }
+
+    /// The next line on stdout.
+    fn next_line(&self) -> String {
+        self.stdout.recv_timeout(WAIT).expect("a line on stdout")
+    }
+
+    /// The next `n` lines on stdout.
+    fn next_lines(&self, n: usize) -> Vec<String> {
+        (0..n).map(|_| self.next_line()).collect()
     }
 
     fn next_json(&self) -> Value {
@@ -60,17 +82,28 @@ impl Proc {
     }
 
     /// SIGTERM, and the exit status must be success.
-    fn terminate(mut self) {
+    fn terminate(self) {
+        let (status, stderr) = self.stop(Signal::SIGTERM);
+        assert!(
+            status.success(),
+            "exit status after SIGTERM: {status}; stderr {stderr:#?}"
+        );
+    }
+
+    /// Sends `signal` and waits (5 s at most) for the exit: its status, and the
+    /// stderr lines not read yet.
+    fn stop(mut self, signal: Signal) -> (ExitStatus, Vec<String>) {
         let pid = Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
+        nix::sys::signal::kill(pid, signal).expect("send signal");
         for _ in 0..100 {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "exit status after SIGTERM: {status}");
-                return;
+                // The pipe is closed now: this drains it to its end.
+                let rest = std::iter::from_fn(|| self.stderr.recv_timeout(WAIT).ok()).collect();
+                return (status, rest);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("revwatch did not exit within 5 s of SIGTERM");
+        panic!("revwatch did not exit within 5 s of {signal}");
     }
 }
 
@@ -119,6 +152,23 @@ fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// etcd's current revision, read with etcdctl.
+fn etcd_revision(endpoint: &str) -> i64 {
+    let out = etcdctl(endpoint, &["get", "/no-such-key", "-w", "json"], None);
+    serde_json::from_str::<Value>(&out).expect("json")["header"]["revision"]
+        .as_i64()
+        .expect("revision")
+}
+
+/// Tail arguments as owned strings, so a test can spawn the same command twice.
+fn argv(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| (*a).to_owned()).collect()
+}
+
+fn spawn(args: &[String]) -> Proc {
+    Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn free_addr() -> String {
@@ -185,17 +235,21 @@ async fn tail_embedded_needs_no_etcd_and_keeps_its_data_across_restarts() {
     let snap = dir.path().join("mirror.snap");
     let addr = free_addr();
     let ep = format!("http://{addr}");
-    let args = |json: bool| {
-        let mut a = vec!["tail", "--embedded", "--listen", &addr, "--prefix", "/p/"];
-        a.extend(["--data-dir", data.to_str().expect("utf-8 path")]);
-        a.extend(["--snapshot-file", snap.to_str().expect("utf-8 path")]);
-        if json {
-            a.push("--json");
-        }
-        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
-    };
+    let args = argv(&[
+        "tail",
+        "--embedded",
+        "--listen",
+        &addr,
+        "--prefix",
+        "/p/",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+        "--snapshot-file",
+        snap.to_str().expect("utf-8 path"),
+        "--json",
+    ]);
 
-    let tail = Proc::spawn(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
+    let tail = spawn(&args);
     // A fresh server: the initial list is an empty resync at revision 1.
     let first = tail.next_json();
     assert_eq!(
@@ -206,15 +260,342 @@ async fn tail_embedded_needs_no_etcd_and_keeps_its_data_across_restarts() {
     tail.await_stderr("ready");
     etcdctl(&ep, &["put", "/p/x", "binary\u{ff}"], None);
     let got = tail.next_json();
-    assert_eq!(change(&got, 0).0, "/p/x");
+    assert_eq!(
+        change(&got, 0),
+        ("/p/x", "put", &Value::from("binary\u{ff}"))
+    );
+    let revision = got["revision"].as_i64().expect("revision");
     tail.terminate();
+    assert!(snap.exists(), "no snapshot file written");
 
-    // The server's data survived: the mirror comes back at the same revision.
-    let tail = Proc::spawn(&args(true).iter().map(String::as_str).collect::<Vec<_>>());
+    // Written while tail is stopped, through the same data dir served alone.
+    let server = Proc::spawn(&[
+        "etcd",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+        "--listen",
+        &addr,
+    ]);
+    server.await_stderr("serving");
+    etcdctl(&ep, &["put", "/p/y", "2"], None);
+    server.terminate();
+
+    // The server's data survived, and the mirror starts from its snapshot file (the
+    // file's revision is reported stale until the server answers), then resumes
+    // without relisting: what it missed arrives as an ordinary batch.
+    let tail = spawn(&args);
+    tail.await_stderr(&format!(
+        "stale at revision {revision} (from the snapshot file"
+    ));
     let first = tail.next_json();
-    assert_eq!(first["revision"], got["revision"]);
-    assert_eq!(change(&first, 0).0, "/p/x");
+    assert_eq!(
+        (first["revision"].as_i64(), first["resync"].as_bool()),
+        (Some(revision), Some(true))
+    );
+    assert_eq!(first["changes"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        change(&first, 0),
+        ("/p/x", "put", &Value::from("binary\u{ff}"))
+    );
+    let next = tail.next_json();
+    assert_eq!(
+        (next["revision"].as_i64(), next["resync"].as_bool()),
+        (Some(revision + 1), Some(false))
+    );
+    assert_eq!(change(&next, 0), ("/p/y", "put", &Value::from("2")));
+    let before_ready = tail.stderr_until(&format!("ready at revision {}", revision + 1));
+    assert!(
+        !before_ready.iter().any(|l| l.contains("relist")),
+        "relisted: {before_ready:#?}"
+    );
     tail.terminate();
+}
+
+/// Human-readable output: one line per change (revision, PUT/DEL, key, short value),
+/// and resync batches under a header naming their cause and size. Compaction past
+/// the snapshot file's revision while tail is stopped makes the restart relist, and
+/// the relist is printed as one resync batch holding exactly the difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_human_output_prints_changes_and_marks_a_compaction_relist() {
+    let etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snap = dir.path().join("h.snap");
+    let args = argv(&[
+        "tail",
+        "--endpoints",
+        &ep,
+        "--prefix",
+        "/h/",
+        "--snapshot-file",
+        snap.to_str().expect("utf-8 path"),
+    ]);
+    etcdctl(&ep, &["put", "/h/change", "old"], None);
+    etcdctl(&ep, &["put", "/h/gone", "x"], None);
+    etcdctl(&ep, &["put", "/h/keep", "1"], None);
+    let listed = etcd_revision(&ep);
+
+    let tail = spawn(&args);
+    assert_eq!(
+        tail.next_lines(4),
+        [
+            format!("=== resync at revision {listed}: initial_list (3 changes) ==="),
+            format!("{listed:>8}  PUT  \"/h/change\" = \"old\"  (v1)"),
+            format!("{listed:>8}  PUT  \"/h/gone\" = \"x\"  (v1)"),
+            format!("{listed:>8}  PUT  \"/h/keep\" = \"1\"  (v1)"),
+        ]
+    );
+    tail.await_stderr(&format!("ready at revision {listed}"));
+    let long = "y".repeat(70);
+    etcdctl(&ep, &["put", "/h/long", &long], None);
+    etcdctl(&ep, &["put", "/outside", "ignored"], None);
+    etcdctl(&ep, &["del", "/h/keep"], None);
+    let last = etcd_revision(&ep);
+    assert_eq!(
+        tail.next_lines(2),
+        [
+            // A value is cut to 60 characters.
+            format!(
+                "{:>8}  PUT  \"/h/long\" = \"{}\"…  (v1)",
+                listed + 1,
+                "y".repeat(60)
+            ),
+            format!("{last:>8}  DEL  \"/h/keep\""),
+        ]
+    );
+    let (status, stderr) = tail.stop(Signal::SIGINT);
+    assert!(status.success(), "after SIGINT: {status}; {stderr:#?}");
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains(&format!("stopped at revision {last}"))),
+        "{stderr:#?}"
+    );
+
+    // While tail is stopped: change, delete and add keys, then compact past the
+    // snapshot file's revision.
+    etcdctl(&ep, &["put", "/h/change", "new"], None);
+    etcdctl(&ep, &["del", "/h/gone"], None);
+    etcdctl(&ep, &["put", "/h/new", "n"], None);
+    etcdctl(&ep, &["put", "/outside", "again"], None);
+    let compacted = etcd_revision(&ep);
+    etcd.compact(compacted).await.expect("compact");
+
+    let tail = spawn(&args);
+    // First the state loaded from the file, at the last revision printed before.
+    assert_eq!(
+        tail.next_lines(4),
+        [
+            format!("=== resync at revision {last}: current state (3 keys) ==="),
+            format!("{last:>8}  PUT  \"/h/change\" = \"old\"  (v1)"),
+            format!("{last:>8}  PUT  \"/h/gone\" = \"x\"  (v1)"),
+            format!(
+                "{last:>8}  PUT  \"/h/long\" = \"{}\"…  (v1)",
+                "y".repeat(60)
+            ),
+        ]
+    );
+    // Then the relist: exactly the difference, marked as a resync with its cause.
+    assert_eq!(
+        tail.next_lines(4),
+        [
+            format!("=== resync at revision {compacted}: compacted (3 changes) ==="),
+            format!("{compacted:>8}  PUT  \"/h/change\" = \"new\"  (v2)"),
+            format!("{compacted:>8}  DEL  \"/h/gone\""),
+            format!("{compacted:>8}  PUT  \"/h/new\" = \"n\"  (v1)"),
+        ]
+    );
+    let stderr = tail.stderr_until(&format!("ready at revision {compacted}"));
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains(&format!("stale at revision {last}"))),
+        "{stderr:#?}"
+    );
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("revwatch: relist (compacted)")),
+        "{stderr:#?}"
+    );
+    tail.terminate();
+}
+
+/// Ctrl-C exits with status 0 after writing the final snapshot file at the last
+/// revision; a restart with etcd down serves that file in state stale, resumes
+/// (without relisting) once etcd is back, and delivers what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_ctrl_c_writes_the_final_snapshot_and_a_start_with_etcd_down_is_stale() {
+    let mut etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snap = dir.path().join("s.snap");
+    let args = argv(&[
+        "tail",
+        "--endpoints",
+        &ep,
+        "--prefix",
+        "/s/",
+        "--json",
+        "--snapshot-file",
+        snap.to_str().expect("utf-8 path"),
+    ]);
+    etcdctl(&ep, &["put", "/s/a", "1"], None);
+
+    let tail = spawn(&args);
+    let first = tail.next_json();
+    assert_eq!(first["resync"], true);
+    assert_eq!(change(&first, 0), ("/s/a", "put", &Value::from("1")));
+    tail.await_stderr("ready");
+    // Well within the 5 s between timed writes: only the final write has it.
+    etcdctl(&ep, &["put", "/s/b", "2"], None);
+    let b = tail.next_json();
+    let last = b["revision"].as_i64().expect("revision");
+    assert_eq!(change(&b, 0), ("/s/b", "put", &Value::from("2")));
+    let (status, stderr) = tail.stop(Signal::SIGINT);
+    assert_eq!(status.code(), Some(0), "after SIGINT; stderr {stderr:#?}");
+    assert!(
+        stderr.iter().any(|l| l.contains(&format!(
+            "stopped at revision {last} (snapshot file {} is at revision {last})",
+            snap.display()
+        ))),
+        "{stderr:#?}"
+    );
+
+    // Missed while tail is stopped, then etcd goes down.
+    etcdctl(&ep, &["put", "/s/c", "3"], None);
+    let missed = last + 1;
+    etcd.kill(0).expect("kill etcd");
+
+    let tail = spawn(&args);
+    tail.await_stderr(&format!("stale at revision {last} (from the snapshot file"));
+    let loaded = tail.next_json();
+    assert_eq!(
+        (loaded["revision"].as_i64(), loaded["resync"].as_bool()),
+        (Some(last), Some(true))
+    );
+    assert_eq!(change(&loaded, 0), ("/s/a", "put", &Value::from("1")));
+    assert_eq!(change(&loaded, 1), ("/s/b", "put", &Value::from("2")));
+    // The loaded state is served while etcd stays down.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(tail.stdout.try_recv().is_err(), "output while etcd is down");
+
+    etcd.restart(0).await.expect("restart etcd");
+    let c = tail.next_json();
+    assert_eq!(
+        (c["revision"].as_i64(), c["resync"].as_bool()),
+        (Some(missed), Some(false))
+    );
+    assert_eq!(change(&c, 0), ("/s/c", "put", &Value::from("3")));
+    let stderr = tail.stderr_until(&format!("ready at revision {missed}"));
+    assert!(
+        !stderr.iter().any(|l| l.contains("relist")),
+        "relisted: {stderr:#?}"
+    );
+    let (status, stderr) = tail.stop(Signal::SIGINT);
+    assert_eq!(status.code(), Some(0), "after SIGINT; stderr {stderr:#?}");
+}
+
+/// Keys and values that are not UTF-8 are printed as `{"base64": ...}`, UTF-8 ones as
+/// strings; written with our own client, as etcdctl cannot write raw bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_json_prints_invalid_utf8_as_base64() {
+    let etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    let tail = Proc::spawn(&["tail", "--endpoints", &ep, "--prefix", "/j/", "--json"]);
+    let first = tail.next_json();
+    assert_eq!(first["changes"], json!([]));
+    tail.await_stderr("ready");
+
+    let client = Client::connect(ClientConfig::new([ep.clone()]))
+        .await
+        .expect("client");
+    let key = b"/j/\xff\xfe".to_vec();
+    let put = client
+        .put(PutRequest {
+            key: key.clone(),
+            value: b"\xff\xfe\x00x".to_vec(),
+            ..PutRequest::default()
+        })
+        .await
+        .expect("put");
+    let r1 = put.header.expect("header").revision;
+    let put = client
+        .put(PutRequest {
+            key: "/j/é".into(),
+            value: "ü\u{ff}".into(),
+            ..PutRequest::default()
+        })
+        .await
+        .expect("put");
+    let r2 = put.header.expect("header").revision;
+    let del = client
+        .delete_range(DeleteRangeRequest {
+            key,
+            ..DeleteRangeRequest::default()
+        })
+        .await
+        .expect("delete");
+    let r3 = del.header.expect("header").revision;
+
+    assert_eq!(
+        tail.next_json(),
+        json!({"revision": r1, "resync": false, "changes": [{
+            "key": {"base64": "L2ov//4="}, "type": "put", "value": {"base64": "//4AeA=="},
+            "create_revision": r1, "mod_revision": r1, "version": 1,
+        }]})
+    );
+    assert_eq!(
+        tail.next_json(),
+        json!({"revision": r2, "resync": false, "changes": [{
+            "key": "/j/é", "type": "put", "value": "ü\u{ff}",
+            "create_revision": r2, "mod_revision": r2, "version": 1,
+        }]})
+    );
+    assert_eq!(
+        tail.next_json(),
+        json!({"revision": r3, "resync": false, "changes": [{
+            "key": {"base64": "L2ov//4="}, "type": "delete", "value": null,
+            "create_revision": 0, "mod_revision": r3, "version": 0,
+        }]})
+    );
+    tail.terminate();
+}
+
+/// A final snapshot file write that fails is reported, and the exit status says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_reports_a_failed_final_snapshot_write() {
+    let etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let snap = sub.join("f.snap");
+    let tail = Proc::spawn(&[
+        "tail",
+        "--endpoints",
+        &ep,
+        "--prefix",
+        "/f/",
+        "--json",
+        "--snapshot-file",
+        snap.to_str().expect("utf-8 path"),
+    ]);
+    tail.next_json();
+    tail.await_stderr("ready");
+    // The file's directory disappears, then a revision is published that the
+    // final write must save.
+    std::fs::remove_dir_all(&sub).expect("rm");
+    etcdctl(&ep, &["put", "/f/a", "1"], None);
+    assert_eq!(change(&tail.next_json(), 0).0, "/f/a");
+    let (status, stderr) = tail.stop(Signal::SIGINT);
+    assert!(!status.success(), "exit status {status}; {stderr:#?}");
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("could not write the final snapshot file") && l.contains("f.snap")),
+        "{stderr:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,8 @@ use crate::state::State;
 pub struct MirrorAdapter {
     state: State,
     history: History,
+    /// The highest revision delivered (batch or progress).
+    known: i64,
 }
 
 /// The raw state of a mirror snapshot.
@@ -48,6 +50,11 @@ impl MirrorAdapter {
             Update::Snapshot(s) => {
                 let target = state_of(s);
                 let changes = self.state.diff(&target);
+                // A new subscription (after a mirror restart) starting where
+                // the subscriber already is tells it nothing: not a delivery.
+                if s.revision() == self.known && changes.is_empty() {
+                    return;
+                }
                 self.state = target;
                 Delivery::Batch(Batch {
                     revision: s.revision(),
@@ -66,7 +73,20 @@ impl MirrorAdapter {
             }
             Update::Progress(r) => Delivery::Progress { revision: *r },
         };
+        self.known = self.known.max(update.revision());
         self.history.deliveries.push(delivery);
+    }
+
+    /// Marks that the subscriber moved to a new subscription (for example of
+    /// a mirror restarted from its snapshot file): what follows must continue
+    /// exactly where it was, or be a resync.
+    pub fn reconnected(&mut self) {
+        self.history.deliveries.push(Delivery::Reconnected);
+    }
+
+    /// The highest revision delivered so far.
+    pub fn known(&self) -> i64 {
+        self.known
     }
 
     /// Records a full published snapshot for comparison with truth.

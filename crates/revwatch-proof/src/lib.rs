@@ -9,6 +9,8 @@
 //!   resync diffs, snapshot hashes and final convergence.
 //! * [`workload`]: seeded concurrent writers using raw etcd gRPC.
 //! * [`schedule`]: seeded fault schedules.
+//! * [`run`]: one seeded run under faults (etcd, fault proxies, the
+//!   mirror, writers, the executor) checked end to end; soak figures.
 //! * [`ops`], [`state`], [`hash`], [`keys`]: the reference model of etcd's
 //!   key-value store that all of the above share.
 
@@ -22,6 +24,7 @@ pub mod history;
 pub mod keys;
 pub mod ops;
 pub mod record;
+pub mod run;
 pub mod schedule;
 pub mod state;
 pub mod truth;

@@ -1,7 +1,8 @@
 //! Fault schedules: which fault, when, for how long, all from one seed.
 //!
 //! [`Schedule::generate`] draws faults one after another (each healed before
-//! the next starts, with a pause between), so the same seed and
+//! the next starts, with a pause between; every allowed type once before any
+//! twice), so the same seed and
 //! [`ScheduleConfig`] always give the same schedule and a failing run can be
 //! replayed alone. The schedule is data only; applying it is the executor's
 //! job.
@@ -10,7 +11,7 @@ use std::fmt;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
-use rand::seq::IndexedRandom;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// A fault type, without parameters (for coverage counts).
@@ -227,7 +228,15 @@ impl Schedule {
             .collect();
         let mut faults = Vec::new();
         let mut now = between(&mut rng, config.pause);
-        while let Some(&kind) = types.choose(&mut rng) {
+        // Types come from a shuffled bag, refilled when empty: every type
+        // appears once before any appears twice, so short runs cover all.
+        let mut bag: Vec<FaultType> = Vec::new();
+        loop {
+            if bag.is_empty() {
+                bag = types.clone();
+                bag.shuffle(&mut rng);
+            }
+            let Some(kind) = bag.pop() else { break };
             let duration = between(&mut rng, config.fault_length);
             if now + duration > config.run_length {
                 break;
@@ -368,6 +377,27 @@ mod tests {
                 );
                 assert!(f.duration >= config.fault_length.0 && f.duration <= config.fault_length.1);
             }
+        }
+    }
+
+    #[test]
+    fn every_type_comes_once_before_any_comes_twice() {
+        let config = ScheduleConfig {
+            run_length: Duration::from_secs(600),
+            members: 3,
+            ..ScheduleConfig::default()
+        };
+        for seed in 0..10 {
+            let s = Schedule::generate(seed, &config);
+            let first: Vec<FaultType> = s
+                .faults
+                .iter()
+                .take(FaultType::ALL.len())
+                .map(|f| f.fault.fault_type())
+                .collect();
+            let mut sorted = first.clone();
+            sorted.sort();
+            assert_eq!(sorted, FaultType::ALL.to_vec(), "seed {seed}: {first:?}");
         }
     }
 

@@ -223,8 +223,8 @@ impl Backend {
         Ok(())
     }
 
-    /// Size of the database file in bytes.
-    pub fn file_size(&self) -> u64 {
-        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 }

@@ -131,6 +131,12 @@ impl Server {
         self.core.store.committed()
     }
 
+    /// Durable commits (each one fsync) since the server was opened. Concurrent writers
+    /// share commits, so under load this grows slower than the revision.
+    pub fn commits(&self) -> u64 {
+        self.core.store.commits()
+    }
+
     /// Fault hooks for tests.
     #[cfg(feature = "fault-injection")]
     pub fn faults(&self) -> crate::faults::FaultController {

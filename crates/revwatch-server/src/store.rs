@@ -38,7 +38,8 @@ struct Shared {
     committed: AtomicI64,
     notify: watch::Sender<i64>,
     failed: AtomicBool,
-    db_size: AtomicU64,
+    /// Durable commits (fsyncs) so far: with concurrent writers, fewer than writes.
+    commits: AtomicU64,
     faults: Arc<Faults>,
 }
 
@@ -52,6 +53,8 @@ pub(crate) struct StoreOptions {
 pub(crate) struct Store {
     shared: Arc<Shared>,
     identity: Identity,
+    /// The database file, whose size Status reports.
+    db_path: std::path::PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -73,12 +76,13 @@ impl Store {
         let leases = LeaseTable::restore(loaded.leases, Instant::now());
         let state = MvccState::restore(loaded.records, loaded.current, loaded.compacted, leases);
         let current = state.current();
+        let db_path = backend.path().to_path_buf();
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
             committed: AtomicI64::new(current),
             notify: watch::channel(current).0,
             failed: AtomicBool::new(false),
-            db_size: AtomicU64::new(backend.file_size()),
+            commits: AtomicU64::new(0),
             faults,
         });
         let (tx, rx) = mpsc::channel();
@@ -93,6 +97,7 @@ impl Store {
         Ok(Self {
             shared,
             identity: loaded.identity,
+            db_path,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
         })
@@ -107,6 +112,11 @@ impl Store {
         self.shared.committed.load(Ordering::Acquire)
     }
 
+    /// Durable commits made since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
+    }
+
     /// The revision reads and watchers see: the committed one, unless a lag fault holds
     /// them back.
     pub fn read_rev(&self) -> i64 {
@@ -117,8 +127,9 @@ impl Store {
         }
     }
 
+    /// Size of the database file in bytes, read when asked rather than after every commit.
     pub fn db_size(&self) -> i64 {
-        self.shared.db_size.load(Ordering::Relaxed) as i64
+        std::fs::metadata(&self.db_path).map_or(0, |m| m.len() as i64)
     }
 
     /// Wakes watchers up with the current committed revision.
@@ -405,7 +416,10 @@ fn commit_group(shared: &Shared, backend: &Backend, jobs: Vec<Job>, expire: bool
         true
     } else {
         match backend.commit(&batch) {
-            Ok(()) => true,
+            Ok(()) => {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                true
+            }
             Err(e) => {
                 // Memory is now ahead of disk. Stop taking writes; reads stay at the last
                 // durable revision, which is still correct.
@@ -420,7 +434,6 @@ fn commit_group(shared: &Shared, backend: &Backend, jobs: Vec<Job>, expire: bool
             shared.committed.store(batch.current, Ordering::Release);
         }
         if !batch.is_empty() {
-            shared.db_size.store(backend.file_size(), Ordering::Relaxed);
             shared.notify.send_replace(batch.current);
         }
     }

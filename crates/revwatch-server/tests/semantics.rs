@@ -399,3 +399,44 @@ async fn restart_keeps_ids_and_data() -> Result<()> {
     running.shutdown().await?;
     Ok(())
 }
+
+/// Concurrent writers share fsynced commits (group commit), and every one of them is
+/// acknowledged with its own revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_group_commits() -> Result<()> {
+    const WRITERS: usize = 32;
+    const EACH: usize = 20;
+    let s = TestServer::start().await?;
+    let c = connect(&s.endpoint()).await?;
+    let before = s.server().commits();
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for i in 0..EACH {
+                revs.push(put(&mut c, &format!("g/{w}/{i}"), b"v".to_vec(), 0).await?);
+            }
+            anyhow::Ok(revs)
+        }));
+    }
+    let mut revs = Vec::new();
+    for t in tasks {
+        revs.extend(t.await??);
+    }
+    revs.sort_unstable();
+    revs.dedup();
+    ensure!(
+        revs.len() == WRITERS * EACH,
+        "each write has its own revision"
+    );
+    let commits = s.server().commits() - before;
+    ensure!(commits > 0, "writes were committed");
+    // One fsync per write would give WRITERS * EACH commits.
+    ensure!(
+        (commits as usize) < WRITERS * EACH / 2,
+        "{commits} commits for {} concurrent writes: not grouped",
+        WRITERS * EACH
+    );
+    Ok(())
+}

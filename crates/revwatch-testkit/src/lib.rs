@@ -29,6 +29,7 @@
 
 mod error;
 pub mod etcd;
+pub mod grpc_proxy;
 pub mod proxy;
 
 pub use error::TestkitError;

@@ -85,6 +85,98 @@ async fn unreachable_endpoints_are_each_named() {
     .await;
 }
 
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a TCP
+/// connect to it never completes. The returned streams keep the queue full.
+async fn black_hole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..64 {
+        let probe = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        match probe {
+            Ok(Ok(stream)) => fillers.push(stream),
+            Ok(Err(e)) => panic!("filling the accept queue: {e}"),
+            // A connect that hangs: the queue is full.
+            Err(_) => return (listener, fillers),
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+#[tokio::test]
+async fn connect_timeout_bounds_an_endpoint_that_never_accepts() {
+    bounded(LIMIT, async {
+        let (listener, _fillers) = black_hole().await;
+        let endpoint = listener.local_addr().expect("addr").to_string();
+        let mut cfg = ClientConfig::new([endpoint.clone()]);
+        cfg.connect_timeout = Duration::from_millis(500);
+        // Far above the connect timeout, so only the connect timeout can end this soon.
+        cfg.request_timeout = Duration::from_secs(30);
+
+        let started = std::time::Instant::now();
+        let err = connect_err(cfg).await;
+        let took = started.elapsed();
+        println!("connect to a black hole failed after {took:?}: {err}");
+        assert!(
+            took < Duration::from_secs(10),
+            "connect timeout of 500ms took {took:?} to fire"
+        );
+        let Error::AllEndpointsUnreachable(failures) = &err else {
+            panic!("expected AllEndpointsUnreachable, got {err}");
+        };
+        assert_eq!(failures.len(), 1, "{err}");
+        assert_eq!(failures[0].endpoint, endpoint, "{err}");
+        assert_eq!(failures[0].reason, "connect timed out", "{err}");
+        assert!(err.is_retryable(), "{err}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn endpoint_that_accepts_but_never_answers_times_out() {
+    bounded(LIMIT, async {
+        // Accepts connections and holds them open without reading or writing a byte.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = listener.local_addr().expect("addr").to_string();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut cfg = ClientConfig::new([endpoint.clone()]);
+        cfg.connect_timeout = Duration::from_millis(500);
+        cfg.request_timeout = Duration::from_secs(2);
+
+        let started = std::time::Instant::now();
+        let err = connect_err(cfg).await;
+        let took = started.elapsed();
+        println!("connect to a silent server failed after {took:?}: {err}");
+        assert!(
+            took < Duration::from_secs(10),
+            "request timeout of 2s took {took:?} to fire"
+        );
+        let Error::AllEndpointsUnreachable(failures) = &err else {
+            panic!("expected AllEndpointsUnreachable, got {err}");
+        };
+        assert_eq!(failures.len(), 1, "{err}");
+        assert_eq!(failures[0].endpoint, endpoint, "{err}");
+        assert!(failures[0].reason.contains("timed out"), "{err}");
+        holder.abort();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn tls_with_client_certificates_works() {
     bounded(LIMIT, async {

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use client_support::{bounded, connect, put};
-use revwatch::client::{Client, Error, PutRequest, RangeRequest, WatchCreateRequest, WatchStream};
+use client_support::{bounded, config_for, connect, put};
+use revwatch::client::{
+    Client, Error, PutRequest, RangeRequest, RetryPolicy, WatchCreateRequest, WatchStream,
+};
 use revwatch_testkit::etcd::EtcdCluster;
 
 /// `host:port` of member `i`, as the client names endpoints.
@@ -122,13 +124,14 @@ async fn killed_member_leaves_rotation_and_no_read_fails_after() {
     .await;
 }
 
-/// Opens watches until one lands on `target`; round robin gets there within a few tries.
-async fn watch_on(client: &Client, target: &str) -> WatchStream {
+/// Opens watches on `/{prefix}/` until one lands on `target`; round robin gets there
+/// within a few tries.
+async fn watch_on(client: &Client, prefix: &str, target: &str) -> WatchStream {
     for _ in 0..10 {
         let mut stream = client
             .watch(WatchCreateRequest {
-                key: "/frozen/".into(),
-                range_end: "/frozen0".into(),
+                key: format!("/{prefix}/").into(),
+                range_end: format!("/{prefix}0").into(),
                 ..Default::default()
             })
             .await
@@ -153,7 +156,7 @@ async fn frozen_member_fails_open_requests_in_bounded_time() {
         let victim_name = name(&cluster, victim);
         let victim_id = cluster.member_id(victim);
 
-        let mut stream = watch_on(&client, &victim_name).await;
+        let mut stream = watch_on(&client, "frozen", &victim_name).await;
         cluster.freeze(victim).expect("freeze");
         let frozen_at = Instant::now();
 
@@ -218,8 +221,17 @@ async fn frozen_member_fails_open_requests_in_bounded_time() {
         println!("watch on the frozen member ended after {after:?}: {res:?}");
         let err = res.expect_err("watch on a frozen member must fail, not end cleanly");
         assert!(err.is_retryable(), "{err}");
+        // The keepalive kills the connection: a transport error from that endpoint.
         assert!(
-            after < Duration::from_secs(40),
+            matches!(&err, Error::Connection { endpoint, .. } if *endpoint == victim_name),
+            "{err}"
+        );
+        // The default keepalive pings within 10 s of the last frame read and gives up
+        // 10 s later: about 20 s, well inside the 30 s the issue allows.
+        let cfg = client.config();
+        assert!(cfg.keepalive_interval + cfg.keepalive_timeout <= Duration::from_secs(20));
+        assert!(
+            after < Duration::from_secs(30),
             "watch failed only after {after:?}"
         );
 
@@ -292,6 +304,80 @@ async fn in_flight_read_on_frozen_member_fails_over() {
         )
         .await;
         println!("thawed member back in rotation after {back:?}");
+    })
+    .await;
+}
+
+/// Asserts `err` is etcd's require-leader refusal, as served by `endpoint`.
+fn assert_no_leader(err: &Error, endpoint: &str) {
+    match err {
+        Error::Grpc {
+            code: tonic::Code::Unavailable,
+            message,
+            endpoint: served_by,
+        } => {
+            assert!(message.contains("no leader"), "{err}");
+            assert_eq!(served_by, endpoint, "{err}");
+        }
+        other => panic!("expected Unavailable \"etcdserver: no leader\", got {other:?}"),
+    }
+    assert!(err.is_retryable(), "{err}");
+}
+
+#[tokio::test]
+async fn watch_on_member_that_loses_its_leader_fails_with_no_leader() {
+    bounded(Duration::from_secs(120), async {
+        let mut cluster = EtcdCluster::three().await.expect("start cluster");
+        let client = connect(&cluster).await;
+        let leader = cluster.leader().await.expect("leader");
+        let survivor = (leader + 1) % 3;
+        let survivor_name = name(&cluster, survivor);
+
+        let mut stream = watch_on(&client, "noleader", &survivor_name).await;
+        // Without the other two the survivor has no quorum, so no leader. The process
+        // is alive and answers pings: only require-leader can end this watch.
+        for i in (0..3).filter(|&i| i != survivor) {
+            cluster.kill(i).expect("kill");
+        }
+        let killed_at = Instant::now();
+
+        let res = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("watch still open 30 s after its member lost its leader");
+        let after = killed_at.elapsed();
+        println!("watch on the leaderless member ended after {after:?}: {res:?}");
+        let err = res.expect_err("the watch must fail, not end cleanly or deliver a message");
+        assert_no_leader(&err, &survivor_name);
+        assert!(
+            !is_healthy(&client, &survivor_name),
+            "leaderless member still in rotation"
+        );
+
+        // A new watch is refused at once: etcd checks require-leader when the stream
+        // opens. A client of that member alone, with a short retry budget, gets the
+        // same typed error rather than a hang.
+        let mut cfg = config_for(&cluster);
+        cfg.endpoints = vec![cluster.endpoint(survivor)];
+        cfg.retry = RetryPolicy {
+            max_elapsed: Duration::from_secs(2),
+            ..RetryPolicy::default()
+        };
+        let lone = Client::connect(cfg)
+            .await
+            .expect("connect: the member still answers Status");
+        let err = tokio::time::timeout(
+            Duration::from_secs(30),
+            lone.watch(WatchCreateRequest {
+                key: "/noleader/".into(),
+                range_end: "/noleader0".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("opening a watch on a leaderless member hung")
+        .expect_err("a require-leader watch opened on a leaderless member");
+        println!("new watch on the leaderless member: {err}");
+        assert_no_leader(&err, &survivor_name);
     })
     .await;
 }

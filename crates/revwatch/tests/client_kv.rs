@@ -10,10 +10,11 @@ use etcd_proto::etcdserverpb::request_op::Request as Op;
 use etcd_proto::etcdserverpb::response_op::Response as OpResponse;
 use etcd_proto::mvccpb::event::EventType;
 use revwatch::client::{
-    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    Client, ClientConfig, CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
     TxnRequest, WatchCreateRequest,
 };
 use revwatch_testkit::etcd::EtcdCluster;
+use revwatch_testkit::grpc_proxy::GrpcProxy;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -181,55 +182,75 @@ async fn txn_takes_success_and_failure_branches() {
 async fn compaction_makes_old_revisions_unreadable() {
     bounded(LIMIT, async {
         let cluster = EtcdCluster::single().await.expect("start etcd");
-        let client = connect(&cluster).await;
-        let old = put(&client, "/c/k", "old").await;
-        let newer = put(&client, "/c/k", "new").await;
-
-        let at = |revision| RangeRequest {
-            key: "/c/k".into(),
-            revision,
-            ..Default::default()
-        };
-        let before = client.range(at(old)).await.expect("range at old revision");
-        assert_eq!(before.kvs[0].value, b"old");
-
-        client
-            .compact(CompactionRequest {
-                revision: newer,
-                physical: true,
-            })
-            .await
-            .expect("compact");
-
-        let err = client
-            .range(at(old))
-            .await
-            .expect_err("old revision is compacted");
-        assert!(err.is_compacted(), "{err}");
-        assert!(!err.is_retryable());
-        let current = client
-            .range(at(newer))
-            .await
-            .expect("compaction revision itself");
-        assert_eq!(current.kvs[0].value, b"new");
-
-        let err = client
-            .range(at(newer + 100))
-            .await
-            .expect_err("future revision");
-        assert!(err.is_future_revision(), "{err}");
-
-        // Compacting again at or below the compaction revision is refused.
-        let err = client
-            .compact(CompactionRequest {
-                revision: newer,
-                physical: false,
-            })
-            .await
-            .expect_err("second compaction");
-        assert!(err.is_compacted(), "{err}");
+        compaction_errors_are_typed(&connect(&cluster).await).await;
     })
     .await;
+}
+
+/// etcd grpc-proxy relays etcd's errors with other gRPC codes; they must still be
+/// recognised, or a mirror behind a proxy could never see that it must relist.
+#[tokio::test]
+async fn compaction_errors_are_typed_through_grpc_proxy() {
+    bounded(LIMIT, async {
+        let cluster = EtcdCluster::single().await.expect("start etcd");
+        let proxy = GrpcProxy::start(&cluster.endpoints())
+            .await
+            .expect("start grpc-proxy");
+        let client = Client::connect(ClientConfig::new([proxy.endpoint()]))
+            .await
+            .expect("connect through the proxy");
+        compaction_errors_are_typed(&client).await;
+    })
+    .await;
+}
+
+async fn compaction_errors_are_typed(client: &Client) {
+    let old = put(client, "/c/k", "old").await;
+    let newer = put(client, "/c/k", "new").await;
+
+    let at = |revision| RangeRequest {
+        key: "/c/k".into(),
+        revision,
+        ..Default::default()
+    };
+    let before = client.range(at(old)).await.expect("range at old revision");
+    assert_eq!(before.kvs[0].value, b"old");
+
+    client
+        .compact(CompactionRequest {
+            revision: newer,
+            physical: true,
+        })
+        .await
+        .expect("compact");
+
+    let err = client
+        .range(at(old))
+        .await
+        .expect_err("old revision is compacted");
+    assert!(err.is_compacted(), "{err:?}");
+    assert!(!err.is_retryable());
+    let current = client
+        .range(at(newer))
+        .await
+        .expect("compaction revision itself");
+    assert_eq!(current.kvs[0].value, b"new");
+
+    let err = client
+        .range(at(newer + 100))
+        .await
+        .expect_err("future revision");
+    assert!(err.is_future_revision(), "{err:?}");
+
+    // Compacting again at or below the compaction revision is refused.
+    let err = client
+        .compact(CompactionRequest {
+            revision: newer,
+            physical: false,
+        })
+        .await
+        .expect_err("second compaction");
+    assert!(err.is_compacted(), "{err:?}");
 }
 
 #[tokio::test]

@@ -1,137 +1,52 @@
 //! The mirror against real etcd 3.4 (testkit): each test ends by comparing the
 //! mirror's snapshot with etcd's own range at the same revision, and checks every
 //! subscriber update it collected (order, atomic batches, replay = snapshot).
+//!
+//! The scenarios shared with the embedded server live in
+//! `mirror_support::scenarios`; the ones only a real etcd can play (a frozen
+//! process, a 3-member cluster) are here.
 
 mod mirror_support;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use etcd_proto::etcdserverpb::request_op::Request as Op;
-use mirror_support::{Replay, snap_kvs, truth};
-use revwatch::client::{
-    Backoff, Client, ClientConfig, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
+use mirror_support::Replay;
+use mirror_support::scenarios::{
+    self, P, Target, WAIT, assert_converged, bounded, mirror_config, put, start, writer,
 };
-use revwatch::mirror::{
-    ClientSource, DecodePolicy, FailureKind, Mirror, MirrorConfig, MirrorError, ReconnectCause,
-    ResyncReason, State,
-};
+use revwatch::client::PutRequest;
+use revwatch::mirror::{MirrorConfig, ReconnectCause, State};
 use revwatch_testkit::etcd::EtcdCluster;
-use revwatch_testkit::proxy::{Fault, FaultProxy};
 
-const P: &str = "m/";
-const WAIT: Duration = Duration::from_secs(30);
-
-fn client_config(endpoints: Vec<String>) -> ClientConfig {
-    let mut cfg = ClientConfig::new(endpoints);
-    cfg.request_timeout = Duration::from_secs(3);
-    cfg.connect_timeout = Duration::from_secs(2);
-    cfg
-}
-
-fn mirror_config() -> MirrorConfig {
-    MirrorConfig {
-        page_size: 7,
-        progress_interval: Duration::from_millis(500),
-        stall_timeout: Duration::from_secs(3),
-        retry_backoff: Backoff {
-            base: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        },
-        ..MirrorConfig::default()
+/// A single-member cluster: stopping means `kill -9`.
+impl Target for EtcdCluster {
+    fn endpoints(&self) -> Vec<String> {
+        EtcdCluster::endpoints(self)
     }
-}
 
-async fn start(endpoints: Vec<String>, config: MirrorConfig) -> Mirror {
-    let source = ClientSource::lazy(client_config(endpoints)).unwrap();
-    Mirror::builder(P)
-        .config(config)
-        .start(source)
-        .await
-        .unwrap()
-}
+    fn client_addr(&self) -> SocketAddr {
+        EtcdCluster::client_addr(self, 0)
+    }
 
-async fn writer(cluster: &EtcdCluster) -> Client {
-    Client::connect(client_config(cluster.endpoints()))
-        .await
-        .unwrap()
-}
+    async fn stop(&mut self) {
+        self.kill(0).unwrap();
+    }
 
-async fn put(c: &Client, key: &str, value: &str) -> i64 {
-    put_lease(c, key, value, 0).await
-}
+    async fn restart(&mut self) {
+        EtcdCluster::restart(self, 0).await.unwrap();
+    }
 
-async fn put_lease(c: &Client, key: &str, value: &str, lease: i64) -> i64 {
-    c.put(PutRequest {
-        key: key.into(),
-        value: value.into(),
-        lease,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .header
-    .unwrap()
-    .revision
-}
-
-/// The mirror's consistent snapshot equals etcd's range at its revision.
-async fn assert_converged(mirror: &Mirror, etcd: &Client) {
-    let snap = mirror.consistent_snapshot(WAIT).await.unwrap();
-    let expected = truth(
-        &ClientSource::new(etcd.clone()),
-        P.as_bytes(),
-        snap.revision(),
-    )
-    .await;
-    assert_eq!(
-        snap_kvs(&snap),
-        expected,
-        "mirror differs from etcd at {}",
-        snap.revision()
-    );
-}
-
-async fn bounded(limit: Duration, body: impl Future<Output = ()>) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "revwatch=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"));
+    async fn compact(&self, revision: i64) {
+        EtcdCluster::compact(self, revision).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_list_across_pages_while_writes_continue() {
     bounded(Duration::from_secs(90), async {
         let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
-        for i in 0..50 {
-            put(&etcd, &format!("{P}{i:03}"), "initial").await;
-        }
-        let bg = {
-            let etcd = etcd.clone();
-            tokio::spawn(async move {
-                for i in 0..200 {
-                    put(&etcd, &format!("{P}{:03}", i % 60), &format!("w{i}")).await;
-                    if i % 7 == 0 {
-                        put(&etcd, "other/x", "outside").await;
-                    }
-                }
-            })
-        };
-        let mirror = start(cluster.endpoints(), mirror_config()).await;
-        let mut sub = mirror.subscribe();
-        mirror.wait_ready().await.unwrap();
-        bg.await.unwrap();
-        let last = put(&etcd, &format!("{P}last"), "x").await;
-        let mut replay = Replay::default();
-        replay.follow_until(&mut sub, last, WAIT).await;
-        assert!(replay.batches.iter().filter(|(_, resync)| *resync).count() == 1);
-        assert_converged(&mirror, &etcd).await;
+        scenarios::initial_list_across_pages_while_writes_continue(&cluster).await;
     })
     .await;
 }
@@ -140,64 +55,7 @@ async fn initial_list_across_pages_while_writes_continue() {
 async fn txns_and_lease_expiry_arrive_atomically() {
     bounded(Duration::from_secs(90), async {
         let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
-        let mirror = start(cluster.endpoints(), mirror_config()).await;
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        let lease = etcd.lease_grant(2).await.unwrap().id;
-        for i in 0..5 {
-            put_lease(&etcd, &format!("{P}leased/{i}"), "l", lease).await;
-        }
-        let put_op = |k: &str| RequestOp {
-            request: Some(Op::RequestPut(PutRequest {
-                key: k.into(),
-                value: b"t".to_vec(),
-                ..Default::default()
-            })),
-        };
-        let txn = etcd
-            .txn(TxnRequest {
-                success: vec![
-                    put_op(&format!("{P}t/a")),
-                    put_op(&format!("{P}t/b")),
-                    put_op("other/t"),
-                    RequestOp {
-                        request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
-                            key: format!("{P}leased/0").into(),
-                            ..Default::default()
-                        })),
-                    },
-                ],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let txn_rev = txn.header.unwrap().revision;
-        let mut replay = Replay::keeping_snapshots();
-        replay.follow_until(&mut sub, txn_rev, WAIT).await;
-        // Lease expiry deletes the 4 remaining keys in one revision.
-        let deadline = Instant::now() + WAIT;
-        while mirror
-            .snapshot()
-            .with_prefix(format!("{P}leased/").as_bytes())
-            .count()
-            > 0
-        {
-            assert!(Instant::now() < deadline, "lease never expired");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let expiry_rev = mirror.snapshot().revision();
-        replay.follow_until(&mut sub, expiry_rev, WAIT).await;
-        let (_, state_at_txn) = replay
-            .snapshots
-            .iter()
-            .find(|(r, _)| *r == txn_rev)
-            .unwrap();
-        assert!(state_at_txn.contains_key(format!("{P}t/a").as_bytes()));
-        assert!(!state_at_txn.contains_key(format!("{P}leased/0").as_bytes()));
-        let expiry_batch = replay.batches.last().unwrap();
-        assert_eq!(*expiry_batch, (expiry_rev, false));
-        assert_converged(&mirror, &etcd).await;
+        scenarios::txns_and_lease_expiry_arrive_atomically(&cluster).await;
     })
     .await;
 }
@@ -206,23 +64,7 @@ async fn txns_and_lease_expiry_arrive_atomically() {
 async fn kill_and_restart_resumes_without_relist() {
     bounded(Duration::from_secs(120), async {
         let mut cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
-        put(&etcd, &format!("{P}a"), "1").await;
-        let mirror = start(cluster.endpoints(), mirror_config()).await;
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        cluster.kill(0).unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        cluster.restart(0).await.unwrap();
-        let etcd = writer(&cluster).await;
-        let r1 = put(&etcd, &format!("{P}b"), "2").await;
-        let mut replay = Replay::default();
-        replay.follow_until(&mut sub, r1, WAIT).await;
-        assert_eq!(replay.resyncs, 0);
-        let st = mirror.status();
-        assert!(st.relists.is_empty(), "{st:?}");
-        assert!(st.reconnects.values().sum::<u64>() >= 1, "{st:?}");
-        assert_converged(&mirror, &etcd).await;
+        scenarios::kill_and_restart_resumes_without_relist(&mut cluster).await;
     })
     .await;
 }
@@ -231,33 +73,7 @@ async fn kill_and_restart_resumes_without_relist() {
 async fn compaction_while_disconnected_relists_with_exact_diff() {
     bounded(Duration::from_secs(120), async {
         let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
-        for k in ["keep", "change", "gone"] {
-            put(&etcd, &format!("{P}{k}"), "1").await;
-        }
-        let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
-        let mirror = start(vec![proxy.endpoint()], mirror_config()).await;
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        // Cut the mirror off: existing connections reset, new ones hang.
-        proxy.set(Fault::Blackhole);
-        proxy.reset_all();
-        put(&etcd, &format!("{P}change"), "2").await;
-        etcd.delete_range(DeleteRangeRequest {
-            key: format!("{P}gone").into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let last = put(&etcd, &format!("{P}new"), "3").await;
-        put(&etcd, "other/after", "x").await;
-        cluster.compact(last + 1).await.unwrap();
-        proxy.heal();
-        let mut replay = Replay::default();
-        replay.follow_until(&mut sub, last, WAIT).await;
-        assert_eq!(replay.resyncs, 1, "{:?}", replay.batches);
-        assert!(mirror.status().relists[&ResyncReason::Compacted] >= 1);
-        assert_converged(&mirror, &etcd).await;
+        scenarios::compaction_while_disconnected_relists_with_exact_diff(&cluster).await;
     })
     .await;
 }
@@ -266,7 +82,7 @@ async fn compaction_while_disconnected_relists_with_exact_diff() {
 async fn frozen_member_is_detected_within_the_bound() {
     bounded(Duration::from_secs(120), async {
         let mut cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
+        let etcd = writer(cluster.endpoints()).await;
         put(&etcd, &format!("{P}a"), "1").await;
         // Default stall bound (10 s).
         let config = MirrorConfig {
@@ -292,7 +108,7 @@ async fn frozen_member_is_detected_within_the_bound() {
         }
         assert_ne!(mirror.status().state, State::Ready);
         cluster.thaw(0).unwrap();
-        let etcd = writer(&cluster).await;
+        let etcd = writer(cluster.endpoints()).await;
         let r = put(&etcd, &format!("{P}b"), "2").await;
         mirror.snapshot_at_least(r, WAIT).await.unwrap();
         assert!(mirror.status().relists.is_empty());
@@ -305,7 +121,7 @@ async fn frozen_member_is_detected_within_the_bound() {
 async fn three_member_cluster_losing_its_leader() {
     bounded(Duration::from_secs(180), async {
         let mut cluster = EtcdCluster::three().await.unwrap();
-        let etcd = writer(&cluster).await;
+        let etcd = writer(cluster.endpoints()).await;
         put(&etcd, &format!("{P}a"), "1").await;
         let leader = cluster.leader().await.unwrap();
         // Watch through the leader, so losing it breaks the mirror's stream.
@@ -347,72 +163,8 @@ async fn three_member_cluster_losing_its_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_from_persisted_snapshot_and_start_with_etcd_down() {
     bounded(Duration::from_secs(150), async {
-        let dir = tempfile::tempdir().unwrap();
-        let config = MirrorConfig {
-            snapshot_file: Some(dir.path().join("m.snap")),
-            snapshot_interval: Duration::from_millis(100),
-            ..mirror_config()
-        };
         let mut cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
-        for i in 0..20 {
-            put(&etcd, &format!("{P}{i}"), "v").await;
-        }
-        let saved = {
-            let mirror = start(cluster.endpoints(), config.clone()).await;
-            mirror.wait_ready().await.unwrap();
-            let rev = mirror.snapshot().revision();
-            // Let the rate-bounded writer catch up, then stop this mirror.
-            tokio::time::sleep(Duration::from_millis(600)).await;
-            rev
-        };
-        // Restart with etcd up: resumes from the file, no relist.
-        let after = put(&etcd, &format!("{P}after"), "x").await;
-        {
-            let mirror = start(cluster.endpoints(), config.clone()).await;
-            assert_eq!(
-                mirror.snapshot().revision(),
-                saved,
-                "served from the file at once"
-            );
-            let mut sub = mirror.subscribe();
-            let mut replay = Replay::default();
-            replay.follow_until(&mut sub, after, WAIT).await;
-            assert_eq!(replay.batches, vec![(after, false)]);
-            assert!(mirror.status().relists.is_empty());
-            assert_converged(&mirror, &etcd).await;
-            tokio::time::sleep(Duration::from_millis(600)).await;
-        }
-        // Start with etcd down: the file is served, Stale.
-        cluster.kill(0).unwrap();
-        let mirror = start(cluster.endpoints(), config.clone()).await;
-        let err = mirror.wait_ready().await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                MirrorError::NotReady {
-                    kind: FailureKind::Unreachable,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        let st = mirror.status();
-        assert_eq!(st.state, State::Stale);
-        assert_eq!(st.revision, after);
-        assert!(st.loaded_snapshot_written_at.is_some());
-        assert_eq!(mirror.snapshot().len(), 21);
-        cluster.restart(0).await.unwrap();
-        let etcd = writer(&cluster).await;
-        tokio::time::timeout(WAIT, async {
-            while mirror.status().state != State::Ready {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await
-        .unwrap();
-        assert!(mirror.status().relists.is_empty());
-        assert_converged(&mirror, &etcd).await;
+        scenarios::restart_from_persisted_snapshot_and_start_with_etcd_down(&mut cluster).await;
     })
     .await;
 }
@@ -421,56 +173,7 @@ async fn restart_from_persisted_snapshot_and_start_with_etcd_down() {
 async fn bad_value_is_isolated() {
     bounded(Duration::from_secs(90), async {
         let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
-        put(&etcd, &format!("{P}good"), "1").await;
-        put(&etcd, &format!("{P}bad"), "2").await;
-        let source = ClientSource::lazy(client_config(cluster.endpoints())).unwrap();
-        let mirror = Mirror::builder(P)
-            .config(MirrorConfig {
-                decode_policy: DecodePolicy::KeepLastGood,
-                ..mirror_config()
-            })
-            .decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
-            .start(source)
-            .await
-            .unwrap();
-        mirror.wait_ready().await.unwrap();
-        let bad_rev = etcd
-            .put(PutRequest {
-                key: format!("{P}bad").into(),
-                value: vec![0xff, 0xfe],
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .header
-            .unwrap()
-            .revision;
-        let r = put(&etcd, &format!("{P}later"), "3").await;
-        let snap = mirror.snapshot_at_least(r, WAIT).await.unwrap();
-        assert_eq!(snap.get(format!("{P}bad").as_bytes()).unwrap().value, "2");
-        assert_eq!(snap.get(format!("{P}later").as_bytes()).unwrap().value, "3");
-        let st = mirror.status();
-        assert_eq!(st.decode_failures.len(), 1);
-        assert_eq!(st.decode_failures[0].revision, bad_rev);
-        assert_eq!(st.state, State::Ready);
-        // Apart from the isolated key, the mirror equals etcd.
-        let snap = mirror.consistent_snapshot(WAIT).await.unwrap();
-        let mut expected = truth(
-            &ClientSource::new(etcd.clone()),
-            P.as_bytes(),
-            snap.revision(),
-        )
-        .await;
-        expected.remove(format!("{P}bad").as_bytes());
-        let mut got: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = snap
-            .iter()
-            .map(|(k, e)| (k.to_vec(), e.value.clone().into_bytes()))
-            .collect();
-        got.remove(format!("{P}bad").as_bytes());
-        let expected: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
-            expected.into_iter().map(|(k, v)| (k, v.0)).collect();
-        assert_eq!(got, expected);
+        scenarios::bad_value_is_isolated(&cluster).await;
     })
     .await;
 }
@@ -479,32 +182,7 @@ async fn bad_value_is_isolated() {
 async fn slow_subscriber_is_resynced() {
     bounded(Duration::from_secs(90), async {
         let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(&cluster).await;
-        let mirror = start(
-            cluster.endpoints(),
-            MirrorConfig {
-                subscriber_buffer: 8,
-                ..mirror_config()
-            },
-        )
-        .await;
-        mirror.wait_ready().await.unwrap();
-        let mut slow = mirror.subscribe();
-        let mut last = 0;
-        for i in 0..100 {
-            last = put(&etcd, &format!("{P}{}", i % 9), &i.to_string()).await;
-        }
-        mirror.snapshot_at_least(last, WAIT).await.unwrap();
-        assert!(slow.is_lagging());
-        let mut replay = Replay::default();
-        replay.follow_until(&mut slow, last, WAIT).await;
-        assert_eq!(replay.resyncs, 1);
-        assert!(replay.batches.len() <= 8 + 1);
-        assert_eq!(
-            replay.state,
-            truth(&ClientSource::new(etcd.clone()), P.as_bytes(), last).await
-        );
-        assert_converged(&mirror, &etcd).await;
+        scenarios::slow_subscriber_is_resynced(&cluster).await;
     })
     .await;
 }

@@ -186,6 +186,35 @@ async fn frozen_stream_is_detected_and_resumed() {
     assert_converged(&mirror, &src).await;
 }
 
+/// Streams that are created and then fail at once back off like failures to open:
+/// the mirror never spins on a server (or proxy) that fails every watch.
+#[tokio::test]
+async fn streams_failing_right_after_creation_back_off() {
+    let src = MemorySource::new();
+    let config = MirrorConfig {
+        retry_backoff: Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(100),
+        },
+        ..fast_config()
+    };
+    let mirror = start(&src, config).await;
+    mirror.wait_ready().await.unwrap();
+    src.set_fail_after_created(true);
+    src.disconnect_watches();
+    let rev = src.put(b"p/x", b"1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let reconnects: u64 = mirror.status().reconnects.values().sum();
+    // Without backoff this would be tens of thousands; with it, about a dozen.
+    assert!(
+        (2..100).contains(&reconnects),
+        "{reconnects} reconnects in 1 s"
+    );
+    src.set_fail_after_created(false);
+    mirror.snapshot_at_least(rev, WAIT).await.unwrap();
+    assert_converged(&mirror, &src).await;
+}
+
 fn injected(header: i64, key: &str, rev: i64) -> WatchResponse {
     use etcd_proto::mvccpb::{Event, KeyValue};
     WatchResponse {

@@ -97,37 +97,72 @@ pub async fn load_keys(
     n: usize,
     value_len: usize,
 ) -> anyhow::Result<()> {
-    let client = connect(endpoint).await?;
-    let value = vec![b'v'; value_len];
-    for chunk_start in (0..n).step_by(100) {
-        let success = (chunk_start..(chunk_start + 100).min(n))
-            .map(|i| RequestOp {
-                request: Some(Request::RequestPut(PutRequest {
-                    key: format!("{prefix}{i:08}").into_bytes(),
-                    value: value.clone(),
-                    ..Default::default()
-                })),
-            })
-            .collect();
-        client
-            .txn(TxnRequest {
-                success,
-                ..Default::default()
-            })
-            .await?;
+    load_keys_concurrently(endpoint, prefix, n, value_len, 1).await
+}
+
+/// [`load_keys`] from `writers` connections at once, each writing its own share of
+/// the keys (for the million-key data sets).
+pub async fn load_keys_concurrently(
+    endpoint: &str,
+    prefix: &str,
+    n: usize,
+    value_len: usize,
+    writers: usize,
+) -> anyhow::Result<()> {
+    const PER_TXN: usize = 100;
+    let txns = n.div_ceil(PER_TXN);
+    let writers = writers.clamp(1, txns.max(1));
+    let mut tasks = Vec::with_capacity(writers);
+    for w in 0..writers {
+        let client = connect(endpoint).await?;
+        let (prefix, value) = (prefix.to_owned(), vec![b'v'; value_len]);
+        tasks.push(tokio::spawn(async move {
+            // Writer `w` takes every `writers`-th txn.
+            for chunk_start in (w * PER_TXN..n).step_by(writers * PER_TXN) {
+                let success = (chunk_start..(chunk_start + PER_TXN).min(n))
+                    .map(|i| RequestOp {
+                        request: Some(Request::RequestPut(PutRequest {
+                            key: format!("{prefix}{i:08}").into_bytes(),
+                            value: value.clone(),
+                            ..Default::default()
+                        })),
+                    })
+                    .collect();
+                client
+                    .txn(TxnRequest {
+                        success,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            Ok::<_, revwatch::client::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
     }
     Ok(())
 }
 
 /// Resident set size of a process, in MiB, from /proc.
 pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    proc_status_mb(pid, "VmRSS")
+}
+
+/// Peak resident set size of a process since it started, in MiB, from /proc.
+pub fn peak_rss_mb(pid: u32) -> anyhow::Result<f64> {
+    proc_status_mb(pid, "VmHWM")
+}
+
+/// A `kB` field of /proc/PID/status, in MiB.
+fn proc_status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS line")?;
+        .with_context(|| format!("no {field} line"))?;
     Ok(kib / 1024.0)
 }

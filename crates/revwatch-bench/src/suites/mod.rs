@@ -3,4 +3,5 @@
 pub mod client;
 pub mod embedded;
 pub mod load;
+pub mod mirror;
 pub mod server;

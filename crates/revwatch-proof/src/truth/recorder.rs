@@ -197,6 +197,13 @@ async fn watch_once(
     };
     let wants_progress = *range != KeyRange::all();
     let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    // etcd before 3.4.31 may answer a progress request before it sent events
+    // at or below the reply's revision (etcd#15220). A reply only vouches
+    // for its revision once a reply to a request sent after it arrived.
+    // Replies come in request order, and a request may go unanswered (while
+    // the watcher is unsynced), so counting replies errs on the safe side.
+    let mut unconfirmed: Option<(i64, u64)> = None;
+    let (mut asked, mut answered) = (0u64, 0u64);
     loop {
         let message = tokio::select! {
             m = stream.message() => m,
@@ -205,6 +212,7 @@ async fn watch_once(
                 if tx.send(WatchRequest { request_union: Some(progress) }).await.is_err() {
                     return StreamEnd::Retry("request stream closed".into());
                 }
+                asked += 1;
                 continue;
             }
         };
@@ -224,7 +232,13 @@ async fn watch_once(
                 // created reply's revision vouches for nothing).
                 if !resp.created && resp.events.is_empty() {
                     let revision = resp.header.as_ref().map_or(0, |h| h.revision);
-                    rec.last = rec.last.max(revision);
+                    answered += 1;
+                    if let Some((earlier, asked_then)) = unconfirmed
+                        && answered > asked_then
+                    {
+                        rec.last = rec.last.max(earlier);
+                    }
+                    unconfirmed = Some((revision, asked));
                 } else if let Err(e) = record(&mut rec, resp) {
                     return StreamEnd::Fatal(e);
                 }

@@ -92,9 +92,14 @@ impl Truth {
         let mut claims: BTreeMap<i64, Claim> = BTreeMap::new();
         let mut cursor = self.cursor(KeyRange::all());
         for (&rev, group) in &at {
+            // Writes that say they created a revision claim it before a
+            // revoke, whose response cannot say: a revoke acked at the same
+            // revision as a delete of its keys came after that delete.
+            let mut group = group.clone();
+            group.sort_by_key(|&i| creates_revision(&records[i]).is_none());
             // Writes that created `rev` ran on the state at rev - 1 ...
             let mut later = Vec::new();
-            for &i in group {
+            for &i in &group {
                 let r = &records[i];
                 let pre = cursor.advance_to(rev - 1);
                 match creates_revision(r) {
@@ -384,6 +389,27 @@ mod tests {
             truth.verify_records(&records, &[]),
             Err(TruthError::Unexplained { revision: 5, .. })
         ));
+    }
+
+    #[test]
+    fn a_revoke_acked_with_the_delete_of_its_keys_came_after_it() {
+        // b carries lease 5; writer 1 deletes b at 3; writer 0 then revokes
+        // lease 5, which has no keys left: no revision, header revision 3.
+        let ops = vec![
+            put("b", "1", 5),
+            WriteOp::DeleteRange(KeyRange::single(b"b")),
+        ];
+        let truth = Truth::from_model(&ops);
+        // The revoke is listed first (writer 0), yet the delete explains 3.
+        let records = vec![
+            acked(0, WriteOp::LeaseRevoke { lease: 5 }, 3, true, 0),
+            acked(0, ops[0].clone(), 2, true, 0),
+            acked(1, ops[1].clone(), 3, true, 1),
+        ];
+        let att = truth.verify_records(&records, &[5]).expect("explained");
+        assert_eq!(att.acked, 3);
+        assert_eq!(att.acked_without_change, 1);
+        assert_eq!(att.revisions, 2);
     }
 
     #[test]

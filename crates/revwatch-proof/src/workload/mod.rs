@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use self::exec::Stubs;
 use self::plan::{Planned, Planner};
-use crate::etcd::{EtcdError, endpoint};
+use crate::etcd::{EtcdError, connect, endpoint};
 use crate::ops::{Put, WriteOp};
 use crate::record::{Outcome, WriteRecord};
 
@@ -134,6 +134,28 @@ pub async fn run(
         out.leases.extend(part.leases);
     }
     Ok(out)
+}
+
+/// Writes one last key under the prefix (writer number `config.writers`),
+/// so that etcd's last revision touches the prefix and a watcher of it gets
+/// there by events alone, without progress requests (which `etcd
+/// grpc-proxy` 3.4 does not answer). Returns its record.
+pub async fn fence(config: &WorkloadConfig, url: &str) -> Result<WriteRecord, WorkloadError> {
+    let mut stubs = Stubs::new(connect(url).await?);
+    let mut key = config.prefix.clone();
+    key.extend_from_slice(b"fence");
+    let op = WriteOp::Put(Put {
+        key,
+        value: format!("fence-{}", config.seed).into_bytes(),
+        lease: 0,
+    });
+    let outcome = stubs.write(&op).await;
+    Ok(WriteRecord {
+        writer: config.writers,
+        seq: 0,
+        op,
+        outcome,
+    })
 }
 
 struct Writer {

@@ -65,7 +65,8 @@ impl Cluster for ClusterService {
             is_learner: false,
         };
         Ok(Response::new(MemberListResponse {
-            header: self.core.header(self.core.store.read_rev()),
+            // Like etcd's cluster service: identity and term, but no revision.
+            header: self.core.header(0),
             members: vec![member],
         }))
     }

@@ -11,6 +11,11 @@ use super::retry::RetryPolicy;
 /// (5 s by default), so shorter intervals are rejected.
 pub const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The longest timeout or keepalive setting accepted. Far longer than any useful
+/// value, and short enough that deadlines computed from it (`Instant + d`) cannot
+/// overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
 /// Settings for [`Client::connect`](super::Client::connect).
 ///
 /// Start from [`ClientConfig::new`] and adjust fields; [`ClientConfig::validate`] is
@@ -102,6 +107,18 @@ impl ClientConfig {
                 return Err(Error::InvalidConfig(format!("{name} must be positive")));
             }
         }
+        for (name, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("keepalive_interval", self.keepalive_interval),
+            ("keepalive_timeout", self.keepalive_timeout),
+        ] {
+            if d > MAX_TIMEOUT {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} {d:?} is above the maximum of {MAX_TIMEOUT:?}"
+                )));
+            }
+        }
         self.retry.validate()?;
         self.probe_backoff.validate("probe_backoff")?;
         if let Some(c) = &self.credentials
@@ -144,11 +161,22 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The largest accepted [`max`](Self::max): one hour. Longer pauses are never
+    /// useful, and the bound keeps `Instant::now() + delay` far from overflowing.
+    pub const MAX_DELAY: Duration = Duration::from_secs(3600);
+
     pub(crate) fn validate(&self, name: &str) -> Result<(), Error> {
         if self.base.is_zero() || self.max < self.base {
             return Err(Error::InvalidConfig(format!(
                 "{name}: need 0 < base <= max, got base {:?}, max {:?}",
                 self.base, self.max
+            )));
+        }
+        if self.max > Self::MAX_DELAY {
+            return Err(Error::InvalidConfig(format!(
+                "{name}: max {:?} is above the limit of {:?}",
+                self.max,
+                Self::MAX_DELAY
             )));
         }
         Ok(())
@@ -252,6 +280,43 @@ mod tests {
     fn empty_endpoints_are_rejected() {
         let cfg = ClientConfig::new(Vec::<String>::new());
         assert!(matches!(cfg.validate(), Err(Error::InvalidConfig(_))));
+    }
+
+    #[test]
+    fn backoff_max_has_a_ceiling() {
+        let mut cfg = ClientConfig::new(["127.0.0.1:2379"]);
+        cfg.probe_backoff.max = Backoff::MAX_DELAY;
+        cfg.validate().unwrap();
+        cfg.probe_backoff.max = Backoff::MAX_DELAY + Duration::from_nanos(1);
+        let err = cfg.validate().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+        assert!(err.to_string().contains("probe_backoff"), "{err}");
+        assert!(err.to_string().contains("above the limit"), "{err}");
+
+        let mut cfg = ClientConfig::new(["127.0.0.1:2379"]);
+        cfg.retry.backoff.max = Duration::MAX;
+        let err = cfg.validate().unwrap_err();
+        assert!(err.to_string().contains("retry.backoff"), "{err}");
+    }
+
+    #[test]
+    fn huge_timeouts_are_rejected() {
+        type Setter = fn(&mut ClientConfig, Duration);
+        let fields: [(&str, Setter); 4] = [
+            ("connect_timeout", |c, d| c.connect_timeout = d),
+            ("request_timeout", |c, d| c.request_timeout = d),
+            ("keepalive_interval", |c, d| c.keepalive_interval = d),
+            ("keepalive_timeout", |c, d| c.keepalive_timeout = d),
+        ];
+        for (field, set) in fields {
+            let mut cfg = ClientConfig::new(["127.0.0.1:2379"]);
+            set(&mut cfg, MAX_TIMEOUT);
+            cfg.validate().unwrap();
+            set(&mut cfg, Duration::MAX);
+            let err = cfg.validate().unwrap_err();
+            assert!(matches!(err, Error::InvalidConfig(_)), "{field}: {err}");
+            assert!(err.to_string().contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

@@ -124,7 +124,12 @@ impl Health {
         self.healthy = false;
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         self.last_error = Some(reason);
-        self.next_probe = Some(now + delay);
+        // Validated backoffs are at most an hour; never panic on an absurd one.
+        self.next_probe = Some(
+            now.checked_add(delay)
+                .or_else(|| now.checked_add(Backoff::MAX_DELAY))
+                .unwrap_or(now),
+        );
     }
 
     /// Whether the prober should check this endpoint now.
@@ -412,6 +417,19 @@ mod tests {
         assert!(h.is_healthy());
         assert_eq!(h.consecutive_failures, 0);
         assert_eq!(h.last_error.as_deref(), Some("connection refused"));
+    }
+
+    #[test]
+    fn absurd_probe_backoff_does_not_panic() {
+        let huge = Backoff {
+            base: Duration::MAX,
+            max: Duration::MAX,
+        };
+        let mut h = Health::new();
+        let t0 = Instant::now();
+        h.on_failure("connection refused".into(), t0, &huge);
+        assert!(!h.is_healthy());
+        assert!(!h.probe_due(t0), "the probe still waits");
     }
 
     #[test]

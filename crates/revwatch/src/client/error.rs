@@ -174,7 +174,10 @@ impl Error {
     pub(crate) fn from_server_status(status: &tonic::Status, endpoint: &str) -> Error {
         let endpoint = endpoint.to_string();
         let message = status.message();
-        if status.code() == tonic::Code::OutOfRange {
+        // etcd sends these as OutOfRange, but `etcd grpc-proxy` relays them as Unknown
+        // with the same text: the text decides, or a compaction seen through a proxy
+        // would pass for an ordinary error and never trigger a relist.
+        if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::Unknown) {
             if message.contains(COMPACTED_MSG) {
                 return Error::Compacted {
                     compact_revision: None,
@@ -224,6 +227,10 @@ mod tests {
         let future =
             tonic::Status::out_of_range("etcdserver: mvcc: required revision is a future revision");
         assert!(Error::from_server_status(&future, "e:1").is_future_revision());
+        // As relayed by etcd grpc-proxy.
+        let proxied =
+            tonic::Status::unknown("etcdserver: mvcc: required revision has been compacted");
+        assert!(Error::from_server_status(&proxied, "e:1").is_compacted());
         let denied = tonic::Status::permission_denied("etcdserver: permission denied");
         assert!(Error::from_server_status(&denied, "e:1").is_permission_denied());
     }

@@ -18,6 +18,11 @@ use super::{Client, Error, Retry, failure_error};
 /// Shortest pause between keepalives, whatever the TTL.
 const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(500);
 
+/// The longest TTL taken at face value: etcd's own limit on lease TTLs
+/// (`MaxLeaseTTL`, about 285 years). A larger TTL from a broken or hostile server
+/// is clamped to it, so deadlines computed from it cannot overflow `Instant`.
+const MAX_TTL_SECS: i64 = 9_000_000_000;
+
 /// Why a kept lease is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseLost {
@@ -173,8 +178,8 @@ async fn keep_alive(
 ) {
     let request_timeout = client.config().request_timeout;
     let backoff = client.config().retry.backoff;
-    let mut expires_at = granted_at + secs(ttl);
-    let mut next = granted_at + renew_interval(ttl);
+    let mut expires_at = after(granted_at, secs(ttl));
+    let mut next = after(granted_at, renew_interval(ttl));
     let mut stream: Option<KeepAliveStream> = None;
     let mut failures = 0u32;
     let mut last_error: Option<String> = None;
@@ -196,8 +201,8 @@ async fn keep_alive(
         let budget = request_timeout.min(left);
         match tokio::time::timeout(budget, renew(&client, &mut stream, id)).await {
             Ok(Ok(reply_ttl)) if reply_ttl > 0 => {
-                expires_at = now + secs(reply_ttl);
-                next = now + renew_interval(reply_ttl);
+                expires_at = after(now, secs(reply_ttl));
+                next = after(now, renew_interval(reply_ttl));
                 failures = 0;
                 state.send_replace(LeaseState::Alive { ttl: reply_ttl });
                 continue;
@@ -218,7 +223,7 @@ async fn keep_alive(
         }
         // The stream failed: reopen (on a healthy endpoint) after a short backoff.
         stream = None;
-        next = Instant::now() + backoff.delay(failures, &mut rand::rng());
+        next = after(Instant::now(), backoff.delay(failures, &mut rand::rng()));
         failures = failures.saturating_add(1);
     }
 }
@@ -282,8 +287,18 @@ async fn open(client: &Client, id: i64) -> Result<KeepAliveStream, Error> {
     })
 }
 
+/// A TTL in seconds as a duration: negative counts as zero, and anything above
+/// [`MAX_TTL_SECS`] as that.
 fn secs(s: i64) -> Duration {
-    Duration::from_secs(u64::try_from(s).unwrap_or(0))
+    Duration::from_secs(u64::try_from(s.min(MAX_TTL_SECS)).unwrap_or(0))
+}
+
+/// `t + d`, saturating instead of panicking when the sum does not fit an `Instant`
+/// (possible only for absurd durations; the clamped TTL keeps sums far from it).
+fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .or_else(|| t.checked_add(secs(MAX_TTL_SECS)))
+        .unwrap_or(t)
 }
 
 /// About a third of the TTL, with +/-10% jitter so many keepers do not renew in step.
@@ -297,6 +312,132 @@ fn renew_interval(ttl: i64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::ClientConfig;
+    use etcd_proto::etcdserverpb::lease_server::{Lease, LeaseServer};
+    use etcd_proto::etcdserverpb::maintenance_server::{Maintenance, MaintenanceServer};
+    use etcd_proto::etcdserverpb::*;
+    use tonic::{Request, Response, Status};
+
+    /// A hostile etcd: grants whatever TTL is asked, and answers every keepalive
+    /// with TTL `i64::MAX`.
+    struct Hostile;
+
+    type Reply<T> = Result<Response<T>, Status>;
+
+    #[tonic::async_trait]
+    impl Lease for Hostile {
+        async fn lease_grant(&self, r: Request<LeaseGrantRequest>) -> Reply<LeaseGrantResponse> {
+            Ok(Response::new(LeaseGrantResponse {
+                id: 7,
+                ttl: r.into_inner().ttl,
+                ..Default::default()
+            }))
+        }
+        async fn lease_revoke(&self, _: Request<LeaseRevokeRequest>) -> Reply<LeaseRevokeResponse> {
+            Err(Status::unimplemented("revoke"))
+        }
+        type LeaseKeepAliveStream = ReceiverStream<Result<LeaseKeepAliveResponse, Status>>;
+        async fn lease_keep_alive(
+            &self,
+            r: Request<tonic::Streaming<LeaseKeepAliveRequest>>,
+        ) -> Reply<Self::LeaseKeepAliveStream> {
+            let mut inbound = r.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                while let Ok(Some(req)) = inbound.message().await {
+                    let reply = LeaseKeepAliveResponse {
+                        id: req.id,
+                        ttl: i64::MAX,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        }
+        async fn lease_time_to_live(
+            &self,
+            _: Request<LeaseTimeToLiveRequest>,
+        ) -> Reply<LeaseTimeToLiveResponse> {
+            Err(Status::unimplemented("ttl"))
+        }
+        async fn lease_leases(&self, _: Request<LeaseLeasesRequest>) -> Reply<LeaseLeasesResponse> {
+            Err(Status::unimplemented("leases"))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Maintenance for Hostile {
+        async fn alarm(&self, _: Request<AlarmRequest>) -> Reply<AlarmResponse> {
+            Err(Status::unimplemented("alarm"))
+        }
+        async fn status(&self, _: Request<StatusRequest>) -> Reply<StatusResponse> {
+            // A leader, so the client's health probe accepts this endpoint.
+            Ok(Response::new(StatusResponse {
+                leader: 1,
+                ..Default::default()
+            }))
+        }
+        async fn defragment(&self, _: Request<DefragmentRequest>) -> Reply<DefragmentResponse> {
+            Err(Status::unimplemented("defragment"))
+        }
+        async fn hash(&self, _: Request<HashRequest>) -> Reply<HashResponse> {
+            Err(Status::unimplemented("hash"))
+        }
+        async fn hash_kv(&self, _: Request<HashKvRequest>) -> Reply<HashKvResponse> {
+            Err(Status::unimplemented("hash_kv"))
+        }
+        type SnapshotStream = ReceiverStream<Result<SnapshotResponse, Status>>;
+        async fn snapshot(&self, _: Request<SnapshotRequest>) -> Reply<Self::SnapshotStream> {
+            Err(Status::unimplemented("snapshot"))
+        }
+        async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Reply<MoveLeaderResponse> {
+            Err(Status::unimplemented("move_leader"))
+        }
+    }
+
+    async fn hostile_client() -> Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(LeaseServer::new(Hostile))
+                .add_service(MaintenanceServer::new(Hostile))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        Client::connect(ClientConfig::new([addr.to_string()]))
+            .await
+            .unwrap()
+    }
+
+    /// The keeper task must survive a server that reports absurd TTLs: before the
+    /// clamp, `Instant + secs(i64::MAX)` panicked inside it.
+    #[tokio::test]
+    async fn hostile_ttls_do_not_panic_the_keeper() {
+        let client = hostile_client().await;
+
+        // A granted TTL of i64::MAX.
+        let keeper = LeaseKeeper::start(&client, i64::MAX).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!keeper.task.is_finished(), "keeper task died");
+        assert_eq!(keeper.state(), LeaseState::Alive { ttl: i64::MAX });
+
+        // A sane grant, then a keepalive reply (after ~0.5 s) of i64::MAX.
+        let keeper = LeaseKeeper::start(&client, 1).await.unwrap();
+        let mut state = keeper.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            state.wait_for(|s| *s == LeaseState::Alive { ttl: i64::MAX }),
+        )
+        .await
+        .expect("no keepalive reply within 10 s")
+        .expect("keeper task died");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!keeper.task.is_finished(), "keeper task died");
+        assert_eq!(keeper.state(), LeaseState::Alive { ttl: i64::MAX });
+    }
 
     #[test]
     fn renewal_is_about_a_third_of_the_ttl() {
@@ -309,5 +450,30 @@ mod tests {
         }
         assert_eq!(renew_interval(0), MIN_RENEW_INTERVAL);
         assert_eq!(renew_interval(-5), MIN_RENEW_INTERVAL);
+    }
+
+    #[test]
+    fn hostile_ttls_are_clamped_and_do_not_overflow() {
+        let now = Instant::now();
+        for ttl in [
+            i64::MAX,
+            i64::MAX / 2,
+            MAX_TTL_SECS + 1,
+            u32::MAX as i64 * 10,
+        ] {
+            assert_eq!(secs(ttl), Duration::from_secs(9_000_000_000), "{ttl}");
+            // The keeper's deadline arithmetic for such a reply must not panic.
+            let expires_at = after(now, secs(ttl));
+            let next = after(now, renew_interval(ttl));
+            assert!(expires_at > now && next > now && next < expires_at);
+        }
+        assert_eq!(secs(i64::MIN), Duration::ZERO);
+        assert_eq!(secs(30), Duration::from_secs(30));
+        // Durations that cannot be added at all saturate instead of panicking.
+        assert!(after(now, Duration::MAX) >= now);
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
     }
 }

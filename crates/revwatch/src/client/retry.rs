@@ -53,9 +53,17 @@ impl Backoff {
     /// The delay before retry number `round` (0-based): `min(max, base * 2^round)`,
     /// then scaled by a random factor in `[0.5, 1.0]` so that clients that failed
     /// together do not retry together.
+    ///
+    /// Never panics, whatever the bounds: a delay that does not fit a `Duration`
+    /// after jitter is the ceiling itself. (Validated configurations keep `max` at
+    /// or below [`Backoff::MAX_DELAY`].)
     pub fn delay(&self, round: u32, rng: &mut impl Rng) -> Duration {
         let ceiling = self.ceiling(round);
-        ceiling.mul_f64(rng.random_range(0.5..=1.0))
+        let factor: f64 = rng.random_range(0.5..=1.0);
+        // `Duration::mul_f64` panics when rounding pushes the result past
+        // `Duration::MAX`; the fallible conversion does not.
+        Duration::try_from_secs_f64(ceiling.as_secs_f64() * factor)
+            .map_or(ceiling, |d| d.min(ceiling))
     }
 
     /// The delay before jitter.
@@ -120,6 +128,16 @@ pub(crate) fn short_reason(status: &tonic::Status) -> String {
     let mut cur = status.source();
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // The connect timeout surfaces as a TimedOut wrapping tokio's "deadline
+            // has elapsed", which does not say what timed out.
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                let what = if source_chain_has::<tonic::ConnectError>(status) {
+                    "connect timed out"
+                } else {
+                    "timed out"
+                };
+                return what.to_string();
+            }
             // OS errors read best as their kind ("connection refused"); wrapped
             // errors (e.g. rustls's "invalid peer certificate") by their message.
             return match io.get_ref() {
@@ -175,6 +193,43 @@ mod tests {
     }
 
     #[test]
+    fn huge_backoff_bounds_do_not_panic() {
+        let b = Backoff {
+            base: Duration::MAX,
+            max: Duration::MAX,
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        for round in [0, 1, 31, u32::MAX] {
+            for _ in 0..100 {
+                let d = b.delay(round, &mut rng);
+                assert!(d >= Duration::MAX / 2, "{d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_above_the_ceiling_is_invalid() {
+        let p = RetryPolicy {
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Backoff::MAX_DELAY + Duration::from_secs(1),
+            },
+            ..RetryPolicy::default()
+        };
+        let err = p.validate().unwrap_err();
+        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+        assert!(err.to_string().contains("retry.backoff"), "{err}");
+        let ok = RetryPolicy {
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Backoff::MAX_DELAY,
+            },
+            ..RetryPolicy::default()
+        };
+        ok.validate().unwrap();
+    }
+
+    #[test]
     fn server_statuses_are_classified() {
         let s = tonic::Status::unavailable("etcdserver: no leader");
         assert!(matches!(classify(&s, "e:1"), Failure::Unavailable(_)));
@@ -210,6 +265,23 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn connect_timeouts_say_so() {
+        // What hyper-util's connector returns when its connect timeout fires.
+        let elapsed = std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline has elapsed");
+        let s = tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(elapsed))));
+        match classify(&s, "e:1") {
+            Failure::Transport { reason, maybe_sent } => {
+                assert_eq!(reason, "connect timed out");
+                assert!(!maybe_sent);
+            }
+            other => panic!("{other:?}"),
+        }
+        let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        let s = tonic::Status::from_error(Box::new(timed_out));
+        assert_eq!(short_reason(&s), "timed out");
     }
 
     #[test]

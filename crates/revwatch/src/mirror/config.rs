@@ -44,10 +44,12 @@ pub struct MirrorConfig {
     pub retry_backoff: Backoff,
     /// How progress replies are trusted.
     pub progress_trust: ProgressTrust,
-    /// With [`ProgressTrust::Confirmed`], how long after its creation a watch that
-    /// had history to catch up on (and delivered no event at or above the creation
-    /// revision) is assumed caught up. etcd syncs lagging watchers every 100 ms.
-    /// Default 1 s.
+    /// How long after its creation a watch that had history to catch up on (and
+    /// delivered neither an event nor a bookmark at or above its creation
+    /// revision) is assumed caught up: for trusting progress replies
+    /// ([`ProgressTrust::Confirmed`]), for readiness, and for re-checking that
+    /// compaction did not reach its start. etcd syncs lagging watchers every
+    /// 100 ms. Default 1 s.
     pub catch_up_grace: Duration,
     /// Snapshot file to load at start and to keep written. Default none.
     pub snapshot_file: Option<PathBuf>,
@@ -98,9 +100,12 @@ impl MirrorConfig {
         if self.subscriber_buffer == 0 {
             return bad("subscriber_buffer must be positive".into());
         }
-        if self.retry_backoff.base.is_zero() || self.retry_backoff.max < self.retry_backoff.base {
-            return bad("retry_backoff: need 0 < base <= max".into());
-        }
-        Ok(())
+        // The client's own check: the same bounds, and the same message.
+        self.retry_backoff
+            .validate("retry_backoff")
+            .map_err(|e| match e {
+                crate::client::Error::InvalidConfig(msg) => MirrorError::InvalidConfig(msg),
+                other => MirrorError::InvalidConfig(other.to_string()),
+            })
     }
 }

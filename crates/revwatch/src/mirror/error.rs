@@ -35,6 +35,10 @@ pub enum MirrorError {
     #[error("could not read the current revision from etcd: {0}")]
     Source(String),
 
+    /// Writing the snapshot file at shutdown failed.
+    #[error("could not write the final snapshot file: {0}")]
+    Persist(String),
+
     /// The mirror has shut down.
     #[error("the mirror has shut down")]
     Closed,

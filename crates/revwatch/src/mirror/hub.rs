@@ -82,7 +82,7 @@ impl<T> Hub<T> {
     pub(crate) fn publish(&self, snapshot: Arc<Snapshot<T>>, update: Update<T>) {
         let revision = snapshot.revision();
         let mut subs = lock(&self.subscribers);
-        self.current.store(Arc::clone(&snapshot));
+        let old = self.current.swap(Arc::clone(&snapshot));
         subs.slots.retain(|slot| {
             let mut st = lock(&slot.state);
             if st.dropped {
@@ -103,7 +103,31 @@ impl<T> Hub<T> {
         });
         self.metrics.subscribers.set(subs.slots.len() as i64);
         drop(subs);
+        drop(old);
         self.revision.send_replace(revision);
+    }
+
+    /// Holds off new subscriptions while none is live, so that revisions can be
+    /// applied without a batch (or a snapshot) each: nobody needs them until
+    /// [`Quiet::publish`] makes the result current, and whoever subscribes
+    /// meanwhile waits for that and starts from it. `None` while a subscription
+    /// is live: then every revision is published on its own.
+    ///
+    /// The caller must not block or await while holding it: it should only apply
+    /// the revisions already received and publish.
+    pub(crate) fn quiet(&self) -> Option<Quiet<'_, T>> {
+        let mut subs = lock(&self.subscribers);
+        if !subs.slots.is_empty() {
+            subs.slots.retain(|slot| !lock(&slot.state).dropped);
+            self.metrics.subscribers.set(subs.slots.len() as i64);
+            if !subs.slots.is_empty() {
+                return None;
+            }
+        }
+        Some(Quiet {
+            hub: self,
+            _subs: subs,
+        })
     }
 
     /// A new subscription whose first update is the current snapshot.
@@ -137,6 +161,28 @@ impl<T> Hub<T> {
             slot.notify.notify_one();
         }
         self.metrics.subscribers.set(0);
+    }
+}
+
+/// Publication while no subscription is live; from [`Hub::quiet`].
+pub(crate) struct Quiet<'a, T> {
+    hub: &'a Hub<T>,
+    /// Held until published: a subscription made meanwhile would miss the
+    /// revisions applied without batches.
+    _subs: MutexGuard<'a, Subscribers<T>>,
+}
+
+impl<T> Quiet<'_, T> {
+    /// Makes `snapshot` current for readers and waiters, then lets subscriptions
+    /// in (they start from it).
+    pub(crate) fn publish(self, snapshot: Arc<Snapshot<T>>) {
+        let revision = snapshot.revision();
+        let hub = self.hub;
+        let old = hub.current.swap(snapshot);
+        drop(self);
+        // Freeing what only the old snapshot held happens outside the lock.
+        drop(old);
+        hub.revision.send_replace(revision);
     }
 }
 

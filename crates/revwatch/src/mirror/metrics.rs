@@ -1,4 +1,24 @@
 //! Prometheus metrics of a mirror.
+//!
+//! Registered under the `revwatch_mirror_` prefix (text names, as scraped):
+//!
+//! | metric | type | what |
+//! | --- | --- | --- |
+//! | `watch_streams_opened_total` | counter | watch streams opened |
+//! | `reconnects_total{cause}` | counter | resumes without relist, by [`ReconnectCause`](super::ReconnectCause) |
+//! | `relists_total{cause}` | counter | relists, by [`ResyncReason`](super::ResyncReason) (not the initial list) |
+//! | `events_applied_total` | counter | watch events applied |
+//! | `revisions_applied_total` | counter | revisions applied from the watch (one batch each) |
+//! | `revision` | gauge | revision of the published snapshot |
+//! | `server_revision` | gauge | highest revision seen in a server response header |
+//! | `lag_revisions` | gauge | `server_revision - revision` |
+//! | `apply_seconds` | histogram | time to apply and publish one watched revision |
+//! | `decode_errors_total` | counter | values that failed to decode (or whose decoder panicked) |
+//! | `rejected_responses_total{cause}` | counter | responses rejected by validation (`header`, `event`, `list`) or progress replies not trusted (`untrusted_progress`) |
+//! | `subscribers` | gauge | live subscriptions |
+//! | `subscriber_lagged_total` | counter | times a subscriber's buffer overflowed (it is then marked lagging) |
+//! | `subscriber_resyncs_total` | counter | resync batches delivered to lagging subscribers |
+//! | `snapshot_file_writes_total{cause}` | counter | snapshot file writes, by outcome (`ok`, `error`) |
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -6,6 +26,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use super::batch::ResyncReason;
+use super::status::ReconnectCause;
 
 /// Label set of the by-cause counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -34,12 +57,34 @@ pub(crate) struct Metrics {
     pub(crate) snapshot_writes: Family<CauseLabel, Counter>,
 }
 
+/// Every cause a by-cause counter is known to take, created at 0 so that each is
+/// scraped from the start (a family without children is not exposed at all, and
+/// "no data" is not "none yet").
+const RECONNECT_CAUSES: [ReconnectCause; 5] = [
+    ReconnectCause::StreamError,
+    ReconnectCause::StreamClosed,
+    ReconnectCause::Stall,
+    ReconnectCause::Canceled,
+    ReconnectCause::Validation,
+];
+const RELIST_CAUSES: [ResyncReason; 2] = [ResyncReason::Compacted, ResyncReason::Validation];
+const REJECTED_CAUSES: [&str; 4] = ["header", "event", "list", "untrusted_progress"];
+const SNAPSHOT_WRITE_OUTCOMES: [&str; 2] = ["ok", "error"];
+
+fn family_with(causes: impl IntoIterator<Item = &'static str>) -> Family<CauseLabel, Counter> {
+    let family = Family::default();
+    for cause in causes {
+        let _ = family.get_or_create(&CauseLabel { cause });
+    }
+    family
+}
+
 impl Metrics {
     pub(crate) fn new() -> Self {
         Metrics {
             streams_opened: Counter::default(),
-            reconnects: Family::default(),
-            relists: Family::default(),
+            reconnects: family_with(RECONNECT_CAUSES.map(ReconnectCause::as_str)),
+            relists: family_with(RELIST_CAUSES.map(ResyncReason::as_str)),
             events_applied: Counter::default(),
             revisions_applied: Counter::default(),
             revision: Gauge::default(),
@@ -48,11 +93,11 @@ impl Metrics {
             // 1 µs .. ~0.5 s.
             apply_seconds: Histogram::new(exponential_buckets(1e-6, 2.5, 15)),
             decode_errors: Counter::default(),
-            rejected_responses: Family::default(),
+            rejected_responses: family_with(REJECTED_CAUSES),
             subscribers: Gauge::default(),
             subscriber_lagged: Counter::default(),
             subscriber_resyncs: Counter::default(),
-            snapshot_writes: Family::default(),
+            snapshot_writes: family_with(SNAPSHOT_WRITE_OUTCOMES),
         }
     }
 
@@ -139,5 +184,58 @@ impl Metrics {
 
     pub(crate) fn inc_cause(family: &Family<CauseLabel, Counter>, cause: &'static str) {
         family.get_or_create(&CauseLabel { cause }).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_registered_under_the_prefix() {
+        let metrics = Metrics::new();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        metrics.streams_opened.inc();
+        Metrics::inc_cause(&metrics.reconnects, "stall");
+        Metrics::inc_cause(&metrics.relists, "compacted");
+        Metrics::inc_cause(&metrics.rejected_responses, "header");
+        Metrics::inc_cause(&metrics.snapshot_writes, "ok");
+        metrics.lag.set(3);
+        metrics.apply_seconds.observe(0.001);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for sample in [
+            "revwatch_mirror_watch_streams_opened_total 1",
+            "revwatch_mirror_reconnects_total{cause=\"stall\"} 1",
+            "revwatch_mirror_relists_total{cause=\"compacted\"} 1",
+            "revwatch_mirror_events_applied_total 0",
+            "revwatch_mirror_revisions_applied_total 0",
+            "revwatch_mirror_revision 0",
+            "revwatch_mirror_server_revision 0",
+            "revwatch_mirror_lag_revisions 3",
+            "revwatch_mirror_apply_seconds_count 1",
+            "revwatch_mirror_decode_errors_total 0",
+            "revwatch_mirror_rejected_responses_total{cause=\"header\"} 1",
+            "revwatch_mirror_subscribers 0",
+            "revwatch_mirror_subscriber_lagged_total 0",
+            "revwatch_mirror_subscriber_resyncs_total 0",
+            "revwatch_mirror_snapshot_file_writes_total{cause=\"ok\"} 1",
+            // Known causes are exposed at 0 before they first happen.
+            "revwatch_mirror_reconnects_total{cause=\"stream_error\"} 0",
+            "revwatch_mirror_reconnects_total{cause=\"stream_closed\"} 0",
+            "revwatch_mirror_reconnects_total{cause=\"canceled\"} 0",
+            "revwatch_mirror_reconnects_total{cause=\"validation\"} 0",
+            "revwatch_mirror_relists_total{cause=\"validation\"} 0",
+            "revwatch_mirror_rejected_responses_total{cause=\"event\"} 0",
+            "revwatch_mirror_rejected_responses_total{cause=\"list\"} 0",
+            "revwatch_mirror_rejected_responses_total{cause=\"untrusted_progress\"} 0",
+            "revwatch_mirror_snapshot_file_writes_total{cause=\"error\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == sample),
+                "{sample:?} not in\n{text}"
+            );
+        }
     }
 }

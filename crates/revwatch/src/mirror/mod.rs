@@ -63,7 +63,11 @@
 //!    relists only when etcd says the revision was compacted, or when an event
 //!    fails validation. A relist publishes one atomic [`Batch`] marked as a resync
 //!    holding exactly the difference: puts for new and changed keys, deletes for
-//!    vanished keys.
+//!    vanished keys. etcd accepts a watch starting *at* the compaction revision C
+//!    but has dropped the deletes of revision C by then (it would deliver half of
+//!    a txn); so a watch that replays history is checked with a count-only range
+//!    at its start revision − 1, after its created reply and again once it has
+//!    caught up, and relists (cause: compaction) if that range is compacted.
 //! 6. **Stall detection.** While watching, a progress request is sent after
 //!    [`MirrorConfig::progress_interval`] of silence; after
 //!    [`MirrorConfig::stall_timeout`] (10 s by default) without any response the
@@ -74,9 +78,11 @@
 //!    becomes a bookmark only when confirmed by a later one; replies below the
 //!    applied revision are counted ([`Status::untrusted_progress`]) and ignored,
 //!    without reconnecting: they are harmless once ignored.
-//! 7. **Readiness and status.** [`Mirror::wait_ready`] returns once watching, or an
-//!    error with the cause (permission denied, no endpoint reachable, ...) instead
-//!    of hanging. [`Mirror::status`] reports the [`State`], revisions, lag, last
+//! 7. **Readiness and status.** The state is [`State::Ready`] once a watch has
+//!    caught up with the server revision at its creation: it delivered events or a
+//!    bookmark up to that revision, or [`MirrorConfig::catch_up_grace`] passed.
+//!    [`Mirror::wait_ready`] returns once Ready, or an error with the cause
+//!    (permission denied, no endpoint reachable, ...) instead of hanging. [`Mirror::status`] reports the [`State`], revisions, lag, last
 //!    event time, last error, reconnects and relists by cause, and decode failures.
 //! 8. **Consistent reads.** [`Mirror::snapshot_at_least`] waits for a revision;
 //!    [`Mirror::consistent_snapshot`] asks etcd for its current revision (a
@@ -89,7 +95,9 @@
 //! 10. **Persistence.** With [`MirrorConfig::snapshot_file`], the raw state is
 //!     written atomically with a checksum, at most every
 //!     [`MirrorConfig::snapshot_interval`]. At start the file is loaded and the
-//!     watch resumes from its revision (no relist unless compacted). While etcd is
+//!     watch resumes from its revision (no relist unless compacted).
+//!     [`Mirror::shutdown`] writes a final file, so a clean restart resumes from
+//!     the last published revision. While etcd is
 //!     unreachable the loaded snapshot is served in [`State::Stale`]. A corrupt or
 //!     foreign file is reported and ignored.
 //! 11. **Readers and subscribers.** Readers load an `Arc<Snapshot>` without locks
@@ -247,6 +255,8 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
         let status = Arc::new(watch::channel(status).0);
         let progress_wanted = Arc::new(Notify::new());
         let current_revision = current_revision_fn(source.clone(), range.clone());
+        let (stop, stop_rx) = watch::channel(false);
+        let (stopped_tx, stopped) = watch::channel(None);
         let runner = Runner {
             source,
             range,
@@ -258,6 +268,8 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
             progress_wanted: Arc::clone(&progress_wanted),
             loaded,
             persist: persister,
+            stop: stop_rx,
+            stopped: stopped_tx,
         };
         let task = tokio::spawn(runner.run());
         Ok(Mirror {
@@ -267,6 +279,8 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
                 progress_wanted,
                 current_revision,
                 task,
+                stop,
+                stopped,
             }),
         })
     }
@@ -329,6 +343,8 @@ struct Shared<T> {
     progress_wanted: Arc<Notify>,
     current_revision: RevisionFn,
     task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+    stopped: watch::Receiver<Option<Result<(), MirrorError>>>,
 }
 
 impl<T> Drop for Shared<T> {
@@ -361,6 +377,27 @@ impl<T: Send + Sync + 'static> Mirror<T> {
         self.shared.hub.subscribe()
     }
 
+    /// Stops the mirror, for every clone of this handle: ends the watch, writes a
+    /// final snapshot file if one is configured (so that a restart resumes from
+    /// the last published revision, not from the last timed write), and ends
+    /// subscriptions. Reads keep working on the last snapshot; waits return
+    /// [`MirrorError::Closed`]. Dropping the last handle instead stops the mirror
+    /// without the final write.
+    ///
+    /// Fails with [`MirrorError::Persist`] if the final write fails (a second call,
+    /// from another clone, reports the same outcome).
+    pub async fn shutdown(self) -> Result<(), MirrorError> {
+        self.shared.stop.send_replace(true);
+        let mut stopped = self.shared.stopped.clone();
+        let outcome = match stopped.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or(Err(MirrorError::Closed)),
+            // The task ended without reporting: it panicked.
+            Err(_) => Err(MirrorError::Closed),
+        };
+        self.shared.hub.close();
+        outcome
+    }
+
     /// The current status.
     pub fn status(&self) -> Status {
         self.shared.status.borrow().clone()
@@ -372,7 +409,8 @@ impl<T: Send + Sync + 'static> Mirror<T> {
         self.shared.status.subscribe()
     }
 
-    /// Waits until the mirror watches etcd (state [`State::Ready`]). Returns
+    /// Waits until the mirror watches etcd and has caught up with it (state
+    /// [`State::Ready`]). Returns
     /// [`MirrorError::NotReady`] with the cause as soon as an attempt to list or
     /// watch fails (the mirror keeps retrying; call again to wait for the next
     /// outcome). Wrap in `tokio::time::timeout` to bound the wait.

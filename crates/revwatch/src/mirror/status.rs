@@ -10,13 +10,17 @@ use super::error::FailureKind;
 /// The mirror's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
-    /// Listing the prefix for the first time; nothing is served yet.
+    /// Listing the prefix for the first time (nothing is served yet), or catching
+    /// up right after.
     Syncing,
-    /// Watching: snapshots follow etcd.
+    /// Watching and caught up with the server revision seen when the watch was
+    /// created: snapshots follow etcd.
     Ready,
-    /// The watch was lost; resuming (or relisting). The last snapshot is served.
+    /// The watch was lost; resuming (or relisting, or catching up on what was
+    /// missed). The last snapshot is served.
     Reconnecting,
-    /// Serving a snapshot loaded from the snapshot file, etcd not reached yet.
+    /// Serving a snapshot loaded from the snapshot file, etcd not reached (or not
+    /// caught up with) yet.
     Stale,
     /// Failing for a reason retries are unlikely to fix (e.g. permission denied);
     /// the last snapshot is served and retries go on.

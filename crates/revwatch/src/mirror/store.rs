@@ -83,13 +83,53 @@ impl<T: Send + Sync + 'static> Writer<T> {
         self.snapshot()
     }
 
-    /// Applies every event of one revision. The caller has checked that `revision`
-    /// is above the current one and that every event carries it.
+    /// The current state, as a snapshot to publish.
+    pub(crate) fn current(&self) -> Arc<Snapshot<T>> {
+        self.snapshot()
+    }
+
+    /// Applies every event of one revision, and yields the snapshot and the batch
+    /// that leads to it. The caller has checked that `revision` is above the
+    /// current one and that every event carries it.
     pub(crate) fn apply_revision(
         &mut self,
         revision: i64,
         events: Vec<mvccpb::Event>,
     ) -> Result<Applied<T>, Invalid> {
+        let mut changes = Vec::with_capacity(events.len());
+        self.apply_events(revision, events, Some(&mut changes))?;
+        let snapshot = self.snapshot();
+        let batch = Arc::new(Batch {
+            revision,
+            resync: None,
+            changes,
+            snapshot: Arc::clone(&snapshot),
+        });
+        Ok(Applied { snapshot, batch })
+    }
+
+    /// Applies every event of one revision like [`apply_revision`](Self::apply_revision),
+    /// but yields neither snapshot nor batch: for revisions that no subscriber
+    /// needs one by one, published later as part of a
+    /// [`current`](Self::current) snapshot. Since no snapshot of the state before
+    /// the last revision is taken, the map's nodes copied by the first change are
+    /// updated in place by the next ones.
+    pub(crate) fn apply_unpublished(
+        &mut self,
+        revision: i64,
+        events: Vec<mvccpb::Event>,
+    ) -> Result<(), Invalid> {
+        self.apply_events(revision, events, None)
+    }
+
+    /// Validates and applies the events of one revision, recording their changes
+    /// in `changes` if given. A bad event leaves the state untouched.
+    fn apply_events(
+        &mut self,
+        revision: i64,
+        events: Vec<mvccpb::Event>,
+        mut changes: Option<&mut Vec<Change<T>>>,
+    ) -> Result<(), Invalid> {
         // Validate everything first so a bad event leaves the map untouched.
         for ev in &events {
             let kv = ev
@@ -106,65 +146,81 @@ impl<T: Send + Sync + 'static> Writer<T> {
                 )));
             }
         }
-        let mut changes = Vec::with_capacity(events.len());
         for ev in events {
             let Some(kv) = ev.kv else { continue };
-            let key = Bytes::from(kv.key);
-            let prev = self.map.get(&key).map(|s| Arc::clone(&s.0));
+            // Keys are looked up by their bytes: a key already present keeps its
+            // stored (shared) `Bytes`, and changes name it by that.
             if ev.r#type == EventType::Delete as i32 {
-                self.map.remove(&key);
-                self.failures.remove(&key);
-                changes.push(Change {
-                    key,
-                    kind: ChangeKind::Delete { prev },
-                });
+                let removed = self.map.remove_with_key(&kv.key[..]);
+                self.failures.remove(&kv.key[..]);
+                if let Some(changes) = changes.as_deref_mut() {
+                    let (key, prev) = match removed {
+                        Some((key, slot)) => (key, Some(slot.0)),
+                        None => (Bytes::from(kv.key), None),
+                    };
+                    changes.push(Change {
+                        key,
+                        kind: ChangeKind::Delete { prev },
+                    });
+                }
                 continue;
             }
             let raw = Bytes::from(kv.value);
-            match self.decoder.decode(&key, &raw) {
-                Ok(value) => {
-                    let entry = Arc::new(Entry {
-                        value,
-                        raw,
-                        create_revision: kv.create_revision,
-                        mod_revision: kv.mod_revision,
-                        version: kv.version,
-                        lease: kv.lease,
-                    });
-                    self.map.insert(key.clone(), Slot(Arc::clone(&entry)));
-                    self.failures.remove(&key);
-                    changes.push(Change {
-                        key,
-                        kind: ChangeKind::Put { entry, prev },
-                    });
-                }
+            let value = match self.decoder.decode(&kv.key, &raw) {
+                Ok(value) => value,
                 Err(e) => {
-                    if let Some(change) = self.decode_failed(key, revision, &e.to_string(), prev) {
+                    if let Some(change) =
+                        self.decode_failed(Bytes::from(kv.key), revision, &e.to_string())
+                        && let Some(changes) = changes.as_deref_mut()
+                    {
                         changes.push(change);
                     }
+                    continue;
+                }
+            };
+            let entry = Arc::new(Entry {
+                value,
+                raw,
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+                lease: kv.lease,
+            });
+            self.failures.remove(&kv.key[..]);
+            // One descent for a key already present: its entry is replaced in
+            // place (in the nodes copied as needed).
+            match (self.map.get_key_value_mut(&kv.key[..]), changes.as_deref_mut()) {
+                (Some((_, slot)), None) => slot.0 = entry,
+                (Some((key, slot)), Some(changes)) => {
+                    let prev = std::mem::replace(&mut slot.0, Arc::clone(&entry));
+                    changes.push(Change {
+                        key: key.clone(),
+                        kind: ChangeKind::Put {
+                            entry,
+                            prev: Some(prev),
+                        },
+                    });
+                }
+                (None, None) => {
+                    self.map.insert(Bytes::from(kv.key), Slot(entry));
+                }
+                (None, Some(changes)) => {
+                    let key = Bytes::from(kv.key);
+                    self.map.insert(key.clone(), Slot(Arc::clone(&entry)));
+                    changes.push(Change {
+                        key,
+                        kind: ChangeKind::Put { entry, prev: None },
+                    });
                 }
             }
         }
         self.revision = revision;
-        let snapshot = self.snapshot();
-        let batch = Arc::new(Batch {
-            revision,
-            resync: None,
-            changes,
-            snapshot: Arc::clone(&snapshot),
-        });
-        Ok(Applied { snapshot, batch })
+        Ok(())
     }
 
     /// Records a decode failure and applies the policy; returns the change
     /// subscribers must see, if any.
-    fn decode_failed(
-        &mut self,
-        key: Bytes,
-        revision: i64,
-        error: &str,
-        prev: Option<Arc<Entry<T>>>,
-    ) -> Option<Change<T>> {
+    fn decode_failed(&mut self, key: Bytes, revision: i64, error: &str) -> Option<Change<T>> {
         tracing::warn!(key = %String::from_utf8_lossy(&key), revision, error, "value failed to decode");
         self.new_failures += 1;
         self.failures.insert(
@@ -175,15 +231,15 @@ impl<T: Send + Sync + 'static> Writer<T> {
                 error: error.to_string(),
             },
         );
-        match (self.policy, prev) {
-            (DecodePolicy::DropKey, Some(prev)) => {
-                self.map.remove(&key);
+        match self.policy {
+            DecodePolicy::DropKey => {
+                let prev = self.map.remove(&key[..])?.0;
                 Some(Change {
                     key,
                     kind: ChangeKind::Delete { prev: Some(prev) },
                 })
             }
-            _ => None,
+            DecodePolicy::KeepLastGood => None,
         }
     }
 

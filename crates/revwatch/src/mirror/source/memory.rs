@@ -55,6 +55,8 @@ struct State {
     watchers: Vec<Watcher>,
     unreachable: bool,
     permission_denied: bool,
+    /// New watches send their created reply, then fail.
+    fail_after_created: bool,
     /// Split event replies into pieces of at most this many events (`fragment=true`).
     fragment: Option<usize>,
 }
@@ -183,7 +185,9 @@ impl MemorySource {
         rev
     }
 
-    /// Compacts history up to `revision` (reads and watches below it fail).
+    /// Compacts history up to `revision` (reads and watches below it fail). Like
+    /// etcd 3.4, it also drops the deletes *at* `revision` from what a watch
+    /// starting there replays.
     pub fn compact(&self, revision: i64) {
         let mut st = lock(&self.inner);
         let revision = revision.min(st.revision);
@@ -191,8 +195,14 @@ impl MemorySource {
             return;
         }
         st.compacted = revision;
-        // Like etcd, reads and watches at the compaction revision itself still work.
-        st.history.retain(|(r, _)| *r >= revision);
+        // Like etcd, reads and watches at the compaction revision itself still work,
+        // but its tombstones are gone: a watch from there misses those deletes.
+        st.history.retain_mut(|(r, events)| {
+            if *r == revision {
+                events.retain(|e| e.r#type != EventType::Delete as i32);
+            }
+            *r >= revision && !events.is_empty()
+        });
         st.versions.retain(|_, vs| {
             // Keep the newest version at or below the compaction point, and later ones.
             let keep_from = vs.iter().rposition(|(r, _)| *r <= revision).unwrap_or(0);
@@ -215,6 +225,12 @@ impl MemorySource {
     /// While set, ranges and new watches fail as if no endpoint were reachable.
     pub fn set_unreachable(&self, unreachable: bool) {
         lock(&self.inner).unreachable = unreachable;
+    }
+
+    /// While set, every new watch stream sends its created reply and then fails with
+    /// a connection error, as a proxy that cannot serve the watch may.
+    pub fn set_fail_after_created(&self, fail: bool) {
+        lock(&self.inner).fail_after_created = fail;
     }
 
     /// While set, ranges and new watches fail with PermissionDenied.
@@ -337,6 +353,12 @@ impl MemorySource {
             ..WatchResponse::default()
         };
         let _ = tx.send(Ok(created));
+        if st.fail_after_created {
+            let _ = tx.send(Err(Error::Connection {
+                endpoint: ENDPOINT.into(),
+                reason: "watch failed after its created reply (test)".into(),
+            }));
+        }
         let start = if req.start_revision > 0 {
             req.start_revision
         } else {

@@ -24,13 +24,12 @@ pub(crate) enum StreamEnd {
     Invalid { reason: String, relist: bool },
 }
 
-/// What one response yields.
+/// What one response yields besides its revisions (see
+/// [`StreamCheck::on_message`]).
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Output {
     /// True for the created reply.
     pub(crate) created: bool,
-    /// Complete revisions to apply, in increasing order.
-    pub(crate) revisions: Vec<(i64, Vec<Event>)>,
     /// A trusted bookmark above the last applied revision.
     pub(crate) bookmark: Option<i64>,
     /// A progress reply that was not used as a bookmark.
@@ -89,19 +88,39 @@ impl StreamCheck {
         self.applied
     }
 
-    fn is_caught_up(&self, now: Instant) -> bool {
+    /// Whether the watch has replayed the history between its start and the
+    /// revision at creation: it reached that revision with events, or the grace
+    /// period since creation has passed (etcd syncs lagging watchers every 100 ms).
+    /// False before the created reply.
+    pub(crate) fn is_caught_up(&self, now: Instant) -> bool {
         self.caught_up
             || self
                 .created
                 .is_some_and(|(_, at)| now.saturating_duration_since(at) >= self.grace)
     }
 
-    /// Validates `resp` and says what to apply. Nothing from a response that fails
-    /// validation is returned.
+    /// Whether the watch starts at or below the revision at its creation, so etcd
+    /// replays history for it (from its store, not live). False before the
+    /// created reply.
+    pub(crate) fn replays_history(&self) -> bool {
+        self.created.is_some_and(|(rev, _)| self.start <= rev)
+    }
+
+    /// When [`is_caught_up`](Self::is_caught_up) turns true at the latest (the end
+    /// of the grace period); `None` before the created reply.
+    pub(crate) fn catch_up_deadline(&self) -> Option<Instant> {
+        self.created.map(|(_, at)| at + self.grace)
+    }
+
+    /// Validates `resp` and says what to apply: the complete revisions it ends
+    /// are appended to `revisions` (in increasing order, above any already
+    /// there), the rest is returned. Nothing from a response that fails
+    /// validation is appended or returned.
     pub(crate) fn on_message(
         &mut self,
         resp: WatchResponse,
         now: Instant,
+        revisions: &mut Vec<(i64, Vec<Event>)>,
     ) -> Result<Output, StreamEnd> {
         if resp.canceled {
             if resp.compact_revision > 0 {
@@ -132,12 +151,18 @@ impl StreamCheck {
                 true,
             ));
         }
-        self.fragments.extend(resp.events);
         if resp.fragment {
+            self.fragments.extend(resp.events);
             return Ok(Output::default());
         }
-        let events = std::mem::take(&mut self.fragments);
-        self.on_events(events, header_rev)
+        let events = if self.fragments.is_empty() {
+            resp.events
+        } else {
+            let mut events = std::mem::take(&mut self.fragments);
+            events.extend(resp.events);
+            events
+        };
+        self.on_events(events, header_rev, revisions)
     }
 
     fn on_created(
@@ -225,16 +250,29 @@ impl StreamCheck {
             return Output::default();
         }
         self.applied = rev;
+        // Everything up to the creation revision has been delivered.
+        if self
+            .created
+            .is_some_and(|(created_rev, _)| rev >= created_rev)
+        {
+            self.caught_up = true;
+        }
         Output {
             bookmark: Some(rev),
             ..Output::default()
         }
     }
 
-    fn on_events(&mut self, events: Vec<Event>, header_rev: i64) -> Result<Output, StreamEnd> {
-        let mut revisions: Vec<(i64, Vec<Event>)> = Vec::new();
+    fn on_events(
+        &mut self,
+        events: Vec<Event>,
+        header_rev: i64,
+        revisions: &mut Vec<(i64, Vec<Event>)>,
+    ) -> Result<Output, StreamEnd> {
+        // Validate first, counting the revisions.
         let mut last = self.applied;
-        for ev in events {
+        let mut count = 0;
+        for ev in &events {
             let Some(rev) = ev.kv.as_ref().map(|kv| kv.mod_revision) else {
                 return Err(invalid("event without a key-value".into(), true));
             };
@@ -244,20 +282,31 @@ impl StreamCheck {
                     true,
                 ));
             }
-            match revisions.last_mut() {
-                Some((r, evs)) if *r == rev => evs.push(ev),
-                _ if rev > last => {
-                    last = rev;
-                    revisions.push((rev, vec![ev]));
-                }
-                _ => {
-                    return Err(invalid(
-                        format!(
-                            "event at revision {rev} does not move past revision {last}: \
-                             repeated or out of order"
-                        ),
-                        true,
-                    ));
+            if count > 0 && rev == last {
+                continue;
+            }
+            if rev <= last {
+                return Err(invalid(
+                    format!(
+                        "event at revision {rev} does not move past revision {last}: \
+                         repeated or out of order"
+                    ),
+                    true,
+                ));
+            }
+            last = rev;
+            count += 1;
+        }
+        // Then group: a reply usually carries one revision, kept as it came.
+        if count == 1 {
+            revisions.push((last, events));
+        } else if count > 1 {
+            revisions.reserve(count);
+            for ev in events {
+                let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                match revisions.last_mut() {
+                    Some((r, evs)) if *r == rev => evs.push(ev),
+                    _ => revisions.push((rev, vec![ev])),
                 }
             }
         }
@@ -271,10 +320,7 @@ impl StreamCheck {
             // Superseded by events: nothing left to confirm.
             self.candidate = None;
         }
-        Ok(Output {
-            revisions,
-            ..Output::default()
-        })
+        Ok(Output::default())
     }
 }
 
@@ -329,6 +375,28 @@ mod tests {
         }
     }
 
+    /// What one response yields, revisions included.
+    #[derive(Debug, PartialEq)]
+    struct Out {
+        created: bool,
+        revisions: Vec<(i64, Vec<Event>)>,
+        bookmark: Option<i64>,
+        untrusted_progress: bool,
+    }
+
+    impl StreamCheck {
+        fn on(&mut self, resp: WatchResponse, now: Instant) -> Result<Out, StreamEnd> {
+            let mut revisions = Vec::new();
+            let out = self.on_message(resp, now, &mut revisions)?;
+            Ok(Out {
+                created: out.created,
+                revisions,
+                bookmark: out.bookmark,
+                untrusted_progress: out.untrusted_progress,
+            })
+        }
+    }
+
     fn check(applied: i64, trust: ProgressTrust) -> StreamCheck {
         StreamCheck::new(applied, trust, Duration::from_secs(1))
     }
@@ -337,9 +405,9 @@ mod tests {
     fn groups_catch_up_events_by_revision() {
         let now = Instant::now();
         let mut c = check(10, ProgressTrust::Immediate);
-        assert!(c.on_message(created(20), now).unwrap().created);
+        assert!(c.on(created(20), now).unwrap().created);
         let out = c
-            .on_message(
+            .on(
                 events(20, vec![put("a", 11), put("b", 11), put("a", 15)]),
                 now,
             )
@@ -353,19 +421,19 @@ mod tests {
     fn repeated_or_backward_revisions_are_rejected_without_output() {
         let now = Instant::now();
         let mut c = check(10, ProgressTrust::Immediate);
-        c.on_message(created(12), now).unwrap();
-        c.on_message(events(12, vec![put("a", 12)]), now).unwrap();
+        c.on(created(12), now).unwrap();
+        c.on(events(12, vec![put("a", 12)]), now).unwrap();
         let err = c
-            .on_message(events(13, vec![put("b", 12)]), now)
+            .on(events(13, vec![put("b", 12)]), now)
             .unwrap_err();
         assert!(
             matches!(err, StreamEnd::Invalid { relist: true, .. }),
             "{err:?}"
         );
         let mut c = check(10, ProgressTrust::Immediate);
-        c.on_message(created(12), now).unwrap();
+        c.on(created(12), now).unwrap();
         let err = c
-            .on_message(events(12, vec![put("a", 12), put("b", 11)]), now)
+            .on(events(12, vec![put("a", 12), put("b", 11)]), now)
             .unwrap_err();
         assert!(matches!(err, StreamEnd::Invalid { relist: true, .. }));
         assert_eq!(c.applied(), 10, "nothing from a rejected response counts");
@@ -375,18 +443,18 @@ mod tests {
     fn events_above_header_or_at_start_minus_one_are_rejected() {
         let now = Instant::now();
         let mut c = check(10, ProgressTrust::Immediate);
-        c.on_message(created(12), now).unwrap();
-        assert!(c.on_message(events(12, vec![put("a", 13)]), now).is_err());
+        c.on(created(12), now).unwrap();
+        assert!(c.on(events(12, vec![put("a", 13)]), now).is_err());
         let mut c = check(10, ProgressTrust::Immediate);
-        c.on_message(created(12), now).unwrap();
+        c.on(created(12), now).unwrap();
         // A resume at revision + 0 would redeliver revision 10.
-        assert!(c.on_message(events(12, vec![put("a", 10)]), now).is_err());
+        assert!(c.on(events(12, vec![put("a", 10)]), now).is_err());
     }
 
     #[test]
     fn created_reply_behind_applied_is_rejected_without_relist() {
         let mut c = check(10, ProgressTrust::Immediate);
-        let err = c.on_message(created(9), Instant::now()).unwrap_err();
+        let err = c.on(created(9), Instant::now()).unwrap_err();
         assert!(matches!(err, StreamEnd::Invalid { relist: false, .. }));
     }
 
@@ -394,11 +462,11 @@ mod tests {
     fn fragments_are_reassembled_before_applying() {
         let now = Instant::now();
         let mut c = check(1, ProgressTrust::Immediate);
-        c.on_message(created(1), now).unwrap();
+        c.on(created(1), now).unwrap();
         let mut first = events(2, vec![put("a", 2)]);
         first.fragment = true;
-        assert!(c.on_message(first, now).unwrap().revisions.is_empty());
-        let out = c.on_message(events(2, vec![put("b", 2)]), now).unwrap();
+        assert!(c.on(first, now).unwrap().revisions.is_empty());
+        let out = c.on(events(2, vec![put("b", 2)]), now).unwrap();
         assert_eq!(out.revisions.len(), 1);
         assert_eq!(out.revisions[0].1.len(), 2);
     }
@@ -407,25 +475,25 @@ mod tests {
     fn compaction_cancel_asks_for_relist() {
         let now = Instant::now();
         let mut c = check(1, ProgressTrust::Immediate);
-        c.on_message(created(50), now).unwrap();
+        c.on(created(50), now).unwrap();
         let resp = WatchResponse {
             canceled: true,
             compact_revision: 40,
             ..Default::default()
         };
-        assert_eq!(c.on_message(resp, now), Err(StreamEnd::Compacted(40)));
+        assert_eq!(c.on(resp, now), Err(StreamEnd::Compacted(40)));
     }
 
     #[test]
     fn immediate_trust_bookmarks_at_or_above_applied_only() {
         let now = Instant::now();
         let mut c = check(10, ProgressTrust::Immediate);
-        c.on_message(created(10), now).unwrap();
-        let out = c.on_message(progress(9), now).unwrap();
+        c.on(created(10), now).unwrap();
+        let out = c.on(progress(9), now).unwrap();
         assert!(out.untrusted_progress && out.bookmark.is_none());
-        assert_eq!(c.on_message(progress(14), now).unwrap().bookmark, Some(14));
+        assert_eq!(c.on(progress(14), now).unwrap().bookmark, Some(14));
         // Nothing at or below a bookmark may follow.
-        assert!(c.on_message(events(15, vec![put("a", 14)]), now).is_err());
+        assert!(c.on(events(15, vec![put("a", 14)]), now).is_err());
     }
 
     #[test]
@@ -433,18 +501,18 @@ mod tests {
         let now = Instant::now();
         let mut c = check(10, ProgressTrust::Confirmed);
         // Start above the server revision: synced at creation.
-        c.on_message(created(10), now).unwrap();
+        c.on(created(10), now).unwrap();
         c.progress_requested();
-        let out = c.on_message(progress(14), now).unwrap();
+        let out = c.on(progress(14), now).unwrap();
         assert_eq!(out.bookmark, None, "an unconfirmed reply is no bookmark");
         // The server had event 13 queued when it answered 14 (etcd#15220).
-        let out = c.on_message(events(14, vec![put("a", 13)]), now).unwrap();
+        let out = c.on(events(14, vec![put("a", 13)]), now).unwrap();
         assert_eq!(out.revisions.len(), 1);
         c.progress_requested();
-        let out = c.on_message(progress(16), now).unwrap();
+        let out = c.on(progress(16), now).unwrap();
         assert_eq!(out.bookmark, Some(14));
         c.progress_requested();
-        assert_eq!(c.on_message(progress(16), now).unwrap().bookmark, Some(16));
+        assert_eq!(c.on(progress(16), now).unwrap().bookmark, Some(16));
     }
 
     #[test]
@@ -452,27 +520,55 @@ mod tests {
         let t0 = Instant::now();
         let mut c = check(5, ProgressTrust::Confirmed);
         // History to catch up on: 6..=20.
-        c.on_message(created(20), t0).unwrap();
+        c.on(created(20), t0).unwrap();
         c.progress_requested();
-        assert!(c.on_message(progress(20), t0).unwrap().untrusted_progress);
+        assert!(c.on(progress(20), t0).unwrap().untrusted_progress);
         c.progress_requested();
-        assert_eq!(c.on_message(progress(20), t0).unwrap().bookmark, None);
+        assert_eq!(c.on(progress(20), t0).unwrap().bookmark, None);
         // After the grace period the watcher counts as caught up.
         let later = t0 + Duration::from_secs(2);
         c.progress_requested();
-        assert_eq!(c.on_message(progress(20), later).unwrap().bookmark, None);
+        assert_eq!(c.on(progress(20), later).unwrap().bookmark, None);
         c.progress_requested();
         assert_eq!(
-            c.on_message(progress(20), later).unwrap().bookmark,
+            c.on(progress(20), later).unwrap().bookmark,
             Some(20)
         );
+    }
+
+    #[test]
+    fn catch_up_is_known_from_events_bookmarks_or_grace() {
+        let t0 = Instant::now();
+        // Starting above the creation revision: nothing to replay.
+        let mut c = check(10, ProgressTrust::Immediate);
+        assert!(!c.is_caught_up(t0) && c.catch_up_deadline().is_none());
+        c.on(created(10), t0).unwrap();
+        assert!(!c.replays_history() && c.is_caught_up(t0));
+        // History 6..=20: caught up by a bookmark at 20, not by an event below it.
+        let mut c = check(5, ProgressTrust::Immediate);
+        c.on(created(20), t0).unwrap();
+        assert!(c.replays_history() && !c.is_caught_up(t0));
+        c.on(events(20, vec![put("a", 12)]), t0).unwrap();
+        assert!(!c.is_caught_up(t0));
+        assert_eq!(c.on(progress(20), t0).unwrap().bookmark, Some(20));
+        assert!(c.is_caught_up(t0));
+        // By an event at the creation revision.
+        let mut c = check(5, ProgressTrust::Confirmed);
+        c.on(created(20), t0).unwrap();
+        c.on(events(21, vec![put("a", 20)]), t0).unwrap();
+        assert!(c.is_caught_up(t0));
+        // Or by the grace period.
+        let mut c = check(5, ProgressTrust::Confirmed);
+        c.on(created(20), t0).unwrap();
+        assert_eq!(c.catch_up_deadline(), Some(t0 + Duration::from_secs(1)));
+        assert!(c.is_caught_up(t0 + Duration::from_secs(1)));
     }
 
     #[test]
     fn events_before_created_are_rejected() {
         let mut c = check(1, ProgressTrust::Immediate);
         assert!(
-            c.on_message(events(2, vec![put("a", 2)]), Instant::now())
+            c.on(events(2, vec![put("a", 2)]), Instant::now())
                 .is_err()
         );
     }

@@ -1,0 +1,169 @@
+//! A subscriber that records what it receives, can be told to stop reading
+//! for a while (a slow subscriber), and follows the mirror across restarts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use revwatch::mirror::{ResyncReason, Subscription, Update};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::adapter::MirrorAdapter;
+
+/// Every this many batches, the published snapshot is also kept whole.
+const FULL_SNAPSHOT_EVERY: u64 = 64;
+/// How often a paused or idle collector looks at its controls.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Handle to a collector task.
+#[derive(Debug)]
+pub(super) struct Collector {
+    /// New subscriptions (after a mirror restart) go here.
+    subscriptions: mpsc::UnboundedSender<Subscription<Bytes>>,
+    paused: watch::Sender<bool>,
+    target: watch::Sender<i64>,
+    reached: watch::Receiver<i64>,
+    counters: Arc<Counters>,
+    task: JoinHandle<MirrorAdapter>,
+}
+
+/// What a collector has received, by kind.
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    /// Updates received.
+    pub(super) updates: AtomicU64,
+    /// Resyncs because this subscriber lagged.
+    pub(super) lagged_resyncs: AtomicU64,
+}
+
+impl Collector {
+    /// Starts collecting from `first`.
+    pub(super) fn start(first: Subscription<Bytes>) -> Self {
+        let (subscriptions, subs_rx) = mpsc::unbounded_channel();
+        // Cannot fail: the receiver is alive.
+        let _ = subscriptions.send(first);
+        let (paused, paused_rx) = watch::channel(false);
+        let (target, target_rx) = watch::channel(i64::MAX);
+        let (reached_tx, reached) = watch::channel(0);
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(collect(
+            subs_rx,
+            paused_rx,
+            target_rx,
+            reached_tx,
+            Arc::clone(&counters),
+        ));
+        Self {
+            subscriptions,
+            paused,
+            target,
+            reached,
+            counters,
+            task,
+        }
+    }
+
+    /// Continues on `sub` once the current subscription ends.
+    pub(super) fn resubscribe(&self, sub: Subscription<Bytes>) {
+        // Fails only if the task ended, which `finish` reports.
+        let _ = self.subscriptions.send(sub);
+    }
+
+    pub(super) fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub(super) fn reached(&self) -> i64 {
+        *self.reached.borrow()
+    }
+
+    pub(super) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Waits until the subscriber has reached `revision`.
+    pub(super) async fn wait_for(&self, revision: i64, timeout: Duration) -> bool {
+        let mut rx = self.reached.clone();
+        matches!(
+            tokio::time::timeout(timeout, rx.wait_for(|&r| r >= revision)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Stops once `revision` is reached and returns what was recorded.
+    pub(super) async fn finish(
+        self,
+        revision: i64,
+        timeout: Duration,
+    ) -> Result<MirrorAdapter, String> {
+        self.target.send_replace(revision);
+        self.paused.send_replace(false);
+        let abort = self.task.abort_handle();
+        match tokio::time::timeout(timeout, self.task).await {
+            Ok(Ok(adapter)) if adapter.known() >= revision => Ok(adapter),
+            Ok(Ok(adapter)) => Err(format!(
+                "the subscription ended at revision {}, before {revision}",
+                adapter.known()
+            )),
+            Ok(Err(e)) => Err(format!("collector task failed: {e}")),
+            Err(_) => {
+                abort.abort();
+                Err(format!(
+                    "the subscriber did not reach revision {revision} within {timeout:?} (at {})",
+                    *self.reached.borrow()
+                ))
+            }
+        }
+    }
+}
+
+async fn collect(
+    mut subs: mpsc::UnboundedReceiver<Subscription<Bytes>>,
+    mut paused: watch::Receiver<bool>,
+    target: watch::Receiver<i64>,
+    reached: watch::Sender<i64>,
+    counters: Arc<Counters>,
+) -> MirrorAdapter {
+    let mut adapter = MirrorAdapter::new();
+    let mut batches = 0u64;
+    let Some(mut sub) = subs.recv().await else {
+        return adapter;
+    };
+    while adapter.known() < *target.borrow() {
+        if *paused.borrow() {
+            // A slow subscriber: not reading lets its queue overflow.
+            let _ = tokio::time::timeout(POLL, paused.changed()).await;
+            continue;
+        }
+        let update = match tokio::time::timeout(POLL, sub.recv()).await {
+            Err(_) => continue,
+            Ok(Some(update)) => update,
+            Ok(None) => {
+                // The mirror stopped (a restart): go on with the new one.
+                match subs.recv().await {
+                    Some(next) => {
+                        sub = next;
+                        adapter.reconnected();
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+        };
+        counters.updates.fetch_add(1, Ordering::Relaxed);
+        if let Update::Batch(b) = &update {
+            if b.resync == Some(ResyncReason::SubscriberLagged) {
+                counters.lagged_resyncs.fetch_add(1, Ordering::Relaxed);
+            }
+            batches += 1;
+            if batches.is_multiple_of(FULL_SNAPSHOT_EVERY) {
+                adapter.push_full_snapshot(&b.snapshot);
+            }
+        }
+        adapter.push(&update);
+        reached.send_replace(adapter.known());
+    }
+    adapter
+}

@@ -1,0 +1,120 @@
+//! Figures over many runs, as the soak prints and writes them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Serialize;
+
+use super::{RunFailure, RunReport};
+
+/// Totals over runs, with recovery times per fault type.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SoakSummary {
+    /// Runs done.
+    pub runs: usize,
+    /// Faults injected in total.
+    pub faults_injected: usize,
+    /// Faults injected, by type.
+    pub faults_by_type: BTreeMap<String, usize>,
+    /// Distinct fault types injected.
+    pub fault_types_covered: usize,
+    /// Changes checked, over every subscriber.
+    pub events_checked: usize,
+    /// Revisions in the prefix verified delivered (steady subscriber).
+    pub revisions_checked: usize,
+    /// Writes issued.
+    pub writes: usize,
+    /// Runs where the mirror broke a guarantee or did not recover.
+    pub violations: usize,
+    /// Runs that failed for another reason (setup, truth).
+    pub errors: usize,
+    /// Relists by cause.
+    pub relists: BTreeMap<String, u64>,
+    /// Watch resumptions by cause.
+    pub reconnects: BTreeMap<String, u64>,
+    /// Resyncs of the slow subscriber because it lagged.
+    pub lagged_resyncs: u64,
+    /// Longest recovery per fault type, in milliseconds.
+    pub max_recovery_ms: BTreeMap<String, u64>,
+    /// Median recovery per fault type, in milliseconds.
+    pub median_recovery_ms: BTreeMap<String, u64>,
+    /// Each failed run: seed and error.
+    pub failures: Vec<String>,
+    #[serde(skip)]
+    recoveries: BTreeMap<String, Vec<u64>>,
+}
+
+impl SoakSummary {
+    /// Adds a passing run.
+    pub fn add(&mut self, report: &RunReport) {
+        self.runs += 1;
+        self.faults_injected += report.faults.len();
+        for f in &report.faults {
+            let name = f.fault.name().to_owned();
+            *self.faults_by_type.entry(name.clone()).or_default() += 1;
+            let ms = u64::try_from(f.recovery.as_millis()).unwrap_or(u64::MAX);
+            self.recoveries.entry(name).or_default().push(ms);
+        }
+        self.fault_types_covered = self.faults_by_type.len();
+        self.events_checked += report.checks.iter().map(|c| c.changes).sum::<usize>();
+        self.revisions_checked += report.checks.first().map_or(0, |c| c.revisions_checked);
+        self.writes += report.writes;
+        for (cause, n) in &report.relists {
+            *self.relists.entry(cause.clone()).or_default() += n;
+        }
+        for (cause, n) in &report.reconnects {
+            *self.reconnects.entry(cause.clone()).or_default() += n;
+        }
+        self.lagged_resyncs += report.lagged_resyncs;
+        for (name, times) in &mut self.recoveries {
+            times.sort_unstable();
+            if let (Some(&max), Some(&median)) = (times.last(), times.get(times.len() / 2)) {
+                self.max_recovery_ms.insert(name.clone(), max);
+                self.median_recovery_ms.insert(name.clone(), median);
+            }
+        }
+    }
+
+    /// Adds a failed run.
+    pub fn add_failure(&mut self, failure: &RunFailure) {
+        self.runs += 1;
+        if failure.error.is_violation() {
+            self.violations += 1;
+        } else {
+            self.errors += 1;
+        }
+        self.failures
+            .push(format!("seed {}: {}", failure.config.seed, failure.error));
+    }
+}
+
+impl fmt::Display for SoakSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "runs:               {}", self.runs)?;
+        writeln!(
+            f,
+            "faults injected:    {} ({} types)",
+            self.faults_injected, self.fault_types_covered
+        )?;
+        for (name, n) in &self.faults_by_type {
+            writeln!(
+                f,
+                "  {name:<28} {n:>5}   recovery max {:>6} ms, median {:>6} ms",
+                self.max_recovery_ms.get(name).copied().unwrap_or(0),
+                self.median_recovery_ms.get(name).copied().unwrap_or(0)
+            )?;
+        }
+        writeln!(f, "writes issued:      {}", self.writes)?;
+        writeln!(f, "events checked:     {}", self.events_checked)?;
+        writeln!(f, "revisions checked:  {}", self.revisions_checked)?;
+        writeln!(f, "violations:         {}", self.violations)?;
+        writeln!(f, "other errors:       {}", self.errors)?;
+        writeln!(f, "relists by cause:   {:?}", self.relists)?;
+        writeln!(f, "reconnects by cause: {:?}", self.reconnects)?;
+        writeln!(f, "lagged resyncs:     {}", self.lagged_resyncs)?;
+        for failure in &self.failures {
+            writeln!(f, "FAILED {failure}")?;
+        }
+        Ok(())
+    }
+}

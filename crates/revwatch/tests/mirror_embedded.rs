@@ -1,0 +1,288 @@
+//! The mirror against the embedded server (`revwatch-server`): the scenarios it
+//! shares with real etcd (`mirror_support::scenarios`), plus the faults only the
+//! embedded server can produce on cue (a stalled stream, late progress replies,
+//! dropped streams). Each test ends by comparing the mirror's snapshot with the
+//! server's own range at the same revision.
+
+mod mirror_support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mirror_support::Replay;
+use mirror_support::scenarios::{
+    self, P, Target, WAIT, assert_converged, bounded, mirror_config, put, start, writer,
+};
+use revwatch::mirror::{ReconnectCause, State};
+use revwatch_server::{FaultController, RunningServer, Server, ServerConfig};
+use tempfile::TempDir;
+
+/// The embedded server on a fixed loopback address, restartable on its data dir.
+struct Embedded {
+    dir: TempDir,
+    addr: SocketAddr,
+    running: Option<RunningServer>,
+}
+
+impl Embedded {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let running = Server::start(ServerConfig::new(dir.path())).await.unwrap();
+        Embedded {
+            dir,
+            addr: running.local_addr(),
+            running: Some(running),
+        }
+    }
+
+    fn faults(&self) -> FaultController {
+        self.running
+            .as_ref()
+            .expect("the server is running")
+            .server()
+            .faults()
+    }
+
+    /// The server-side id of the mirror's watch stream (the one watching `P`), once
+    /// one other than `old` is open.
+    async fn mirror_stream(&self, old: Option<u64>) -> u64 {
+        let faults = self.faults();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let found = faults.watch_streams().into_iter().find(|s| {
+                Some(s.stream_id) != old
+                    && s.watchers
+                        .iter()
+                        .any(|(_, key, _)| key.as_slice() == P.as_bytes())
+            });
+            if let Some(stream) = found {
+                return stream.stream_id;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the mirror opened no watch stream besides {old:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Target for Embedded {
+    fn endpoints(&self) -> Vec<String> {
+        vec![format!("http://{}", self.addr)]
+    }
+
+    fn client_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    async fn stop(&mut self) {
+        let running = self.running.take().expect("the server is running");
+        tokio::time::timeout(WAIT, running.shutdown())
+            .await
+            .expect("shutdown finishes")
+            .unwrap();
+    }
+
+    async fn restart(&mut self) {
+        let server = Server::open(ServerConfig::new(self.dir.path())).unwrap();
+        self.running = Some(server.start_on(self.addr).await.unwrap());
+    }
+
+    async fn compact(&self, revision: i64) {
+        let compacted = self
+            .faults()
+            .force_compaction(Some(revision))
+            .await
+            .unwrap();
+        assert_eq!(compacted, revision);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_list_across_pages_while_writes_continue() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        scenarios::initial_list_across_pages_while_writes_continue(&server).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txns_and_lease_expiry_arrive_atomically() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        scenarios::txns_and_lease_expiry_arrive_atomically(&server).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_on_same_data_resumes_without_relist() {
+    bounded(Duration::from_secs(120), async {
+        let mut server = Embedded::start().await;
+        scenarios::kill_and_restart_resumes_without_relist(&mut server).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_disconnected_relists_with_exact_diff() {
+    bounded(Duration::from_secs(120), async {
+        let server = Embedded::start().await;
+        scenarios::compaction_while_disconnected_relists_with_exact_diff(&server).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_from_persisted_snapshot_and_start_with_server_down() {
+    bounded(Duration::from_secs(150), async {
+        let mut server = Embedded::start().await;
+        scenarios::restart_from_persisted_snapshot_and_start_with_etcd_down(&mut server).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_value_is_isolated() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        scenarios::bad_value_is_isolated(&server).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_is_resynced() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        scenarios::slow_subscriber_is_resynced(&server).await;
+    })
+    .await;
+}
+
+/// The mirror's stream stops answering (events and progress replies held back)
+/// while the connection stays up: detected within the stall bound, and the watch
+/// resumes on a new stream at the next revision, losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_watch_stream_is_detected_within_the_bound_and_resumed() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        let etcd = writer(server.endpoints()).await;
+        let r0 = put(&etcd, &format!("{P}a"), "1").await;
+        let config = mirror_config();
+        let bound = config.stall_timeout;
+        let mirror = start(server.endpoints(), config).await;
+        mirror.wait_ready().await.unwrap();
+        let mut sub = mirror.subscribe();
+        let mut replay = Replay::default();
+        replay.follow_until(&mut sub, r0, WAIT).await;
+        let stalled = server.mirror_stream(None).await;
+        // Longer than the whole wait below: only a new stream can deliver.
+        server
+            .faults()
+            .stall_watch_stream(stalled, Duration::from_secs(40));
+        let stalled_at = Instant::now();
+        let mut last = 0;
+        for i in 0..10 {
+            last = put(&etcd, &format!("{P}during/{i}"), "v").await;
+        }
+        loop {
+            let st = mirror.status();
+            if st.reconnects.contains_key(&ReconnectCause::Stall) {
+                break;
+            }
+            assert!(
+                stalled_at.elapsed() < bound + Duration::from_secs(2),
+                "stall not detected within {bound:?}: {st:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        replay.follow_until(&mut sub, last, WAIT).await;
+        // The stalled stream is still held open on the server; the mirror left it.
+        server.mirror_stream(Some(stalled)).await;
+        assert_eq!(replay.resyncs, 0);
+        let st = mirror.status();
+        assert!(st.relists.is_empty(), "{st:?}");
+        assert_eq!(st.state, State::Ready);
+        assert_converged(&mirror, &etcd).await;
+    })
+    .await;
+}
+
+/// Progress replies arrive late (after later events): they never move the mirror
+/// back, a delay within the stall bound is not a stall, and bookmarks still carry
+/// the mirror past writes outside its prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_progress_replies_never_move_the_mirror_back() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        let etcd = writer(server.endpoints()).await;
+        let mirror = start(server.endpoints(), mirror_config()).await;
+        mirror.wait_ready().await.unwrap();
+        let mut sub = mirror.subscribe();
+        let mut replay = Replay::default();
+        // A third of the stall bound: replies come late, but well within it.
+        server.faults().delay_progress(Some(Duration::from_secs(1)));
+        for round in 0..5 {
+            let mut last = 0;
+            for i in 0..5 {
+                last = put(&etcd, &format!("{P}{i}"), &format!("r{round}")).await;
+            }
+            put(&etcd, "other/x", "outside").await;
+            replay.follow_until(&mut sub, last, WAIT).await;
+            // Idle long enough for progress requests whose replies land after the
+            // next round's events.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        // Only a bookmark can bring the mirror to a revision outside its prefix.
+        let outside = put(&etcd, "other/final", "x").await;
+        mirror.snapshot_at_least(outside, WAIT).await.unwrap();
+        replay.follow_until(&mut sub, outside, WAIT).await;
+        assert_eq!(replay.bookmarks.last(), Some(&outside));
+        assert_eq!(replay.resyncs, 0);
+        let st = mirror.status();
+        assert!(st.reconnects.is_empty(), "{st:?}");
+        assert!(st.relists.is_empty(), "{st:?}");
+        assert_eq!(st.rejected_responses, 0, "{st:?}");
+        server.faults().delay_progress(None);
+        assert_converged(&mirror, &etcd).await;
+    })
+    .await;
+}
+
+/// Every watch stream is dropped again and again while writes go on and new
+/// connections are refused: each time the watch resumes at the next revision on
+/// the open connection, with no relist and nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_watch_streams_resume_without_relist() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        let etcd = writer(server.endpoints()).await;
+        let mirror = start(server.endpoints(), mirror_config()).await;
+        mirror.wait_ready().await.unwrap();
+        let mut sub = mirror.subscribe();
+        let mut replay = Replay::default();
+        // The writer's connection is open before new ones are refused.
+        put(&etcd, "other/x", "outside").await;
+        server.faults().refuse_connections(true);
+        let mut stream = server.mirror_stream(None).await;
+        let mut last = 0;
+        for round in 0..5 {
+            server.faults().drop_watch_streams();
+            for i in 0..10 {
+                last = put(&etcd, &format!("{P}{}", (round * 10 + i) % 13), "v").await;
+            }
+            stream = server.mirror_stream(Some(stream)).await;
+            replay.follow_until(&mut sub, last, WAIT).await;
+        }
+        server.faults().refuse_connections(false);
+        assert_eq!(replay.resyncs, 0);
+        let st = mirror.status();
+        assert!(st.relists.is_empty(), "{st:?}");
+        assert!(st.reconnects.values().sum::<u64>() >= 5, "{st:?}");
+        assert_converged(&mirror, &etcd).await;
+    })
+    .await;
+}

@@ -1,0 +1,474 @@
+//! The mirror's Prometheus metrics (contract point 12) against real etcd 3.4: one
+//! typed mirror registered in a `prometheus_client` registry is driven through
+//! puts, a txn, a bad value, a slow subscriber, a reconnect, a bookmark that
+//! closes a lag, and a compaction-triggered relist; after each step the registry is
+//! encoded in the text format and every metric is checked against what happened.
+
+mod mirror_support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_proto::etcdserverpb::request_op::Request as Op;
+use mirror_support::scenarios::{P, WAIT, bounded, client_config, mirror_config, put, writer};
+use mirror_support::{Kvs, truth};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+use revwatch::client::{Client, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest};
+use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, ResyncReason, Snapshot, State, Update};
+use revwatch_testkit::etcd::EtcdCluster;
+use revwatch_testkit::proxy::{Fault, FaultProxy};
+
+/// One scrape: the text, and every sample by name (with labels).
+struct Scrape {
+    text: String,
+    samples: BTreeMap<String, f64>,
+}
+
+fn scrape(registry: &Registry) -> Scrape {
+    let mut text = String::new();
+    encode(&mut text, registry).unwrap();
+    let samples = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (name.to_string(), value.parse().unwrap())
+        })
+        .collect();
+    Scrape { text, samples }
+}
+
+impl Scrape {
+    /// The value of `revwatch_mirror_<name>`, which must be present.
+    fn get(&self, name: &str) -> f64 {
+        let full = format!("revwatch_mirror_{name}");
+        *self
+            .samples
+            .get(&full)
+            .unwrap_or_else(|| panic!("metric {full} missing from\n{}", self.text))
+    }
+
+    fn int(&self, name: &str) -> i64 {
+        self.get(name) as i64
+    }
+
+    /// The value of a by-cause counter, 0 if that cause never happened.
+    fn by_cause(&self, name: &str, cause: &str) -> u64 {
+        let full = format!("revwatch_mirror_{name}_total{{cause=\"{cause}\"}}");
+        self.samples.get(&full).map_or(0, |v| *v as u64)
+    }
+
+    /// Every cause of a by-cause counter that happened, with its count.
+    fn happened(&self, name: &str) -> BTreeMap<String, u64> {
+        let mut causes = self.causes(name);
+        causes.retain(|_, n| *n > 0);
+        causes
+    }
+
+    /// Every cause of a by-cause counter, with its value.
+    fn causes(&self, name: &str) -> BTreeMap<String, u64> {
+        let head = format!("revwatch_mirror_{name}_total{{cause=\"");
+        self.samples
+            .iter()
+            .filter_map(|(k, v)| {
+                let cause = k.strip_prefix(&head)?.strip_suffix("\"}")?;
+                Some((cause.to_string(), *v as u64))
+            })
+            .collect()
+    }
+
+    /// Every metric is described, whether or not it has a sample yet.
+    fn assert_described(&self) {
+        for (name, kind) in [
+            ("watch_streams_opened", "counter"),
+            ("reconnects", "counter"),
+            ("relists", "counter"),
+            ("events_applied", "counter"),
+            ("revisions_applied", "counter"),
+            ("revision", "gauge"),
+            ("server_revision", "gauge"),
+            ("lag_revisions", "gauge"),
+            ("apply_seconds", "histogram"),
+            ("decode_errors", "counter"),
+            ("rejected_responses", "counter"),
+            ("subscribers", "gauge"),
+            ("subscriber_lagged", "counter"),
+            ("subscriber_resyncs", "counter"),
+            ("snapshot_file_writes", "counter"),
+        ] {
+            let line = format!("# TYPE revwatch_mirror_{name} {kind}");
+            assert!(
+                self.text.lines().any(|l| l == line),
+                "{line:?} missing from\n{}",
+                self.text
+            );
+        }
+    }
+}
+
+fn raw_kvs<T>(s: &Snapshot<T>) -> Kvs {
+    s.iter()
+        .map(|(k, e)| {
+            (
+                k.to_vec(),
+                (
+                    e.raw.to_vec(),
+                    e.create_revision,
+                    e.mod_revision,
+                    e.version,
+                    e.lease,
+                ),
+            )
+        })
+        .collect()
+}
+
+async fn put_bytes(c: &Client, key: &str, value: &[u8]) -> i64 {
+    c.put(PutRequest {
+        key: key.into(),
+        value: value.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .header
+    .unwrap()
+    .revision
+}
+
+/// Scrapes once the mirror's metrics account for publishing `revision`: they are
+/// updated right after the snapshot is published, the apply latency last.
+async fn scrape_at(registry: &Registry, revision: i64) -> Scrape {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = scrape(registry);
+        if m.int("revision") == revision
+            && m.int("apply_seconds_count") == m.int("revisions_applied_total")
+        {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics never reached revision {revision}:\n{}",
+            m.text
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_real_traffic() {
+    bounded(Duration::from_secs(150), async {
+        let cluster = EtcdCluster::single().await.unwrap();
+        let etcd = writer(cluster.endpoints()).await;
+        for k in ["a", "b", "c", "d", "e"] {
+            put(&etcd, &format!("{P}{k}"), "v0").await;
+        }
+        // The mirror reaches etcd through a proxy, to reset and cut it off.
+        let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
+        let mut registry = Registry::default();
+        let source = ClientSource::lazy(client_config(vec![proxy.endpoint()])).unwrap();
+        let mirror = Mirror::builder(P)
+            .config(MirrorConfig {
+                subscriber_buffer: 4,
+                // Wide enough to watch the lag a progress reply reveals before a
+                // second one confirms it as a bookmark.
+                progress_interval: Duration::from_secs(1),
+                stall_timeout: Duration::from_secs(4),
+                ..mirror_config()
+            })
+            .register_metrics(&mut registry)
+            .decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
+            .start(source)
+            .await
+            .unwrap();
+        mirror.wait_ready().await.unwrap();
+
+        // After the initial list: one stream, nothing applied from the watch yet,
+        // the initial list not counted as a relist.
+        let r0 = mirror.snapshot().revision();
+        let m = scrape(&registry);
+        m.assert_described();
+        assert_eq!(m.int("watch_streams_opened_total"), 1);
+        assert_eq!(m.int("events_applied_total"), 0);
+        assert_eq!(m.int("revisions_applied_total"), 0);
+        assert_eq!(m.int("apply_seconds_count"), 0);
+        assert_eq!(m.int("revision"), r0);
+        assert_eq!(m.int("server_revision"), r0);
+        assert_eq!(m.int("lag_revisions"), 0);
+        assert_eq!(m.int("decode_errors_total"), 0);
+        assert_eq!(m.int("subscribers"), 0);
+        // Every known cause is exposed, at 0, before it first happens.
+        let zeros = |causes: &[&str]| {
+            causes
+                .iter()
+                .map(|c| (c.to_string(), 0))
+                .collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            m.causes("reconnects"),
+            zeros(&[
+                "canceled",
+                "stall",
+                "stream_closed",
+                "stream_error",
+                "validation"
+            ]),
+            "{}",
+            m.text
+        );
+        assert_eq!(
+            m.causes("relists"),
+            zeros(&["compacted", "validation"])
+        );
+        assert_eq!(
+            m.causes("rejected_responses"),
+            zeros(&["event", "header", "list", "untrusted_progress"])
+        );
+        assert_eq!(m.causes("snapshot_file_writes"), zeros(&["error", "ok"]));
+
+        // Puts, a txn (3 events in the prefix, one revision), a bad value, a good
+        // one; a subscriber with a 4-update buffer that reads nothing meanwhile.
+        let mut slow = mirror.subscribe();
+        assert_eq!(scrape(&registry).int("subscribers"), 1);
+        for i in 0..10 {
+            put(&etcd, &format!("{P}k{i}"), "v").await;
+        }
+        let put_op = |k: String| RequestOp {
+            request: Some(Op::RequestPut(PutRequest {
+                key: k.into_bytes(),
+                value: b"t".to_vec(),
+                ..Default::default()
+            })),
+        };
+        etcd.txn(TxnRequest {
+            success: vec![
+                put_op(format!("{P}t/1")),
+                put_op(format!("{P}t/2")),
+                put_op(format!("{P}t/3")),
+                put_op("other/t".into()),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let bad_rev = put_bytes(&etcd, &format!("{P}bad"), &[0xff, 0xfe]).await;
+        let r1 = put(&etcd, &format!("{P}after"), "x").await;
+        mirror.snapshot_at_least(r1, WAIT).await.unwrap();
+        let m = scrape_at(&registry, r1).await;
+        assert_eq!(m.int("events_applied_total"), 10 + 3 + 1 + 1);
+        assert_eq!(m.int("revisions_applied_total"), 10 + 1 + 1 + 1);
+        assert_eq!(m.int("apply_seconds_count"), 13);
+        assert!(m.get("apply_seconds_sum") > 0.0, "{}", m.text);
+        assert_eq!(
+            m.get("apply_seconds_bucket{le=\"+Inf\"}") as i64,
+            13,
+            "{}",
+            m.text
+        );
+        assert_eq!(m.int("decode_errors_total"), 1);
+        let st = mirror.status();
+        assert_eq!(st.decode_failures.len(), 1, "{st:?}");
+        assert_eq!(st.decode_failures[0].key, format!("{P}bad").as_bytes());
+        assert_eq!(st.decode_failures[0].revision, bad_rev);
+        assert_eq!(m.int("revision"), r1);
+        assert_eq!(m.int("server_revision"), r1);
+        assert_eq!(m.int("lag_revisions"), 0);
+        // The snapshot and 3 batches filled the buffer; the 4th batch made it lag.
+        assert!(slow.is_lagging());
+        assert_eq!(m.int("subscriber_lagged_total"), 1);
+        assert_eq!(m.int("subscriber_resyncs_total"), 0);
+        let mut received = Vec::new();
+        loop {
+            let u = tokio::time::timeout(WAIT, slow.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            let (rev, resync) = match &u {
+                Update::Snapshot(s) => (s.revision(), None),
+                Update::Batch(b) => (b.revision, b.resync),
+                Update::Progress(r) => (*r, None),
+            };
+            received.push((rev, resync));
+            if rev >= r1 {
+                break;
+            }
+        }
+        assert_eq!(received.len(), 5, "{received:?}");
+        assert_eq!(
+            received.last(),
+            Some(&(r1, Some(ResyncReason::SubscriberLagged)))
+        );
+        assert_eq!(scrape(&registry).int("subscriber_resyncs_total"), 1);
+        drop(slow);
+
+        // Mend the bad value (so the relist below has nothing to re-report).
+        let r2 = put(&etcd, &format!("{P}bad"), "fixed").await;
+        mirror.snapshot_at_least(r2, WAIT).await.unwrap();
+        // Status follows the publication.
+        wait_for("the mended value in status", || {
+            let st = mirror.status();
+            st.revision == r2 && st.decode_failures.is_empty()
+        })
+        .await;
+
+        // A reconnect: the mirror's connection resets; the watch resumes.
+        proxy.reset_all();
+        wait_for("a reconnect", || {
+            let st = mirror.status();
+            // A new stream, opened after the old one was counted as lost.
+            !st.reconnects.is_empty()
+                && st.state == State::Ready
+                && scrape(&registry).int("watch_streams_opened_total") >= 2
+        })
+        .await;
+        let m = scrape(&registry);
+        assert!(m.int("watch_streams_opened_total") >= 2, "{}", m.text);
+        let reconnects = m.happened("reconnects");
+        assert!(reconnects.values().sum::<u64>() >= 1, "{}", m.text);
+
+        // A write outside the prefix: a progress reply reveals the server revision
+        // (lag 1) before a second one confirms it as a bookmark (lag 0).
+        let h = put(&etcd, "other/lag", "x").await;
+        assert_eq!(h, r2 + 1);
+        let deadline = Instant::now() + WAIT;
+        let lagging = loop {
+            let m = scrape(&registry);
+            if m.int("server_revision") == h {
+                break m;
+            }
+            assert!(Instant::now() < deadline, "server revision never seen");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // Not yet a bookmark: a second reply, a progress interval later, confirms it.
+        assert_eq!(lagging.int("revision"), r2, "{}", lagging.text);
+        assert_eq!(lagging.int("lag_revisions"), 1, "{}", lagging.text);
+        mirror.snapshot_at_least(h, WAIT).await.unwrap();
+        let m = scrape_at(&registry, h).await;
+        assert_eq!(m.int("revision"), h);
+        assert_eq!(m.int("lag_revisions"), 0);
+        assert!(
+            m.by_cause("rejected_responses", "untrusted_progress") >= 1,
+            "{}",
+            m.text
+        );
+        // A bookmark applies no event.
+        assert_eq!(m.int("events_applied_total"), 16);
+
+        // A compaction-triggered relist: cut the mirror off, change the prefix,
+        // compact past the mirror's revision, heal.
+        proxy.set(Fault::Blackhole);
+        proxy.reset_all();
+        put(&etcd, &format!("{P}a"), "v1").await;
+        etcd.delete_range(DeleteRangeRequest {
+            key: format!("{P}b").into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        put(&etcd, &format!("{P}new"), "n").await;
+        let compacted = put(&etcd, "other/compact", "x").await;
+        cluster.compact(compacted).await.unwrap();
+        proxy.heal();
+        wait_for("a relist", || {
+            let st = mirror.status();
+            st.relists.contains_key(&ResyncReason::Compacted) && st.state == State::Ready
+        })
+        .await;
+        let r3 = put(&etcd, &format!("{P}final"), "f").await;
+        mirror.snapshot_at_least(r3, WAIT).await.unwrap();
+
+        // Everything, against the status and what was done.
+        let m = scrape_at(&registry, r3).await;
+        let st = mirror.status();
+        m.assert_described();
+        // Only watch events count: 15, the mended value, the final put; the relist
+        // applies its changes as one resync batch, not as events.
+        assert_eq!(m.int("events_applied_total"), 17);
+        assert_eq!(m.int("revisions_applied_total"), 15);
+        assert_eq!(m.int("apply_seconds_count"), 15);
+        assert_eq!(m.int("decode_errors_total"), 1);
+        let reconnects = m.happened("reconnects");
+        let relists = m.happened("relists");
+        assert_eq!(
+            reconnects,
+            st.reconnects
+                .iter()
+                .map(|(c, n)| (c.as_str().to_string(), *n))
+                .collect::<BTreeMap<_, _>>(),
+            "{}",
+            m.text
+        );
+        assert_eq!(
+            relists,
+            st.relists
+                .iter()
+                .map(|(c, n)| (c.as_str().to_string(), *n))
+                .collect::<BTreeMap<_, _>>(),
+            "{}",
+            m.text
+        );
+        assert!(m.by_cause("relists", "compacted") >= 1, "{}", m.text);
+        assert_eq!(m.by_cause("relists", "validation"), 0, "{}", m.text);
+        // Cut off and reset twice: at least two resumes.
+        assert!(reconnects.values().sum::<u64>() >= 2, "{}", m.text);
+        // Every stream opened ended in a reconnect or a relist, but the current one;
+        // at least: the first, after the reset, after the relist.
+        let opened = m.int("watch_streams_opened_total") as u64;
+        assert!(opened >= 3, "{}", m.text);
+        assert!(
+            opened <= 1 + reconnects.values().sum::<u64>() + relists.values().sum::<u64>(),
+            "{}",
+            m.text
+        );
+        assert_eq!(m.int("revision"), r3);
+        assert_eq!(m.int("revision"), st.revision);
+        assert_eq!(m.int("server_revision"), r3);
+        assert_eq!(m.int("server_revision"), st.server_revision);
+        assert_eq!(m.int("lag_revisions"), st.lag());
+        assert_eq!(m.int("lag_revisions"), 0);
+        assert_eq!(m.int("subscriber_lagged_total"), 1);
+        assert_eq!(m.int("subscriber_resyncs_total"), 1);
+        // The slow subscriber was dropped; later publications noticed.
+        assert_eq!(m.int("subscribers"), 0);
+        // Nothing was rejected but progress replies not yet confirmable; no
+        // snapshot file is configured.
+        assert!(m.happened("snapshot_file_writes").is_empty(), "{}", m.text);
+        let rejected = m.happened("rejected_responses");
+        assert_eq!(
+            rejected.keys().collect::<Vec<_>>(),
+            ["untrusted_progress"],
+            "{}",
+            m.text
+        );
+        assert_eq!(
+            rejected["untrusted_progress"], st.untrusted_progress,
+            "{}",
+            m.text
+        );
+        assert_eq!(st.rejected_responses, 0);
+
+        // And the mirror equals etcd.
+        let snap = mirror.snapshot();
+        let expected = truth(
+            &ClientSource::new(etcd.clone()),
+            P.as_bytes(),
+            snap.revision(),
+        )
+        .await;
+        assert_eq!(raw_kvs(&snap), expected);
+        for (k, e) in snap.iter() {
+            assert_eq!(e.value.as_bytes(), &e.raw[..], "{k:?}");
+        }
+    })
+    .await;
+}
