@@ -3,8 +3,8 @@
 #[allow(dead_code)]
 mod apply;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// CPU ns of the last thread named mirror-apply seen, sampled every 0.5 ms.
 fn monitor(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
@@ -15,7 +15,10 @@ fn monitor(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
             let mut found = None;
             for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
                 let p = t.path();
-                if std::fs::read_to_string(p.join("comm")).map(|c| c.trim() == "mirror-apply").unwrap_or(false) {
+                if std::fs::read_to_string(p.join("comm"))
+                    .map(|c| c.trim() == "mirror-apply")
+                    .unwrap_or(false)
+                {
                     if let Ok(s) = std::fs::read_to_string(p.join("schedstat")) {
                         let ns: u64 = s.split_whitespace().next().unwrap().parse().unwrap();
                         found = Some((p.display().to_string(), ns));
@@ -24,19 +27,26 @@ fn monitor(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u64>> {
             }
             match (&cur, found) {
                 (Some((pc, _)), Some((pf, ns))) if *pc == pf => cur = Some((pf, ns)),
-                (Some((_, ns)), f) => { done.push(*ns); cur = f; }
+                (Some((_, ns)), f) => {
+                    done.push(*ns);
+                    cur = f;
+                }
                 (None, f) => cur = f,
             }
             std::thread::sleep(std::time::Duration::from_micros(500));
         }
-        if let Some((_, ns)) = cur { done.push(ns); }
+        if let Some((_, ns)) = cur {
+            done.push(ns);
+        }
         done
     })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let events: usize = std::env::args().nth(1).map_or(200_000, |s| s.parse().unwrap());
+    let events: usize = std::env::args()
+        .nth(1)
+        .map_or(200_000, |s| s.parse().unwrap());
     let rounds: usize = std::env::args().nth(2).map_or(5, |s| s.parse().unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let m = monitor(stop.clone());
@@ -49,7 +59,14 @@ async fn main() -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let cpu = m.join().unwrap();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!("wall median {:.0} all {:?}", v[v.len() / 2], v.iter().map(|x| *x as u64).collect::<Vec<_>>());
-    println!("thread cpu ms {:?}", cpu.iter().map(|ns| ns / 1_000_000).collect::<Vec<_>>());
+    println!(
+        "wall median {:.0} all {:?}",
+        v[v.len() / 2],
+        v.iter().map(|x| *x as u64).collect::<Vec<_>>()
+    );
+    println!(
+        "thread cpu ms {:?}",
+        cpu.iter().map(|ns| ns / 1_000_000).collect::<Vec<_>>()
+    );
     Ok(())
 }

@@ -330,7 +330,10 @@ async fn every_response_carries_etcds_header_fields() -> Result<()> {
     for h in got.iter().filter(|h| h.present) {
         assert!(h.cluster_id && h.member_id && h.raft_term, "ours: {h:?}");
     }
-    assert!(got.iter().filter(|h| h.present).count() >= got.len() - 1, "{got:?}");
+    assert!(
+        got.iter().filter(|h| h.present).count() >= got.len() - 1,
+        "{got:?}"
+    );
     assert_eq!(got, want, "ours differs from etcd");
     Ok(())
 }

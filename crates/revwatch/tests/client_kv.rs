@@ -10,8 +10,8 @@ use etcd_proto::etcdserverpb::request_op::Request as Op;
 use etcd_proto::etcdserverpb::response_op::Response as OpResponse;
 use etcd_proto::mvccpb::event::EventType;
 use revwatch::client::{
-    Client, ClientConfig, CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
-    TxnRequest, WatchCreateRequest,
+    Client, ClientConfig, CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest, WatchCreateRequest,
 };
 use revwatch_testkit::etcd::EtcdCluster;
 use revwatch_testkit::grpc_proxy::GrpcProxy;

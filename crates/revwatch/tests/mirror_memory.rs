@@ -561,3 +561,152 @@ async fn corrupt_snapshot_file_is_reported_and_ignored() {
     mirror.wait_ready().await.unwrap();
     assert_converged(&mirror, &src).await;
 }
+
+/// Queues `n` writes in the prefix (puts, deletes and multi-key txns, each one
+/// revision) while the stream is frozen, then lets them through at once.
+fn backlog(src: &MemorySource, n: usize) {
+    src.set_frozen(true);
+    let mut written = 0;
+    let mut i = 0usize;
+    while written < n {
+        let key = format!("p/{:02}", i % 30).into_bytes();
+        let before = src.revision();
+        match i % 7 {
+            0 => {
+                src.delete(&key);
+            }
+            1 => {
+                src.txn(vec![
+                    MemoryOp::Put(key, format!("t{i}").into_bytes(), 0),
+                    MemoryOp::Delete(format!("p/{:02}", (i + 1) % 30).into_bytes()),
+                    MemoryOp::Put(format!("p/{:02}", (i + 2) % 30).into_bytes(), b"t".to_vec(), 0),
+                ]);
+            }
+            _ => {
+                src.put(&key, format!("v{i}").as_bytes());
+            }
+        }
+        written += usize::from(src.revision() > before);
+        i += 1;
+    }
+    // Outside the prefix: no event, but a revision.
+    src.put(b"q/outside", b"x");
+    src.set_frozen(false);
+}
+
+/// Scrapes one sample of a registry.
+fn sample(registry: &prometheus_client::registry::Registry, name: &str) -> f64 {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
+/// Replies already received while no subscription is live are applied as runs:
+/// readers see exact states (never part of a revision), and every revision still
+/// counts in metrics and status.
+#[tokio::test]
+async fn backlog_without_subscribers_is_published_exactly() {
+    let src = MemorySource::new();
+    for i in 0..30 {
+        src.put(format!("p/{i:02}").as_bytes(), b"v");
+    }
+    let config = MirrorConfig {
+        progress_interval: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(30),
+        ..fast_config()
+    };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mirror = Mirror::builder(P)
+        .config(config)
+        .register_metrics(&mut registry)
+        .start(src.clone())
+        .await
+        .unwrap();
+    mirror.wait_ready().await.unwrap();
+    let listed = mirror.snapshot().revision();
+    let mut revisions = 0;
+    for round in 0..3 {
+        backlog(&src, 500);
+        let last = src.revision() - 1;
+        // Readers only ever see whole revisions, whichever they land on.
+        let mut seen = 0;
+        while seen < last {
+            let snap = mirror.snapshot();
+            if snap.revision() != seen {
+                seen = snap.revision();
+                assert_eq!(snap_kvs(&snap), truth(&src, P, seen).await, "round {round}");
+            }
+            tokio::task::yield_now().await;
+        }
+        revisions += 500;
+        let status = mirror.status();
+        assert_eq!(status.revision, last);
+        assert_eq!(status.keys, mirror.snapshot().len());
+        assert!(status.server_revision >= last);
+        assert_eq!(
+            sample(&registry, "revwatch_mirror_revisions_applied_total"),
+            revisions as f64
+        );
+        assert_eq!(
+            sample(&registry, "revwatch_mirror_apply_seconds_count"),
+            revisions as f64
+        );
+        assert_eq!(sample(&registry, "revwatch_mirror_revision"), last as f64);
+    }
+    assert!(listed < mirror.snapshot().revision());
+    // A subscription made now gets every later revision as its own batch.
+    let mut sub = mirror.subscribe();
+    let mut replay = Replay::keeping_snapshots();
+    let from = src.revision();
+    backlog(&src, 200);
+    replay.follow_until(&mut sub, src.revision() - 1, WAIT).await;
+    let batches: Vec<i64> = replay.batches.iter().map(|(r, _)| *r).collect();
+    assert_eq!(batches, ((from + 1)..src.revision()).collect::<Vec<_>>());
+    for (rev, state) in &replay.snapshots[1..] {
+        assert_eq!(state, &truth(&src, P, *rev).await, "at {rev}");
+    }
+    assert_converged(&mirror, &src).await;
+}
+
+/// Subscriptions made (on other threads) while a backlog is applied in runs each
+/// start from a whole state and then get every later revision, one batch each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_made_while_a_backlog_drains_miss_nothing() {
+    let src = MemorySource::new();
+    let config = MirrorConfig {
+        progress_interval: Duration::from_secs(10),
+        stall_timeout: Duration::from_secs(30),
+        // Nobody reads until the end: no subscriber may lag.
+        subscriber_buffer: 10_000,
+        ..fast_config()
+    };
+    let mirror = start(&src, config).await;
+    mirror.wait_ready().await.unwrap();
+    // Only the first subscription of a round can meet a run (the others turn
+    // runs off): several rounds, each subscribing a bit later.
+    for round in 0..10u64 {
+        backlog(&src, 2_000);
+        let last = src.revision() - 1;
+        tokio::time::sleep(Duration::from_micros(100 * round)).await;
+        let mut subs = vec![mirror.subscribe()];
+        while mirror.snapshot().revision() < last && subs.len() < 20 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            subs.push(mirror.subscribe());
+        }
+        for mut sub in subs {
+            let mut replay = Replay::default();
+            let first = sub.try_recv().expect("the snapshot comes at once");
+            assert!(matches!(first, Update::Snapshot(_)));
+            replay.apply(&first);
+            assert_eq!(replay.state, truth(&src, P, replay.revision).await);
+            let from = replay.revision;
+            replay.follow_until(&mut sub, last, WAIT).await;
+            let expected: Vec<(i64, bool)> = ((from + 1)..=last).map(|r| (r, false)).collect();
+            assert_eq!(replay.batches, expected, "round {round}, from {from}");
+            assert_eq!(replay.state, truth(&src, P, last).await);
+        }
+    }
+    assert_converged(&mirror, &src).await;
+}

@@ -226,10 +226,7 @@ async fn metrics_follow_real_traffic() {
             "{}",
             m.text
         );
-        assert_eq!(
-            m.causes("relists"),
-            zeros(&["compacted", "validation"])
-        );
+        assert_eq!(m.causes("relists"), zeros(&["compacted", "validation"]));
         assert_eq!(
             m.causes("rejected_responses"),
             zeros(&["event", "header", "list", "untrusted_progress"])

@@ -472,7 +472,6 @@ async fn consistent_snapshot_times_out_while_the_stream_is_stalled() {
         // The held-back replies arrive: caught up, without a reconnect.
         let snap = mirror.consistent_snapshot(WAIT).await.unwrap();
         assert!(snap.revision() >= h);
-        eprintln!("DIAG snap {} status {:?}", snap.revision(), mirror.status());
         let st = status_at(&mirror, snap.revision()).await;
         assert!(st.reconnects.is_empty() && st.relists.is_empty(), "{st:?}");
         assert_eq!((st.server_revision, st.lag()), (h, 0), "{st:?}");
@@ -485,7 +484,6 @@ async fn consistent_snapshot_times_out_while_the_stream_is_stalled() {
 /// is stalled: the status must show it as behind (server revision above its
 /// revision, lag > 0), not as caught up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs mirror/mod.rs to record the revision consistent_snapshot reads (see the report)"]
 async fn stalled_stream_shows_lag_once_the_server_revision_is_known() {
     bounded(Duration::from_secs(60), async {
         let server = Embedded::start().await;
@@ -847,7 +845,6 @@ async fn panicking_decoder_is_isolated() {
 /// Of two keys failing to decode, one gets a good value: status must then list
 /// only the other (`decode_failures` is "keys whose current value failed").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs watcher/mod.rs publish() to refresh decode failures when the set shrinks (see the report)"]
 async fn decode_failures_shrink_when_one_of_several_keys_recovers() {
     bounded(Duration::from_secs(60), async {
         let server = Embedded::start().await;

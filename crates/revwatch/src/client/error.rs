@@ -177,7 +177,10 @@ impl Error {
         // etcd sends these as OutOfRange, but `etcd grpc-proxy` relays them as Unknown
         // with the same text: the text decides, or a compaction seen through a proxy
         // would pass for an ordinary error and never trigger a relist.
-        if matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::Unknown) {
+        if matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::Unknown
+        ) {
             if message.contains(COMPACTED_MSG) {
                 return Error::Compacted {
                     compact_revision: None,

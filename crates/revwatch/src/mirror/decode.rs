@@ -43,7 +43,7 @@ where
     E: Into<DecodeError>,
 {
     fn decode(&self, key: &[u8], value: &Bytes) -> Result<T, DecodeError> {
-        guard(|| self(key, value).map_err(Into::into))
+        self(key, value).map_err(Into::into)
     }
 }
 

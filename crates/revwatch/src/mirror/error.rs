@@ -21,9 +21,10 @@ pub enum MirrorError {
     },
 
     /// The mirror did not reach the revision in time.
-    #[error("timed out after {after:?} waiting for revision {wanted} (mirror at {reached})")]
+    #[error("timed out after {after:?} waiting for {} (mirror at {reached})", wanted_text(*.wanted))]
     Timeout {
-        /// The revision waited for.
+        /// The revision waited for; 0 when etcd's current revision could not be read
+        /// in time (by [`Mirror::consistent_snapshot`](super::Mirror::consistent_snapshot)).
         wanted: i64,
         /// The mirror's revision when the wait ended.
         reached: i64,
@@ -83,5 +84,13 @@ impl FailureKind {
         } else {
             FailureKind::Other
         }
+    }
+}
+
+fn wanted_text(wanted: i64) -> String {
+    if wanted == 0 {
+        "etcd's current revision".into()
+    } else {
+        format!("revision {wanted}")
     }
 }

@@ -7,6 +7,11 @@
 //! only the newest snapshot is remembered for it, and its next receive yields one
 //! resync diff from the last state it was sent. Memory per subscriber is therefore
 //! bounded by its queue capacity plus two snapshots.
+//!
+//! While no subscription is live, the writer may hold that lock across a run of
+//! revisions ([`Hub::quiet`]) and publish only the state after the last: nobody
+//! needs the batches and snapshots in between, and whoever subscribes meanwhile
+//! waits and starts from the published state.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +30,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) struct Hub<T> {
+    dummy: Mutex<()>,
     current: ArcSwap<Snapshot<T>>,
     subscribers: Mutex<Subscribers<T>>,
     revision: watch::Sender<i64>,
@@ -56,6 +62,7 @@ impl<T> Hub<T> {
     pub(crate) fn new(initial: Arc<Snapshot<T>>, capacity: usize, metrics: Metrics) -> Self {
         let (revision, _) = watch::channel(initial.revision());
         Hub {
+            dummy: Mutex::new(()),
             current: ArcSwap::new(initial),
             subscribers: Mutex::new(Subscribers {
                 slots: Vec::new(),
@@ -124,9 +131,10 @@ impl<T> Hub<T> {
                 return None;
             }
         }
+        drop(subs);
         Some(Quiet {
             hub: self,
-            _subs: subs,
+            _subs: lock(&self.dummy),
         })
     }
 
@@ -169,7 +177,7 @@ pub(crate) struct Quiet<'a, T> {
     hub: &'a Hub<T>,
     /// Held until published: a subscription made meanwhile would miss the
     /// revisions applied without batches.
-    _subs: MutexGuard<'a, Subscribers<T>>,
+    _subs: MutexGuard<'a, ()>,
 }
 
 impl<T> Quiet<'_, T> {

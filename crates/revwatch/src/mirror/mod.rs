@@ -102,9 +102,16 @@
 //!     foreign file is reported and ignored.
 //! 11. **Readers and subscribers.** Readers load an `Arc<Snapshot>` without locks
 //!     and get/range/iterate in key order. Publishing costs O(changed keys × log n)
-//!     (a persistent map shares all unchanged structure). A [`Subscription`] made at
-//!     any time first receives the current snapshot, then every later update, with
-//!     no race. Its buffer is bounded: a slow subscriber never blocks the mirror;
+//!     (a persistent map shares all unchanged structure). Readers (and
+//!     [`Mirror::snapshot_at_least`]) may skip revisions: when replies are already
+//!     waiting and no subscription is live, the mirror applies them in a row (a
+//!     run, bounded to a few milliseconds of work) and publishes the snapshot
+//!     after the last one only, which spares a snapshot per revision; a skipped
+//!     revision is never visible in part. Every applied revision still counts in
+//!     metrics and status. A [`Subscription`] made at any time first receives the
+//!     current snapshot, then every later update (one batch per revision), with no
+//!     race; one made during a run waits for the run to be published and starts
+//!     from it. Its buffer is bounded: a slow subscriber never blocks the mirror;
 //!     it is marked lagging and later receives one resync diff from the last state
 //!     it received.
 //! 12. **Metrics.** [`MirrorBuilder::register_metrics`] registers Prometheus
@@ -264,7 +271,7 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
             writer,
             hub: Arc::clone(&hub),
             status: Arc::clone(&status),
-            metrics: self.metrics,
+            metrics: self.metrics.clone(),
             progress_wanted: Arc::clone(&progress_wanted),
             loaded,
             persist: persister,
@@ -278,6 +285,7 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
                 status,
                 progress_wanted,
                 current_revision,
+                metrics: self.metrics,
                 task,
                 stop,
                 stopped,
@@ -342,6 +350,7 @@ struct Shared<T> {
     status: Arc<watch::Sender<Status>>,
     progress_wanted: Arc<Notify>,
     current_revision: RevisionFn,
+    metrics: Metrics,
     task: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
     stopped: watch::Receiver<Option<Result<(), MirrorError>>>,
@@ -373,6 +382,11 @@ impl<T: Send + Sync + 'static> Mirror<T> {
     }
 
     /// A subscription: the current snapshot first, then every later update.
+    ///
+    /// While the mirror applies a run of replies without publishing each
+    /// revision (only possible while no subscription is live, see point 11 of
+    /// the contract), this waits until the run is published: at most a few
+    /// milliseconds.
     pub fn subscribe(&self) -> Subscription<T> {
         self.shared.hub.subscribe()
     }
@@ -482,6 +496,8 @@ impl<T: Send + Sync + 'static> Mirror<T> {
                 after: timeout,
             })?
             .map_err(|e| MirrorError::Source(e.to_string()))?;
+        // What etcd just said counts as seen: a stalled mirror now shows its lag.
+        watcher::record_server_revision(&self.shared.status, &self.shared.metrics, revision);
         self.snapshot_at_least(revision, timeout.saturating_sub(started.elapsed()))
             .await
             .map_err(|e| match e {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use etcd_proto::mvccpb::{self, event::EventType};
 
 use super::batch::{Batch, Change, ChangeKind, ResyncReason};
-use super::decode::{DecodeFailure, DecodePolicy, Decoder};
+use super::decode::{DecodeFailure, DecodePolicy, Decoder, guard};
 use super::snapshot::{Entry, Map, Slot, Snapshot};
 
 /// An event or listed key that cannot be applied: the response is rejected.
@@ -62,6 +62,11 @@ impl<T: Send + Sync + 'static> Writer<T> {
     /// Keys whose current value failed to decode.
     pub(crate) fn failures(&self) -> impl Iterator<Item = &DecodeFailure> {
         self.failures.values()
+    }
+
+    /// Number of keys whose current value failed to decode.
+    pub(crate) fn failure_count(&self) -> usize {
+        self.failures.len()
     }
 
     /// Number of decode errors since the last call.
@@ -166,7 +171,8 @@ impl<T: Send + Sync + 'static> Writer<T> {
                 continue;
             }
             let raw = Bytes::from(kv.value);
-            let value = match self.decoder.decode(&kv.key, &raw) {
+            // Guarded: a panicking decoder is one more bad value.
+            let value = match guard(|| self.decoder.decode(&kv.key, &raw)) {
                 Ok(value) => value,
                 Err(e) => {
                     if let Some(change) =
@@ -189,7 +195,10 @@ impl<T: Send + Sync + 'static> Writer<T> {
             self.failures.remove(&kv.key[..]);
             // One descent for a key already present: its entry is replaced in
             // place (in the nodes copied as needed).
-            match (self.map.get_key_value_mut(&kv.key[..]), changes.as_deref_mut()) {
+            match (
+                self.map.get_key_value_mut(&kv.key[..]),
+                changes.as_deref_mut(),
+            ) {
                 (Some((_, slot)), None) => slot.0 = entry,
                 (Some((key, slot)), Some(changes)) => {
                     let prev = std::mem::replace(&mut slot.0, Arc::clone(&entry));
@@ -298,7 +307,7 @@ impl<T: Send + Sync + 'static> Relist<'_, T> {
             });
             if !unchanged {
                 let raw = Bytes::from(kv.value);
-                match self.writer.decoder.decode(&key, &raw) {
+                match guard(|| self.writer.decoder.decode(&key, &raw)) {
                     Ok(value) => {
                         let entry = Arc::new(Entry {
                             value,

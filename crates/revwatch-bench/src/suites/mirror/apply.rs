@@ -10,8 +10,10 @@
 //! dropping the reply.
 //!
 //! The mirror runs alone on a current-thread runtime in its own OS thread: one core.
-//! The clock stops when the mirror asks for the reply after the last one, which it
-//! does only after applying and publishing everything before it.
+//! The clock stops when the round's task runs again after the mirror asked for the
+//! reply after the last one: the mirror may ask while a run of replies is still
+//! being published, but on this runtime the round's task runs only once the
+//! mirror's task has finished that and waits for more.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -117,7 +119,7 @@ struct FeedSource {
     listed_at: i64,
     replies: Arc<Mutex<Option<VecDeque<WatchResponse>>>>,
     gate: watch::Receiver<bool>,
-    drained: Arc<Mutex<Option<oneshot::Sender<Instant>>>>,
+    drained: Arc<Mutex<Option<oneshot::Sender<()>>>>,
 }
 
 impl Source for FeedSource {
@@ -166,7 +168,7 @@ struct FeedWatch {
     created: Option<i64>,
     replies: VecDeque<WatchResponse>,
     gate: watch::Receiver<bool>,
-    drained: Option<oneshot::Sender<Instant>>,
+    drained: Option<oneshot::Sender<()>>,
 }
 
 impl WatchHandle for FeedWatch {
@@ -185,9 +187,9 @@ impl WatchHandle for FeedWatch {
         if let Some(reply) = self.replies.pop_front() {
             return Ok(Some(reply));
         }
-        // Asked again after the last reply: everything is applied and published.
+        // Asked again after the last reply: everything is applied.
         if let Some(drained) = self.drained.take() {
-            let _ = drained.send(Instant::now());
+            let _ = drained.send(());
         }
         std::future::pending().await
     }
@@ -242,10 +244,11 @@ async fn mirror_round(feed: Feed) -> anyhow::Result<f64> {
 
     let started = Instant::now();
     gate_tx.send_replace(true);
-    let finished = tokio::time::timeout(ROUND_TIMEOUT, drained_rx)
+    tokio::time::timeout(ROUND_TIMEOUT, drained_rx)
         .await
         .context("the mirror did not drain the feed in time")?
         .context("feed dropped")?;
+    let elapsed = started.elapsed();
     let snap = mirror.snapshot();
     anyhow::ensure!(
         snap.revision() == last && snap.len() == KEYS,
@@ -253,7 +256,7 @@ async fn mirror_round(feed: Feed) -> anyhow::Result<f64> {
         snap.revision(),
         snap.len()
     );
-    Ok(events as f64 / finished.duration_since(started).as_secs_f64())
+    Ok(events as f64 / elapsed.as_secs_f64())
 }
 
 /// A naive snapshotting map: readers share an `Arc<HashMap>`, so each revision

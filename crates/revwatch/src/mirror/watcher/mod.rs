@@ -174,6 +174,23 @@ pub(crate) struct Persister {
     pub(crate) in_flight: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
+/// Raises the highest server revision seen (status and metrics) to `revision`, and the
+/// lag with it. Silent for `watch` receivers: it moves no published state.
+pub(crate) fn record_server_revision(
+    status: &watch::Sender<Status>,
+    metrics: &Metrics,
+    revision: i64,
+) {
+    status.send_if_modified(|s| {
+        if revision > s.server_revision {
+            s.server_revision = revision;
+            metrics.server_revision.set(revision);
+            metrics.lag.set(s.lag());
+        }
+        false
+    });
+}
+
 /// Counts (and logs) a finished snapshot file write; the error text if it failed.
 fn record_write(
     metrics: &Metrics,
@@ -202,8 +219,9 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         let mut stop = self.stop.clone();
         tokio::select! {
             () = self.mirror() => {}
-            // Cancels whatever is in flight: state changes only through `publish`,
-            // which never awaits, so the published state is whole.
+            // Cancels whatever is in flight: state changes only through `publish`
+            // and runs of replies (see `Run`), which never await, so the
+            // published state is whole.
             Ok(_) = stop.wait_for(|s| *s) => {}
         }
         let outcome = self.flush().await;
@@ -413,14 +431,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
     }
 
     fn saw_server_revision(&self, revision: i64) {
-        self.status.send_if_modified(|s| {
-            if revision > s.server_revision {
-                s.server_revision = revision;
-                self.metrics.server_revision.set(revision);
-                self.metrics.lag.set(s.lag());
-            }
-            false
-        });
+        record_server_revision(&self.status, &self.metrics, revision);
     }
 
     /// Publishes, updates status and metrics, and maybe writes the snapshot file.
@@ -508,31 +519,18 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             self.metrics.decode_errors.inc_by(new_failures);
         }
         let max = self.config.max_reported_decode_failures;
-        let failures = (new_failures > 0).then(|| {
-            (
-                self.writer
-                    .failures()
-                    .take(max)
-                    .cloned()
-                    .collect::<Vec<_>>(),
-                self.writer.failures().count(),
-            )
-        });
-        let failures_cleared = self.writer.failures().next().is_none();
+        let count = self.writer.failure_count();
         self.status.send_if_modified(|s| {
             s.revision = revision;
             s.keys = keys;
             s.last_event_at = Some(SystemTime::now());
             self.metrics.lag.set(s.lag());
-            let mut changed = false;
-            if let Some((list, count)) = failures {
-                s.decode_failures = list;
+            // The reported list changes with a new failure or with a key that
+            // recovered (or vanished); only then is it rebuilt and receivers woken.
+            let changed = new_failures > 0 || count != s.decode_failure_count;
+            if changed {
+                s.decode_failures = self.writer.failures().take(max).cloned().collect();
                 s.decode_failure_count = count;
-                changed = true;
-            } else if failures_cleared && s.decode_failure_count > 0 {
-                s.decode_failures.clear();
-                s.decode_failure_count = 0;
-                changed = true;
             }
             changed
         });

@@ -423,9 +423,7 @@ mod tests {
         let mut c = check(10, ProgressTrust::Immediate);
         c.on(created(12), now).unwrap();
         c.on(events(12, vec![put("a", 12)]), now).unwrap();
-        let err = c
-            .on(events(13, vec![put("b", 12)]), now)
-            .unwrap_err();
+        let err = c.on(events(13, vec![put("b", 12)]), now).unwrap_err();
         assert!(
             matches!(err, StreamEnd::Invalid { relist: true, .. }),
             "{err:?}"
@@ -530,10 +528,7 @@ mod tests {
         c.progress_requested();
         assert_eq!(c.on(progress(20), later).unwrap().bookmark, None);
         c.progress_requested();
-        assert_eq!(
-            c.on(progress(20), later).unwrap().bookmark,
-            Some(20)
-        );
+        assert_eq!(c.on(progress(20), later).unwrap().bookmark, Some(20));
     }
 
     #[test]
@@ -567,9 +562,6 @@ mod tests {
     #[test]
     fn events_before_created_are_rejected() {
         let mut c = check(1, ProgressTrust::Immediate);
-        assert!(
-            c.on(events(2, vec![put("a", 2)]), Instant::now())
-                .is_err()
-        );
+        assert!(c.on(events(2, vec![put("a", 2)]), Instant::now()).is_err());
     }
 }
