@@ -579,7 +579,11 @@ fn backlog(src: &MemorySource, n: usize) {
                 src.txn(vec![
                     MemoryOp::Put(key, format!("t{i}").into_bytes(), 0),
                     MemoryOp::Delete(format!("p/{:02}", (i + 1) % 30).into_bytes()),
-                    MemoryOp::Put(format!("p/{:02}", (i + 2) % 30).into_bytes(), b"t".to_vec(), 0),
+                    MemoryOp::Put(
+                        format!("p/{:02}", (i + 2) % 30).into_bytes(),
+                        b"t".to_vec(),
+                        0,
+                    ),
                 ]);
             }
             _ => {
@@ -661,7 +665,9 @@ async fn backlog_without_subscribers_is_published_exactly() {
     let mut replay = Replay::keeping_snapshots();
     let from = src.revision();
     backlog(&src, 200);
-    replay.follow_until(&mut sub, src.revision() - 1, WAIT).await;
+    replay
+        .follow_until(&mut sub, src.revision() - 1, WAIT)
+        .await;
     let batches: Vec<i64> = replay.batches.iter().map(|(r, _)| *r).collect();
     assert_eq!(batches, ((from + 1)..src.revision()).collect::<Vec<_>>());
     for (rev, state) in &replay.snapshots[1..] {

@@ -30,7 +30,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) struct Hub<T> {
-    dummy: Mutex<()>,
     current: ArcSwap<Snapshot<T>>,
     subscribers: Mutex<Subscribers<T>>,
     revision: watch::Sender<i64>,
@@ -62,7 +61,6 @@ impl<T> Hub<T> {
     pub(crate) fn new(initial: Arc<Snapshot<T>>, capacity: usize, metrics: Metrics) -> Self {
         let (revision, _) = watch::channel(initial.revision());
         Hub {
-            dummy: Mutex::new(()),
             current: ArcSwap::new(initial),
             subscribers: Mutex::new(Subscribers {
                 slots: Vec::new(),
@@ -131,10 +129,9 @@ impl<T> Hub<T> {
                 return None;
             }
         }
-        drop(subs);
         Some(Quiet {
             hub: self,
-            _subs: lock(&self.dummy),
+            _subs: subs,
         })
     }
 
@@ -177,7 +174,7 @@ pub(crate) struct Quiet<'a, T> {
     hub: &'a Hub<T>,
     /// Held until published: a subscription made meanwhile would miss the
     /// revisions applied without batches.
-    _subs: MutexGuard<'a, ()>,
+    _subs: MutexGuard<'a, Subscribers<T>>,
 }
 
 impl<T> Quiet<'_, T> {
