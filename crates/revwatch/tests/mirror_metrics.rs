@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use etcd_proto::etcdserverpb::request_op::Request as Op;
 use mirror_support::scenarios::{P, WAIT, bounded, client_config, mirror_config, put, writer};
-use mirror_support::{Kvs, truth};
+use mirror_support::{snap_kvs, truth};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use revwatch::client::{Client, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest};
-use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, ResyncReason, Snapshot, State, Update};
+use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, ResyncReason, State, Update};
 use revwatch_testkit::etcd::EtcdCluster;
 use revwatch_testkit::proxy::{Fault, FaultProxy};
 
@@ -105,23 +105,6 @@ impl Scrape {
             );
         }
     }
-}
-
-fn raw_kvs<T>(s: &Snapshot<T>) -> Kvs {
-    s.iter()
-        .map(|(k, e)| {
-            (
-                k.to_vec(),
-                (
-                    e.raw.to_vec(),
-                    e.create_revision,
-                    e.mod_revision,
-                    e.version,
-                    e.lease,
-                ),
-            )
-        })
-        .collect()
 }
 
 async fn put_bytes(c: &Client, key: &str, value: &[u8]) -> i64 {
@@ -462,7 +445,7 @@ async fn metrics_follow_real_traffic() {
             snap.revision(),
         )
         .await;
-        assert_eq!(raw_kvs(&snap), expected);
+        assert_eq!(snap_kvs(&snap), expected);
         for (k, e) in snap.iter() {
             assert_eq!(e.value.as_bytes(), &e.raw[..], "{k:?}");
         }

@@ -17,7 +17,8 @@ use revwatch::mirror::{ChangeKind, Snapshot, Source, Subscription, Update};
 /// key -> (value, create_revision, mod_revision, version, lease)
 pub type Kvs = BTreeMap<Vec<u8>, (Vec<u8>, i64, i64, i64, i64)>;
 
-pub fn snap_kvs(s: &Snapshot<Bytes>) -> Kvs {
+/// The raw state of any snapshot, typed or not.
+pub fn snap_kvs<T>(s: &Snapshot<T>) -> Kvs {
     s.iter()
         .map(|(k, e)| {
             (
