@@ -1,7 +1,8 @@
 //! Wire-level behaviours that the random conformance run exempts or cannot see, each
 //! checked on real etcd 3.4 and on our server in the same way: watch ids per stream
 //! (item 8), one reply per live revision (14), filtered-out replies never sent (16),
-//! response headers on every RPC (22), and Alarm / Unimplemented (23). Item numbers
+//! response headers on every RPC (22), Alarm / Unimplemented (23), and periodic
+//! progress notifications (what they carry, and that events suppress them). Item numbers
 //! refer to the shared list of etcd semantics.
 
 mod common;
@@ -19,7 +20,7 @@ use etcd_proto::etcdserverpb::{
     alarm_request::AlarmAction,
 };
 use etcd_proto::mvccpb::event::EventType;
-use revwatch_testkit::etcd::EtcdCluster;
+use revwatch_testkit::etcd::{ClusterOptions, EtcdCluster};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// How long a stream must stay silent to show that nothing more is coming.
@@ -381,5 +382,139 @@ async fn alarm_is_empty_and_unsupported_rpcs_are_unimplemented() -> Result<()> {
     assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
     // The connection still serves.
     put(&mut c, "after", "ok").await?;
+    Ok(())
+}
+
+/// The revisions of the progress notifications one side sent in each phase of
+/// [`progress_phases`], and the replies that should not have been sent.
+#[derive(Debug)]
+struct Notifies {
+    quiet: Vec<i64>,
+    after_outside_write: Vec<i64>,
+    busy: Vec<i64>,
+    /// Replies to the watch that did not ask for notifications (beyond created).
+    to_other_watch: usize,
+    /// Notifications that carried events or another watch id.
+    malformed: usize,
+}
+
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(300);
+
+/// Two watches on one stream, one with `progress_notify`; then a quiet phase, a phase
+/// after a write outside both, and a phase with writes into the watched range every
+/// 60 ms (more often than the interval).
+async fn progress_phases(endpoint: String) -> Result<(i64, Notifies)> {
+    let mut c = connect(&endpoint).await?;
+    let first = put(&mut c, "k", "v").await?;
+    let mut w = WatchConn::open(&mut c.watch).await?;
+    w.create(WatchCreateRequest {
+        key: b"p/".to_vec(),
+        range_end: b"p0".to_vec(),
+        progress_notify: true,
+        ..Default::default()
+    })
+    .await?;
+    let notified = w.expect(WAIT).await?.watch_id;
+    w.create(WatchCreateRequest {
+        key: b"q".to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    let other = w.expect(WAIT).await?.watch_id;
+    let mut n = Notifies {
+        quiet: Vec::new(),
+        after_outside_write: Vec::new(),
+        busy: Vec::new(),
+        to_other_watch: 0,
+        malformed: 0,
+    };
+    let sort = |n: &mut Notifies, replies: Vec<WatchResponse>, phase: u8| {
+        for r in replies {
+            if r.watch_id == other {
+                n.to_other_watch += 1;
+            } else if r.events.is_empty() {
+                let rev = r.header.map_or(0, |h| h.revision);
+                if r.watch_id != notified || r.created || r.canceled {
+                    n.malformed += 1;
+                }
+                match phase {
+                    0 => n.quiet.push(rev),
+                    1 => n.after_outside_write.push(rev),
+                    _ => n.busy.push(rev),
+                }
+            }
+        }
+    };
+    // Phases of 5.5 intervals, so that no tick falls on a phase's end.
+    let phase = NOTIFY_INTERVAL * 11 / 2;
+    let replies = w.collect_for(phase).await?;
+    sort(&mut n, replies, 0);
+    put(&mut c, "zz", "outside").await?;
+    // A notification sent just before the put was applied may still arrive now.
+    let settle = w.collect_for(Duration::from_millis(100)).await?;
+    ensure!(
+        settle
+            .iter()
+            .all(|r| r.events.is_empty() && r.watch_id == notified),
+        "unexpected replies after the outside write: {settle:?}"
+    );
+    let replies = w.collect_for(phase).await?;
+    sort(&mut n, replies, 1);
+    let mut writer = c.kv.clone();
+    let busy = tokio::spawn(async move {
+        for i in 0..25 {
+            let req = PutRequest {
+                key: format!("p/{i}").into_bytes(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            };
+            if writer.put(req).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    });
+    let replies = w.collect_for(phase).await?;
+    busy.await?;
+    sort(&mut n, replies, 2);
+    Ok((first, n))
+}
+
+/// etcd 3.4 (`--experimental-watch-progress-notify-interval`) and our server at the
+/// same interval: notifications go only to watches that asked, carry no events and the
+/// current revision (moved by writes outside the watched range too), come every
+/// interval while the watch is idle, and stop while events flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_progress_notifies_match_etcd() -> Result<()> {
+    let etcd = EtcdCluster::start(ClusterOptions {
+        progress_notify_interval: Some(NOTIFY_INTERVAL),
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let ours = TestServer::start_with(|c| c.progress_notify_interval = NOTIFY_INTERVAL).await?;
+    let (want, got) = tokio::try_join!(
+        async { progress_phases(etcd.endpoint(0)).await.context("on etcd") },
+        async { progress_phases(ours.endpoint()).await.context("on ours") },
+    )?;
+    for (side, (first, n)) in [("etcd", &want), ("ours", &got)] {
+        ensure!(n.malformed == 0 && n.to_other_watch == 0, "{side}: {n:?}");
+        // Five or six ticks per phase; scheduling may cost one or two.
+        ensure!(
+            n.quiet.len() >= 3,
+            "{side}: too few notifications when idle: {n:?}"
+        );
+        ensure!(n.quiet.iter().all(|r| r == first), "{side}: {n:?}");
+        ensure!(n.after_outside_write.len() >= 3, "{side}: {n:?}");
+        ensure!(
+            n.after_outside_write.iter().all(|r| *r == first + 1),
+            "{side}: the outside write did not move the notified revision: {n:?}"
+        );
+        // Events every 60 ms leave no idle interval; a slow put may leave one.
+        ensure!(
+            n.busy.len() <= 1,
+            "{side}: notified while events flowed: {n:?}"
+        );
+    }
+    eprintln!("etcd: {want:?}\nours: {got:?}");
     Ok(())
 }

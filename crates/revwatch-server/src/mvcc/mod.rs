@@ -268,12 +268,31 @@ impl MvccState {
         Ok(removed)
     }
 
-    /// Every retained record with main revision `<= at`, in key then revision order.
-    pub fn records_up_to(&self, at: i64) -> impl Iterator<Item = &Arc<Record>> + '_ {
-        self.index
+    /// The records etcd 3.4's HashKV at `at` covers, in revision order: every retained
+    /// record up to `at`, except that below the compacted revision + 1 only the "kept"
+    /// ones count, meaning each key's latest record at or below `at` if it is not a
+    /// tombstone (3.4 computes that set at the hashed revision, not at the compacted
+    /// one), and all of them when that set is empty.
+    pub fn hashed_records(&self, at: i64) -> Vec<&Arc<Record>> {
+        let kept = |hist: &[Arc<Record>]| {
+            let idx = hist.partition_point(|r| r.rev.main <= at);
+            idx.checked_sub(1).filter(|&i| !hist[i].tombstone)
+        };
+        let any_kept = self.index.values().any(|h| kept(h).is_some());
+        let lower = self.compacted + 1;
+        let mut records: Vec<&Arc<Record>> = self
+            .index
             .values()
-            .flat_map(|h| h.iter())
-            .filter(move |r| r.rev.main <= at)
+            .flat_map(|hist| {
+                let keep = kept(hist);
+                hist.iter().enumerate().filter_map(move |(i, r)| {
+                    let counted = r.rev.main >= lower || !any_kept || keep == Some(i);
+                    (r.rev.main <= at && counted).then_some(r)
+                })
+            })
+            .collect();
+        records.sort_unstable_by_key(|r| (r.rev.main, r.rev.sub));
+        records
     }
 }
 

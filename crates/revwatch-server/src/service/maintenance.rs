@@ -10,6 +10,7 @@ use etcd_proto::etcdserverpb::{
     HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest,
     MoveLeaderResponse, SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
+use etcd_proto::mvccpb::KeyValue;
 use prost::Message;
 use tonic::{Request, Response, Status};
 
@@ -39,12 +40,25 @@ impl MaintenanceService {
             return Err(EtcdError::FutureRev);
         }
         let at = if revision > 0 { revision } else { cur };
+        // etcd's hash, byte for byte: the bucket name, then the records it covers as
+        // its `key` bucket stores them. The key is the revision (main, '_', sub;
+        // big-endian), with a 't' suffix for a tombstone, whose value holds only the key.
         let mut crc = Crc32c::new();
-        for rec in state.records_up_to(at) {
+        crc.update(b"key");
+        for rec in state.hashed_records(at) {
             crc.update(&rec.rev.main.to_be_bytes());
+            crc.update(b"_");
             crc.update(&rec.rev.sub.to_be_bytes());
-            crc.update(&[u8::from(rec.tombstone)]);
-            crc.update(&rec.to_kv().encode_to_vec());
+            let stored = if rec.tombstone {
+                crc.update(b"t");
+                KeyValue {
+                    key: rec.key.clone(),
+                    ..KeyValue::default()
+                }
+            } else {
+                rec.to_kv()
+            };
+            crc.update(&stored.encode_to_vec());
         }
         Ok(HashKvResponse {
             header: self.core.header(cur),
