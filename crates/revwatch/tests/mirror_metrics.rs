@@ -121,7 +121,7 @@ async fn put_bytes(c: &Client, key: &str, value: &[u8]) -> i64 {
 }
 
 /// Scrapes once the mirror's metrics account for publishing `revision`: they are
-/// updated right after the snapshot is published, the apply latency last.
+/// updated as the snapshot is published, the apply latency right after.
 async fn scrape_at(registry: &Registry, revision: i64) -> Scrape {
     let deadline = Instant::now() + WAIT;
     loop {

@@ -100,9 +100,7 @@ async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// The status once it reports `revision` (it is updated right after the
-/// snapshot is published, so a reader that saw the snapshot may see the previous
-/// status for a moment).
+/// The status once it reports `revision`.
 async fn status_at<T: Send + Sync + 'static>(mirror: &Mirror<T>, revision: i64) -> Status {
     eventually(&format!("status at revision {revision}"), || {
         let st = mirror.status();
@@ -883,6 +881,65 @@ async fn decode_failures_shrink_when_one_of_several_keys_recovers() {
         assert_eq!(st.decode_failures.len(), 1, "{st:?}");
         assert_eq!(st.decode_failures[0].key, format!("{P}b").as_bytes());
         assert_eq!(st.decode_failures[0].revision, rb);
+    })
+    .await;
+}
+
+/// The status is updated before anyone learns of a new revision: a waiter woken by
+/// `snapshot_at_least`, a subscriber that received the batch, and a reader that
+/// saw the status all find the status (or the snapshot) at least as new. Both with
+/// a live subscriber (one publication per revision) and without one (runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_never_behind_what_was_published() {
+    bounded(Duration::from_secs(90), async {
+        let server = Embedded::start().await;
+        let etcd = writer(server.endpoints()).await;
+        let mirror = start(server.endpoints(), embedded_config()).await;
+        mirror.wait_ready().await.unwrap();
+        // A reader comparing the other way round, all along.
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (mirror, stop) = (mirror.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut checks = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let st = mirror.status().revision;
+                    let snap = mirror.snapshot().revision();
+                    assert!(snap >= st, "status at {st}, snapshot at {snap}");
+                    checks += 1;
+                    tokio::task::yield_now().await;
+                }
+                checks
+            })
+        };
+        let mut sub = mirror.subscribe();
+        for i in 0..150 {
+            let r = put(&etcd, &format!("{P}s/{i}"), "v").await;
+            loop {
+                let u = tokio::time::timeout(WAIT, sub.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let st = mirror.status().revision;
+                assert!(
+                    st >= u.revision(),
+                    "received {}, status at {st}",
+                    u.revision()
+                );
+                if u.revision() >= r {
+                    break;
+                }
+            }
+        }
+        drop(sub);
+        for i in 0..150 {
+            let r = put(&etcd, &format!("{P}q/{i}"), "v").await;
+            mirror.snapshot_at_least(r, WAIT).await.unwrap();
+            let st = mirror.status().revision;
+            assert!(st >= r, "waited for {r}, status at {st}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.await.unwrap() > 0);
     })
     .await;
 }

@@ -83,11 +83,18 @@ impl<T> Hub<T> {
     }
 
     /// Makes `snapshot` current and queues `update` (which leads to it) for every
-    /// subscriber, in one critical section.
-    pub(crate) fn publish(&self, snapshot: Arc<Snapshot<T>>, update: Update<T>) {
+    /// subscriber, in one critical section. `made_current` runs once readers can see
+    /// `snapshot` and before any subscriber or waiter is woken.
+    pub(crate) fn publish(
+        &self,
+        snapshot: Arc<Snapshot<T>>,
+        update: Update<T>,
+        made_current: impl FnOnce(),
+    ) {
         let revision = snapshot.revision();
         let mut subs = lock(&self.subscribers);
         let old = self.current.swap(Arc::clone(&snapshot));
+        made_current();
         subs.slots.retain(|slot| {
             let mut st = lock(&slot.state);
             if st.dropped {
@@ -179,12 +186,14 @@ pub(crate) struct Quiet<'a, T> {
 
 impl<T> Quiet<'_, T> {
     /// Makes `snapshot` current for readers and waiters, then lets subscriptions
-    /// in (they start from it).
-    pub(crate) fn publish(self, snapshot: Arc<Snapshot<T>>) {
+    /// in (they start from it). `made_current` runs once readers can see `snapshot`
+    /// and before waiters are woken.
+    pub(crate) fn publish(self, snapshot: Arc<Snapshot<T>>, made_current: impl FnOnce()) {
         let revision = snapshot.revision();
         let hub = self.hub;
         let old = hub.current.swap(snapshot);
         drop(self);
+        made_current();
         // Freeing what only the old snapshot held happens outside the lock.
         drop(old);
         hub.revision.send_replace(revision);

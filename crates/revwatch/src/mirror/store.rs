@@ -300,11 +300,20 @@ impl<T: Send + Sync + 'static> Relist<'_, T> {
             }
             self.delete_vanished(Bound::Included(&key[..]));
             let prev = self.old.get(&key).map(|s| Arc::clone(&s.0));
-            let unchanged = prev.as_ref().is_some_and(|p| {
-                p.mod_revision == kv.mod_revision
-                    && p.create_revision == kv.create_revision
-                    && !self.writer.failures.contains_key(&key)
-            });
+            // A key whose value failed at this very revision fails again: it keeps
+            // its failure record (and whatever the policy left of it) and is not
+            // counted twice.
+            let still_failing = self
+                .writer
+                .failures
+                .get(&key)
+                .is_some_and(|f| f.revision == kv.mod_revision);
+            let unchanged = still_failing
+                || prev.as_ref().is_some_and(|p| {
+                    p.mod_revision == kv.mod_revision
+                        && p.create_revision == kv.create_revision
+                        && !self.writer.failures.contains_key(&key)
+                });
             if !unchanged {
                 let raw = Bytes::from(kv.value);
                 match guard(|| self.writer.decoder.decode(&key, &raw)) {
@@ -390,5 +399,85 @@ impl<T: Send + Sync + 'static> Relist<'_, T> {
             snapshot: Arc::clone(&snapshot),
         });
         Applied { snapshot, batch }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::decode::DecodeError;
+
+    /// Decodes UTF-8; anything else fails.
+    fn utf8() -> Arc<dyn Decoder<String>> {
+        Arc::new(|_key: &[u8], value: &[u8]| -> Result<String, DecodeError> {
+            Ok(std::str::from_utf8(value)?.to_owned())
+        })
+    }
+
+    fn kv(key: &str, value: &[u8], create: i64, rev: i64) -> mvccpb::KeyValue {
+        mvccpb::KeyValue {
+            key: key.into(),
+            value: value.to_vec(),
+            create_revision: create,
+            mod_revision: rev,
+            version: rev - create + 1,
+            lease: 0,
+        }
+    }
+
+    fn put(kv: mvccpb::KeyValue) -> mvccpb::Event {
+        mvccpb::Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv),
+            prev_kv: None,
+        }
+    }
+
+    fn relist(w: &mut Writer<String>, at: i64, kvs: Vec<mvccpb::KeyValue>) -> Applied<String> {
+        let mut r = w.relist(at, ResyncReason::Compacted);
+        r.page(kvs).unwrap();
+        r.finish()
+    }
+
+    #[test]
+    fn relists_count_a_value_that_still_fails_once() {
+        for policy in [DecodePolicy::DropKey, DecodePolicy::KeepLastGood] {
+            let mut w = Writer::new(&Snapshot::empty(1), utf8(), policy);
+            w.apply_revision(2, vec![put(kv("k", b"good", 2, 2))])
+                .unwrap();
+            w.apply_revision(3, vec![put(kv("k", &[0xff], 2, 3))])
+                .unwrap();
+            assert_eq!(w.take_new_failures(), 1);
+            let kept = w.current().get(b"k").map(|e| e.value.clone());
+            let expected = match policy {
+                DecodePolicy::DropKey => None,
+                DecodePolicy::KeepLastGood => Some("good".to_string()),
+            };
+            assert_eq!(kept, expected, "{policy:?}");
+
+            // The same failing version listed again: no new error, no change, and
+            // the failure keeps its revision.
+            let a = relist(&mut w, 5, vec![kv("k", &[0xff], 2, 3)]);
+            assert_eq!(w.take_new_failures(), 0, "{policy:?}");
+            assert!(a.batch.changes.is_empty(), "{policy:?}");
+            assert_eq!(a.snapshot.get(b"k").map(|e| e.value.clone()), expected);
+            let f: Vec<_> = w.failures().map(|f| f.revision).collect();
+            assert_eq!(f, [3], "{policy:?}");
+
+            // Another failing version is a new error.
+            relist(&mut w, 7, vec![kv("k", &[0xfe], 2, 6)]);
+            assert_eq!(w.take_new_failures(), 1, "{policy:?}");
+            let f: Vec<_> = w.failures().map(|f| f.revision).collect();
+            assert_eq!(f, [6], "{policy:?}");
+
+            // Mended: the failure is gone and the value is back.
+            let a = relist(&mut w, 9, vec![kv("k", b"fixed", 2, 8)]);
+            assert_eq!(w.take_new_failures(), 0);
+            assert_eq!(w.failure_count(), 0);
+            assert_eq!(
+                a.snapshot.get(b"k").map(|e| e.value.as_str()),
+                Some("fixed")
+            );
+        }
     }
 }

@@ -442,8 +442,11 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         update: Update<T>,
         events: Option<u64>,
     ) {
-        self.hub.publish(Arc::clone(&snapshot), update);
-        self.published(&snapshot, events.map(|n| (n, 1)));
+        let hub = Arc::clone(&self.hub);
+        hub.publish(Arc::clone(&snapshot), update, || {
+            self.record_published(&snapshot, events.map(|n| (n, 1)));
+        });
+        self.persist_maybe(&snapshot);
     }
 
     /// Applies `revisions` (draining it; in increasing order, validated by the
@@ -490,9 +493,11 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             return;
         }
         let snapshot = self.writer.current();
-        quiet.publish(Arc::clone(&snapshot));
-        self.saw_server_revision(server_revision);
-        self.published(&snapshot, Some((events, revisions)));
+        quiet.publish(Arc::clone(&snapshot), || {
+            self.saw_server_revision(server_revision);
+            self.record_published(&snapshot, Some((events, revisions)));
+        });
+        self.persist_maybe(&snapshot);
         // Each revision of the run took its share of the run's time.
         let each = started.elapsed().as_secs_f64() / revisions as f64;
         for _ in 0..revisions {
@@ -500,9 +505,10 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         }
     }
 
-    /// Updates status and metrics after `snapshot` was published, and maybe
-    /// writes the snapshot file. `applied`: the events and revisions it applied.
-    fn published(
+    /// Updates status and metrics once `snapshot` is current, before waiters and
+    /// subscribers are woken, so that whoever sees it sees a status at least as new.
+    /// `applied`: the events and revisions it applied.
+    fn record_published(
         &mut self,
         snapshot: &Arc<super::snapshot::Snapshot<T>>,
         applied: Option<(u64, u64)>,
@@ -534,7 +540,6 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             }
             changed
         });
-        self.persist_maybe(snapshot);
     }
 
     /// Starts a snapshot file write if one is due and none is running.
