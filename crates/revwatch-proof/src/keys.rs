@@ -73,6 +73,8 @@ impl KeyRange {
 
 /// etcd's range end for a prefix: drop trailing 0xff bytes, then increment
 /// the last byte. An all-0xff (or empty) prefix gives `"\0"` (no upper bound).
+/// Kept apart from the mirror's own `prefix_range_end` on purpose: the ground
+/// truth does not reuse the code it checks.
 pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

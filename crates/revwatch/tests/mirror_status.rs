@@ -5,88 +5,27 @@
 
 mod mirror_support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use mirror_support::Replay;
+use mirror_support::embedded::Embedded;
 use mirror_support::scenarios::{
-    P, WAIT, assert_converged, bounded, client_config, mirror_config, put, start, writer,
+    P, Target, WAIT, assert_converged, bounded, client_config, mirror_config, put, start, writer,
 };
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use revwatch::client::{
-    Error, RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse, WatchStream,
+    Client, Error, RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse, WatchStream,
 };
 use revwatch::mirror::{
     ClientSource, FailureKind, Mirror, MirrorConfig, MirrorError, ReconnectCause, ResyncReason,
     Source, State, Status, WatchHandle,
 };
-use revwatch_server::{FaultController, RunningServer, Server, ServerConfig};
 use revwatch_testkit::etcd::EtcdCluster;
 use revwatch_testkit::proxy::{Fault, FaultProxy};
-use tempfile::TempDir;
 use tokio::sync::watch;
-
-/// The embedded server on a loopback address.
-struct Embedded {
-    _dir: TempDir,
-    addr: SocketAddr,
-    running: Option<RunningServer>,
-}
-
-impl Embedded {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let running = Server::start(ServerConfig::new(dir.path())).await.unwrap();
-        Embedded {
-            _dir: dir,
-            addr: running.local_addr(),
-            running: Some(running),
-        }
-    }
-
-    fn endpoints(&self) -> Vec<String> {
-        vec![format!("http://{}", self.addr)]
-    }
-
-    fn faults(&self) -> FaultController {
-        self.running
-            .as_ref()
-            .expect("the server is running")
-            .server()
-            .faults()
-    }
-
-    async fn stop(&mut self) {
-        let running = self.running.take().expect("the server is running");
-        tokio::time::timeout(WAIT, running.shutdown())
-            .await
-            .expect("shutdown finishes")
-            .unwrap();
-    }
-
-    /// The server-side id of the mirror's watch stream (the one watching `P`).
-    async fn mirror_stream(&self) -> u64 {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let found = self.faults().watch_streams().into_iter().find(|s| {
-                s.watchers
-                    .iter()
-                    .any(|(_, key, _)| key.as_slice() == P.as_bytes())
-            });
-            if let Some(stream) = found {
-                return stream.stream_id;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the mirror opened no watch stream"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 /// Polls `f` until it returns `Some`, for at most [`WAIT`].
 async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
@@ -418,6 +357,42 @@ async fn lag_is_reported_while_a_resumed_watch_catches_up() {
     .await;
 }
 
+/// A mirror whose stream is held back: ready on a fresh embedded server with
+/// `{P}a` written at revision `r`, then its stream stalled for 3 s while five more
+/// puts take the server to revision `h`.
+struct Stalled {
+    server: Embedded,
+    etcd: Client,
+    mirror: Mirror,
+    r: i64,
+    h: i64,
+}
+
+async fn stalled_mirror() -> Stalled {
+    let server = Embedded::start().await;
+    let etcd = writer(server.endpoints()).await;
+    let mirror = start(server.endpoints(), embedded_config()).await;
+    mirror.wait_ready().await.unwrap();
+    let r = put(&etcd, &format!("{P}a"), "1").await;
+    mirror.snapshot_at_least(r, WAIT).await.unwrap();
+    status_at(&mirror, r).await;
+    let stream = server.mirror_stream(None).await;
+    server
+        .faults()
+        .stall_watch_stream(stream, Duration::from_secs(3));
+    let mut h = 0;
+    for i in 0..5 {
+        h = put(&etcd, &format!("{P}during/{i}"), "v").await;
+    }
+    Stalled {
+        server,
+        etcd,
+        mirror,
+        r,
+        h,
+    }
+}
+
 /// The mirror's stream is stalled (held back, connection up) while writes go on:
 /// `snapshot_at_least` and `consistent_snapshot` with a short timeout fail with a
 /// clear timeout error naming the revision etcd is at and the one the mirror
@@ -426,20 +401,13 @@ async fn lag_is_reported_while_a_resumed_watch_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_snapshot_times_out_while_the_stream_is_stalled() {
     bounded(Duration::from_secs(60), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
-        let mirror = start(server.endpoints(), embedded_config()).await;
-        mirror.wait_ready().await.unwrap();
-        let r = put(&etcd, &format!("{P}a"), "1").await;
-        mirror.snapshot_at_least(r, WAIT).await.unwrap();
-        let stream = server.mirror_stream().await;
-        server
-            .faults()
-            .stall_watch_stream(stream, Duration::from_secs(3));
-        let mut h = 0;
-        for i in 0..5 {
-            h = put(&etcd, &format!("{P}during/{i}"), "v").await;
-        }
+        let Stalled {
+            server: _server,
+            etcd,
+            mirror,
+            r,
+            h,
+        } = stalled_mirror().await;
 
         let timeout = Duration::from_millis(500);
         let started = Instant::now();
@@ -484,21 +452,13 @@ async fn consistent_snapshot_times_out_while_the_stream_is_stalled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_stream_shows_lag_once_the_server_revision_is_known() {
     bounded(Duration::from_secs(60), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
-        let mirror = start(server.endpoints(), embedded_config()).await;
-        mirror.wait_ready().await.unwrap();
-        let r = put(&etcd, &format!("{P}a"), "1").await;
-        mirror.snapshot_at_least(r, WAIT).await.unwrap();
-        status_at(&mirror, r).await;
-        let stream = server.mirror_stream().await;
-        server
-            .faults()
-            .stall_watch_stream(stream, Duration::from_secs(3));
-        let mut h = 0;
-        for i in 0..5 {
-            h = put(&etcd, &format!("{P}during/{i}"), "v").await;
-        }
+        let Stalled {
+            server: _server,
+            etcd: _,
+            mirror,
+            r,
+            h,
+        } = stalled_mirror().await;
         let err = mirror
             .consistent_snapshot(Duration::from_millis(300))
             .await

@@ -152,7 +152,7 @@ impl<T: Send + Sync + 'static> Writer<T> {
             }
         }
         for ev in events {
-            let Some(kv) = ev.kv else { continue };
+            let Some(mut kv) = ev.kv else { continue };
             // Keys are looked up by their bytes: a key already present keeps its
             // stored (shared) `Bytes`, and changes name it by that.
             if ev.r#type == EventType::Delete as i32 {
@@ -170,13 +170,11 @@ impl<T: Send + Sync + 'static> Writer<T> {
                 }
                 continue;
             }
-            let raw = Bytes::from(kv.value);
-            // Guarded: a panicking decoder is one more bad value.
-            let value = match guard(|| self.decoder.decode(&kv.key, &raw)) {
-                Ok(value) => value,
-                Err(e) => {
-                    if let Some(change) =
-                        self.decode_failed(Bytes::from(kv.key), revision, &e.to_string())
+            let raw = Bytes::from(std::mem::take(&mut kv.value));
+            let entry = match self.decode_entry(&kv.key, &kv, raw) {
+                Ok(entry) => entry,
+                Err(error) => {
+                    if let Some(change) = self.decode_failed(Bytes::from(kv.key), revision, error)
                         && let Some(changes) = changes.as_deref_mut()
                     {
                         changes.push(change);
@@ -184,14 +182,6 @@ impl<T: Send + Sync + 'static> Writer<T> {
                     continue;
                 }
             };
-            let entry = Arc::new(Entry {
-                value,
-                raw,
-                create_revision: kv.create_revision,
-                mod_revision: kv.mod_revision,
-                version: kv.version,
-                lease: kv.lease,
-            });
             self.failures.remove(&kv.key[..]);
             // One descent for a key already present: its entry is replaced in
             // place (in the nodes copied as needed).
@@ -227,18 +217,34 @@ impl<T: Send + Sync + 'static> Writer<T> {
         Ok(())
     }
 
+    /// Decodes `raw`, the value of `kv`, into its entry. Guarded: a panicking
+    /// decoder is one more bad value.
+    fn decode_entry(
+        &self,
+        key: &[u8],
+        kv: &mvccpb::KeyValue,
+        raw: Bytes,
+    ) -> Result<Arc<Entry<T>>, String> {
+        let value = guard(|| self.decoder.decode(key, &raw)).map_err(|e| e.to_string())?;
+        Ok(Arc::new(Entry {
+            value,
+            raw,
+            create_revision: kv.create_revision,
+            mod_revision: kv.mod_revision,
+            version: kv.version,
+            lease: kv.lease,
+        }))
+    }
+
     /// Records a decode failure and applies the policy; returns the change
     /// subscribers must see, if any.
-    fn decode_failed(&mut self, key: Bytes, revision: i64, error: &str) -> Option<Change<T>> {
-        tracing::warn!(key = %String::from_utf8_lossy(&key), revision, error, "value failed to decode");
-        self.new_failures += 1;
-        self.failures.insert(
-            key.clone(),
-            DecodeFailure {
-                key: key.clone(),
-                revision,
-                error: error.to_string(),
-            },
+    fn decode_failed(&mut self, key: Bytes, revision: i64, error: String) -> Option<Change<T>> {
+        note_failure(
+            &mut self.failures,
+            &mut self.new_failures,
+            &key,
+            revision,
+            error,
         );
         match self.policy {
             DecodePolicy::DropKey => {
@@ -267,6 +273,24 @@ impl<T: Send + Sync + 'static> Writer<T> {
     }
 }
 
+/// Records that `key`'s value at `revision` failed to decode, and counts it.
+fn note_failure(
+    failures: &mut BTreeMap<Bytes, DecodeFailure>,
+    new_failures: &mut u64,
+    key: &Bytes,
+    revision: i64,
+    error: String,
+) {
+    tracing::warn!(key = %String::from_utf8_lossy(key), revision, error, "value failed to decode");
+    *new_failures += 1;
+    let failure = DecodeFailure {
+        key: key.clone(),
+        revision,
+        error,
+    };
+    failures.insert(key.clone(), failure);
+}
+
 /// A list in progress. Pages must come in key order; the old state stays published
 /// until [`finish`](Self::finish), which yields one resync batch with exactly the
 /// difference. Unchanged keys keep their entries, so memory grows with the
@@ -285,14 +309,14 @@ pub(crate) struct Relist<'a, T> {
 impl<T: Send + Sync + 'static> Relist<'_, T> {
     /// Adds one page of listed keys.
     pub(crate) fn page(&mut self, kvs: Vec<mvccpb::KeyValue>) -> Result<(), Invalid> {
-        for kv in kvs {
+        for mut kv in kvs {
             if kv.mod_revision > self.revision || kv.create_revision > kv.mod_revision {
                 return Err(Invalid(format!(
                     "listed key has create/mod revision {}/{} at list revision {}",
                     kv.create_revision, kv.mod_revision, self.revision
                 )));
             }
-            let key = Bytes::from(kv.key);
+            let key = Bytes::from(std::mem::take(&mut kv.key));
             if self.last_key.as_ref().is_some_and(|last| *last >= key) {
                 return Err(Invalid(
                     "list pages are not in strictly increasing key order".into(),
@@ -315,34 +339,22 @@ impl<T: Send + Sync + 'static> Relist<'_, T> {
                         && !self.writer.failures.contains_key(&key)
                 });
             if !unchanged {
-                let raw = Bytes::from(kv.value);
-                match guard(|| self.writer.decoder.decode(&key, &raw)) {
-                    Ok(value) => {
-                        let entry = Arc::new(Entry {
-                            value,
-                            raw,
-                            create_revision: kv.create_revision,
-                            mod_revision: kv.mod_revision,
-                            version: kv.version,
-                            lease: kv.lease,
-                        });
+                let raw = Bytes::from(std::mem::take(&mut kv.value));
+                match self.writer.decode_entry(&key, &kv, raw) {
+                    Ok(entry) => {
                         self.new.insert(key.clone(), Slot(Arc::clone(&entry)));
                         self.changes.push(Change {
                             key: key.clone(),
                             kind: ChangeKind::Put { entry, prev },
                         });
                     }
-                    Err(e) => {
-                        let error = e.to_string();
-                        tracing::warn!(key = %String::from_utf8_lossy(&key), revision = kv.mod_revision, error, "value failed to decode");
-                        self.writer.new_failures += 1;
-                        self.failures.insert(
-                            key.clone(),
-                            DecodeFailure {
-                                key: key.clone(),
-                                revision: kv.mod_revision,
-                                error,
-                            },
+                    Err(error) => {
+                        note_failure(
+                            &mut self.failures,
+                            &mut self.writer.new_failures,
+                            &key,
+                            kv.mod_revision,
+                            error,
                         );
                         if let (DecodePolicy::DropKey, Some(prev)) = (self.writer.policy, prev) {
                             self.new.remove(&key);

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod embedded;
 pub mod scenarios;
 
 use std::collections::BTreeMap;
