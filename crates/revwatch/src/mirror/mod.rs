@@ -82,8 +82,13 @@
 //!    caught up with the server revision at its creation: it delivered events or a
 //!    bookmark up to that revision, or [`MirrorConfig::catch_up_grace`] passed.
 //!    [`Mirror::wait_ready`] returns once Ready, or an error with the cause
-//!    (permission denied, no endpoint reachable, ...) instead of hanging. [`Mirror::status`] reports the [`State`], revisions, lag, last
-//!    event time, last error, reconnects and relists by cause, and decode failures.
+//!    (permission denied, no endpoint reachable, ...) instead of hanging.
+//!    [`Mirror::status`] reports the [`State`], revisions, lag, last event time,
+//!    last error, reconnects and relists by cause, and decode failures. It is
+//!    updated as each revision is published, before waiters and subscribers are
+//!    woken: whoever has seen revision R (a snapshot, a batch, a returned
+//!    `snapshot_at_least`) gets a status at R or later, and the snapshot is never
+//!    older than the status.
 //! 8. **Consistent reads.** [`Mirror::snapshot_at_least`] waits for a revision;
 //!    [`Mirror::consistent_snapshot`] asks etcd for its current revision (a
 //!    count-only range on the prefix) and waits for it, requesting progress while
