@@ -355,25 +355,23 @@ async fn observe(c: &mut Clients, w: &Writer, candidates: &Model) -> Result<Mode
 /// Checks one writer after a restart and folds its cut-off operation into its model if
 /// it landed; returns that operation's revision then.
 async fn settle(c: &mut Clients, w: &mut Writer) -> Result<Option<(Op, i64)>> {
-    let Some(op) = w.pending.take() else {
-        let seen = observe(c, w, &w.model).await?;
-        ensure!(
-            seen == w.model,
-            "writer {}: {seen:?} != {:?}",
-            w.id,
-            w.model
-        );
-        return Ok(None);
-    };
-    // Leases the writer may have: its model's plus the cut-off grant.
+    let pending = w.pending.take();
+    // Leases the writer may have: its model's plus a cut-off grant.
     let mut candidates = w.model.clone();
-    if let Op::Grant { id } = op {
-        candidates.leases.insert(id);
+    if let Some(Op::Grant { id }) = &pending {
+        candidates.leases.insert(*id);
     }
     let seen = observe(c, w, &candidates).await?;
     if seen == w.model {
         return Ok(None);
     }
+    let Some(op) = pending else {
+        bail!(
+            "writer {}: state after restart {seen:?}, acknowledged {:?}",
+            w.id,
+            w.model
+        );
+    };
     // It landed: at the revision its put carries (a delete-only op has none to read,
     // and a grant none at all).
     let revision = match &op {

@@ -394,7 +394,8 @@ struct Notifies {
     busy: Vec<i64>,
     /// Replies to the watch that did not ask for notifications (beyond created).
     to_other_watch: usize,
-    /// Notifications that carried events or another watch id.
+    /// Event-less replies other than a plain notification for that watch (another
+    /// id, created, canceled).
     malformed: usize,
 }
 
@@ -421,34 +422,25 @@ async fn progress_phases(endpoint: String) -> Result<(i64, Notifies)> {
     })
     .await?;
     let other = w.expect(WAIT).await?.watch_id;
-    let mut n = Notifies {
-        quiet: Vec::new(),
-        after_outside_write: Vec::new(),
-        busy: Vec::new(),
-        to_other_watch: 0,
-        malformed: 0,
-    };
-    let sort = |n: &mut Notifies, replies: Vec<WatchResponse>, phase: u8| {
+    let (mut to_other_watch, mut malformed) = (0, 0);
+    // The revisions of the notifications among `replies`, counting strays.
+    let mut notifications = |replies: Vec<WatchResponse>| -> Vec<i64> {
+        let mut revisions = Vec::new();
         for r in replies {
             if r.watch_id == other {
-                n.to_other_watch += 1;
+                to_other_watch += 1;
             } else if r.events.is_empty() {
-                let rev = r.header.map_or(0, |h| h.revision);
                 if r.watch_id != notified || r.created || r.canceled {
-                    n.malformed += 1;
+                    malformed += 1;
                 }
-                match phase {
-                    0 => n.quiet.push(rev),
-                    1 => n.after_outside_write.push(rev),
-                    _ => n.busy.push(rev),
-                }
+                revisions.push(r.header.map_or(0, |h| h.revision));
             }
         }
+        revisions
     };
     // Phases of 5.5 intervals, so that no tick falls on a phase's end.
     let phase = NOTIFY_INTERVAL * 11 / 2;
-    let replies = w.collect_for(phase).await?;
-    sort(&mut n, replies, 0);
+    let quiet = notifications(w.collect_for(phase).await?);
     put(&mut c, "zz", "outside").await?;
     // A notification sent just before the put was applied may still arrive now.
     let settle = w.collect_for(Duration::from_millis(100)).await?;
@@ -458,8 +450,7 @@ async fn progress_phases(endpoint: String) -> Result<(i64, Notifies)> {
             .all(|r| r.events.is_empty() && r.watch_id == notified),
         "unexpected replies after the outside write: {settle:?}"
     );
-    let replies = w.collect_for(phase).await?;
-    sort(&mut n, replies, 1);
+    let after_outside_write = notifications(w.collect_for(phase).await?);
     let mut writer = c.kv.clone();
     let busy = tokio::spawn(async move {
         for i in 0..25 {
@@ -476,7 +467,14 @@ async fn progress_phases(endpoint: String) -> Result<(i64, Notifies)> {
     });
     let replies = w.collect_for(phase).await?;
     busy.await?;
-    sort(&mut n, replies, 2);
+    let busy = notifications(replies);
+    let n = Notifies {
+        quiet,
+        after_outside_write,
+        busy,
+        to_other_watch,
+        malformed,
+    };
     Ok((first, n))
 }
 

@@ -170,11 +170,11 @@ impl<T: Send + Sync + 'static> Writer<T> {
                 }
                 continue;
             }
-            let raw = Bytes::from(std::mem::take(&mut kv.value));
-            let entry = match self.decode_entry(&kv.key, &kv, raw) {
+            let key = std::mem::take(&mut kv.key);
+            let entry = match self.decode_entry(&key, &mut kv) {
                 Ok(entry) => entry,
                 Err(error) => {
-                    if let Some(change) = self.decode_failed(Bytes::from(kv.key), revision, error)
+                    if let Some(change) = self.decode_failed(Bytes::from(key), revision, error)
                         && let Some(changes) = changes.as_deref_mut()
                     {
                         changes.push(change);
@@ -182,13 +182,10 @@ impl<T: Send + Sync + 'static> Writer<T> {
                     continue;
                 }
             };
-            self.failures.remove(&kv.key[..]);
+            self.failures.remove(&key[..]);
             // One descent for a key already present: its entry is replaced in
             // place (in the nodes copied as needed).
-            match (
-                self.map.get_key_value_mut(&kv.key[..]),
-                changes.as_deref_mut(),
-            ) {
+            match (self.map.get_key_value_mut(&key[..]), changes.as_deref_mut()) {
                 (Some((_, slot)), None) => slot.0 = entry,
                 (Some((key, slot)), Some(changes)) => {
                     let prev = std::mem::replace(&mut slot.0, Arc::clone(&entry));
@@ -201,10 +198,10 @@ impl<T: Send + Sync + 'static> Writer<T> {
                     });
                 }
                 (None, None) => {
-                    self.map.insert(Bytes::from(kv.key), Slot(entry));
+                    self.map.insert(Bytes::from(key), Slot(entry));
                 }
                 (None, Some(changes)) => {
-                    let key = Bytes::from(kv.key);
+                    let key = Bytes::from(key);
                     self.map.insert(key.clone(), Slot(Arc::clone(&entry)));
                     changes.push(Change {
                         key,
@@ -217,14 +214,10 @@ impl<T: Send + Sync + 'static> Writer<T> {
         Ok(())
     }
 
-    /// Decodes `raw`, the value of `kv`, into its entry. Guarded: a panicking
-    /// decoder is one more bad value.
-    fn decode_entry(
-        &self,
-        key: &[u8],
-        kv: &mvccpb::KeyValue,
-        raw: Bytes,
-    ) -> Result<Arc<Entry<T>>, String> {
+    /// Decodes `key`'s value, taken out of `kv`, into its entry. Guarded: a
+    /// panicking decoder is one more bad value.
+    fn decode_entry(&self, key: &[u8], kv: &mut mvccpb::KeyValue) -> Result<Arc<Entry<T>>, String> {
+        let raw = Bytes::from(std::mem::take(&mut kv.value));
         let value = guard(|| self.decoder.decode(key, &raw)).map_err(|e| e.to_string())?;
         Ok(Arc::new(Entry {
             value,
@@ -324,23 +317,17 @@ impl<T: Send + Sync + 'static> Relist<'_, T> {
             }
             self.delete_vanished(Bound::Included(&key[..]));
             let prev = self.old.get(&key).map(|s| Arc::clone(&s.0));
-            // A key whose value failed at this very revision fails again: it keeps
-            // its failure record (and whatever the policy left of it) and is not
-            // counted twice.
-            let still_failing = self
-                .writer
-                .failures
-                .get(&key)
-                .is_some_and(|f| f.revision == kv.mod_revision);
-            let unchanged = still_failing
-                || prev.as_ref().is_some_and(|p| {
-                    p.mod_revision == kv.mod_revision
-                        && p.create_revision == kv.create_revision
-                        && !self.writer.failures.contains_key(&key)
-                });
+            // Unchanged: the version already held, or the one that already failed
+            // to decode (it fails again: it keeps its failure record, and whatever
+            // the policy left of it, and is not counted twice).
+            let unchanged = match self.writer.failures.get(&key) {
+                Some(failed) => failed.revision == kv.mod_revision,
+                None => prev.as_ref().is_some_and(|p| {
+                    p.mod_revision == kv.mod_revision && p.create_revision == kv.create_revision
+                }),
+            };
             if !unchanged {
-                let raw = Bytes::from(std::mem::take(&mut kv.value));
-                match self.writer.decode_entry(&key, &kv, raw) {
+                match self.writer.decode_entry(&key, &mut kv) {
                     Ok(entry) => {
                         self.new.insert(key.clone(), Slot(Arc::clone(&entry)));
                         self.changes.push(Change {
