@@ -2,15 +2,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-
+use super::key::Key;
 use super::snapshot::{Entry, Snapshot};
 
 /// One key's change.
 #[derive(Debug)]
 pub struct Change<T> {
     /// The key.
-    pub key: Bytes,
+    pub key: Key,
     /// What happened to it.
     pub kind: ChangeKind<T>,
 }

@@ -88,7 +88,7 @@ pub enum DecodePolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DecodeFailure {
     /// The key.
-    pub key: Bytes,
+    pub key: super::Key,
     /// The revision of the bad value.
     pub revision: i64,
     /// The decoder's error.

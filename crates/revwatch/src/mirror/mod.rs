@@ -107,7 +107,8 @@
 //!     foreign file is reported and ignored.
 //! 11. **Readers and subscribers.** Readers load an `Arc<Snapshot>` without locks
 //!     and get/range/iterate in key order. Publishing costs O(changed keys × log n)
-//!     (a persistent map shares all unchanged structure). Readers (and
+//!     (a persistent map shares all unchanged structure; keys of up to 30 bytes are
+//!     stored inline in its nodes, see [`Key`]). Readers (and
 //!     [`Mirror::snapshot_at_least`]) may skip revisions: when replies are already
 //!     waiting and no subscription is live, the mirror applies them in a row (a
 //!     run, bounded to a few milliseconds of work) and publishes the snapshot
@@ -129,6 +130,7 @@ mod config;
 mod decode;
 mod error;
 mod hub;
+mod key;
 mod metrics;
 mod persist;
 pub mod snapshot;
@@ -149,6 +151,7 @@ pub use config::{MirrorConfig, ProgressTrust};
 pub use decode::{DecodeError, DecodeFailure, DecodePolicy, Decoder, RawBytes};
 pub use error::{FailureKind, MirrorError};
 pub use hub::Subscription;
+pub use key::Key;
 pub use persist::PersistError;
 pub use snapshot::{Entry, Snapshot, diff};
 pub use source::{ClientSource, MemoryOp, MemorySource, Source, WatchHandle};

@@ -3,10 +3,10 @@
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use bytes::Bytes;
 use imbl::OrdMap;
 
 use super::batch::{Change, ChangeKind};
+use super::key::Key;
 
 /// One key's state at a snapshot's revision, as etcd reports it.
 #[derive(Debug)]
@@ -14,7 +14,7 @@ pub struct Entry<T> {
     /// The decoded value.
     pub value: T,
     /// The value's bytes as stored in etcd (what the snapshot file persists).
-    pub raw: Bytes,
+    pub raw: bytes::Bytes,
     /// Revision of the key's creation (since its last deletion).
     pub create_revision: i64,
     /// Revision of the key's last modification.
@@ -50,7 +50,7 @@ impl<T> PartialEq for Slot<T> {
     }
 }
 
-pub(crate) type Map<T> = OrdMap<Bytes, Slot<T>>;
+pub(crate) type Map<T> = OrdMap<Key, Slot<T>>;
 
 /// The mirrored prefix at one revision. Immutable and cheap to share: readers get an
 /// `Arc<Snapshot<T>>` and read it without locks; consecutive snapshots share all
@@ -105,13 +105,13 @@ impl<T> Snapshot<T> {
     }
 
     /// Every entry, in key order.
-    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Entry<T>)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Entry<T>)> + '_ {
         self.entries.iter().map(|(k, s)| (k, &*s.0))
     }
 
     /// The entries whose keys fall in `range`, in key order, e.g.
     /// `snap.range((Bound::Included(&b"a/"[..]), Bound::Excluded(&b"a/m"[..])))`.
-    pub fn range<'a, R>(&'a self, range: R) -> impl Iterator<Item = (&'a Bytes, &'a Entry<T>)> + 'a
+    pub fn range<'a, R>(&'a self, range: R) -> impl Iterator<Item = (&'a Key, &'a Entry<T>)> + 'a
     where
         R: RangeBounds<[u8]> + 'a,
     {
@@ -122,7 +122,7 @@ impl<T> Snapshot<T> {
     pub fn with_prefix<'a>(
         &'a self,
         prefix: &'a [u8],
-    ) -> impl Iterator<Item = (&'a Bytes, &'a Entry<T>)> + 'a {
+    ) -> impl Iterator<Item = (&'a Key, &'a Entry<T>)> + 'a {
         self.entries
             .range::<_, [u8]>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))

@@ -13,6 +13,7 @@ use etcd_proto::mvccpb::{self, event::EventType};
 
 use super::batch::{Batch, Change, ChangeKind, ResyncReason};
 use super::decode::{DecodeFailure, DecodePolicy, Decoder, guard};
+use super::key::Key;
 use super::snapshot::{Entry, Map, Slot, Snapshot};
 
 /// An event or listed key that cannot be applied: the response is rejected.
@@ -26,7 +27,7 @@ pub(crate) struct Writer<T> {
     decoder: Arc<dyn Decoder<T>>,
     policy: DecodePolicy,
     /// Keys whose current etcd value failed to decode.
-    failures: BTreeMap<Bytes, DecodeFailure>,
+    failures: BTreeMap<Key, DecodeFailure>,
     /// Decode errors since the last [`take_new_failures`](Self::take_new_failures).
     new_failures: u64,
 }
@@ -154,14 +155,14 @@ impl<T: Send + Sync + 'static> Writer<T> {
         for ev in events {
             let Some(mut kv) = ev.kv else { continue };
             // Keys are looked up by their bytes: a key already present keeps its
-            // stored (shared) `Bytes`, and changes name it by that.
+            // stored `Key`, and changes name it by that.
             if ev.r#type == EventType::Delete as i32 {
                 let removed = self.map.remove_with_key(&kv.key[..]);
                 self.failures.remove(&kv.key[..]);
                 if let Some(changes) = changes.as_deref_mut() {
                     let (key, prev) = match removed {
                         Some((key, slot)) => (key, Some(slot.0)),
-                        None => (Bytes::from(kv.key), None),
+                        None => (Key::from(kv.key), None),
                     };
                     changes.push(Change {
                         key,
@@ -174,7 +175,7 @@ impl<T: Send + Sync + 'static> Writer<T> {
             let entry = match self.decode_entry(&key, &mut kv) {
                 Ok(entry) => entry,
                 Err(error) => {
-                    if let Some(change) = self.decode_failed(Bytes::from(key), revision, error)
+                    if let Some(change) = self.decode_failed(Key::from(key), revision, error)
                         && let Some(changes) = changes.as_deref_mut()
                     {
                         changes.push(change);
@@ -198,10 +199,10 @@ impl<T: Send + Sync + 'static> Writer<T> {
                     });
                 }
                 (None, None) => {
-                    self.map.insert(Bytes::from(key), Slot(entry));
+                    self.map.insert(Key::from(key), Slot(entry));
                 }
                 (None, Some(changes)) => {
-                    let key = Bytes::from(key);
+                    let key = Key::from(key);
                     self.map.insert(key.clone(), Slot(Arc::clone(&entry)));
                     changes.push(Change {
                         key,
@@ -231,7 +232,7 @@ impl<T: Send + Sync + 'static> Writer<T> {
 
     /// Records a decode failure and applies the policy; returns the change
     /// subscribers must see, if any.
-    fn decode_failed(&mut self, key: Bytes, revision: i64, error: String) -> Option<Change<T>> {
+    fn decode_failed(&mut self, key: Key, revision: i64, error: String) -> Option<Change<T>> {
         note_failure(
             &mut self.failures,
             &mut self.new_failures,
@@ -268,9 +269,9 @@ impl<T: Send + Sync + 'static> Writer<T> {
 
 /// Records that `key`'s value at `revision` failed to decode, and counts it.
 fn note_failure(
-    failures: &mut BTreeMap<Bytes, DecodeFailure>,
+    failures: &mut BTreeMap<Key, DecodeFailure>,
     new_failures: &mut u64,
-    key: &Bytes,
+    key: &Key,
     revision: i64,
     error: String,
 ) {
@@ -292,9 +293,9 @@ pub(crate) struct Relist<'a, T> {
     writer: &'a mut Writer<T>,
     old: Map<T>,
     new: Map<T>,
-    failures: BTreeMap<Bytes, DecodeFailure>,
+    failures: BTreeMap<Key, DecodeFailure>,
     changes: Vec<Change<T>>,
-    last_key: Option<Bytes>,
+    last_key: Option<Key>,
     revision: i64,
     reason: ResyncReason,
 }
@@ -309,7 +310,7 @@ impl<T: Send + Sync + 'static> Relist<'_, T> {
                     kv.create_revision, kv.mod_revision, self.revision
                 )));
             }
-            let key = Bytes::from(std::mem::take(&mut kv.key));
+            let key = Key::from(std::mem::take(&mut kv.key));
             if self.last_key.as_ref().is_some_and(|last| *last >= key) {
                 return Err(Invalid(
                     "list pages are not in strictly increasing key order".into(),

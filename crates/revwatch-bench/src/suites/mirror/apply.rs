@@ -1,13 +1,15 @@
 //! Apply throughput from an in-process feed, with no network.
 //!
-//! The feed is a [`Source`] serving pre-built responses: a prefix of [`KEYS`] keys
+//! The feed is a [`Source`] serving synthetic responses: a prefix of [`KEYS`] keys
 //! listed at one revision, then a watch whose replies each carry one put of one
 //! revision to a pseudo-random key (the live shape: etcd sends each revision as it
-//! commits). Building the replies happens before the clock starts, and handing one
-//! out is a `VecDeque` pop, so what is timed is the mirror's own path per revision:
-//! validating the reply, grouping events, the persistent-map update, building the
-//! snapshot and batch, publishing (hub, revision watch, status, metrics) and
-//! dropping the reply.
+//! commits). Each reply is built when the mirror asks for it, with fresh key and value
+//! buffers, as the gRPC decoder makes them on the live path: so the timed path is
+//! the mirror's own per revision (validating the reply, grouping events, the
+//! persistent-map update, building the snapshot and batch, publishing to the hub,
+//! revision watch, status and metrics, and dropping the reply) plus the decoder's
+//! allocations, and not the cache misses of freeing replies built long before (a
+//! feed built up front made the figure fall with the number of events).
 //!
 //! The mirror runs alone on a current-thread runtime in its own OS thread: one core.
 //! The clock stops when the round's task runs again after the mirror asked for the
@@ -15,7 +17,7 @@
 //! being published, but on this runtime the round's task runs only once the
 //! mirror's task has finished that and waits for more.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,67 +36,89 @@ const VALUE_LEN: usize = 64;
 /// Longest a round may take before it is declared broken.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The synthetic history: the listed state, then one reply per revision.
+/// The synthetic history: the listed state, then one put per revision.
 struct Feed {
     /// The prefix at `listed_at`, in key order.
     listed: Vec<KeyValue>,
     listed_at: i64,
-    replies: Vec<WatchResponse>,
+    /// Every key, by index.
+    keys: Arc<Vec<Vec<u8>>>,
+    /// The revisions after `listed_at`, in order.
+    puts: Vec<Put>,
+}
+
+/// One revision's put: which key, at which version.
+#[derive(Clone, Copy)]
+struct Put {
+    key: u32,
+    version: i64,
 }
 
 impl Feed {
     /// [`KEYS`] keys created at revisions 2.., then `revisions` single-put revisions.
     fn new(revisions: usize) -> Self {
-        let value = vec![b'v'; VALUE_LEN];
-        let listed: Vec<KeyValue> = (0..KEYS)
-            .map(|i| KeyValue {
-                key: key(i),
+        let keys: Vec<Vec<u8>> = (0..KEYS).map(key).collect();
+        let listed: Vec<KeyValue> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| KeyValue {
+                key: key.clone(),
                 create_revision: i as i64 + 2,
                 mod_revision: i as i64 + 2,
                 version: 1,
-                value: value.clone(),
+                value: vec![b'v'; VALUE_LEN],
                 lease: 0,
             })
             .collect();
-        let listed_at = KEYS as i64 + 1;
         let mut versions = vec![1i64; KEYS];
         // xorshift64: a fixed, uniform-enough key sequence without a dependency.
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let replies = (1..=revisions as i64)
-            .map(|n| {
+        let puts = (0..revisions)
+            .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 let i = (x % KEYS as u64) as usize;
                 versions[i] += 1;
-                let revision = listed_at + n;
-                WatchResponse {
-                    header: header(revision),
-                    events: vec![Event {
-                        r#type: EventType::Put as i32,
-                        kv: Some(KeyValue {
-                            key: key(i),
-                            create_revision: i as i64 + 2,
-                            mod_revision: revision,
-                            version: versions[i],
-                            value: value.clone(),
-                            lease: 0,
-                        }),
-                        prev_kv: None,
-                    }],
-                    ..Default::default()
+                Put {
+                    key: i as u32,
+                    version: versions[i],
                 }
             })
             .collect();
         Feed {
             listed,
-            listed_at,
-            replies,
+            listed_at: KEYS as i64 + 1,
+            keys: Arc::new(keys),
+            puts,
         }
     }
 
     fn last_revision(&self) -> i64 {
-        self.listed_at + self.replies.len() as i64
+        self.listed_at + self.puts.len() as i64
+    }
+}
+
+/// The watch reply for the `n`-th put (from 0) after `listed_at`, built like a
+/// decoder builds it: fresh buffers for the key and the value.
+fn reply(keys: &[Vec<u8>], listed_at: i64, n: usize, put: Put) -> WatchResponse {
+    let i = put.key as usize;
+    let revision = listed_at + 1 + n as i64;
+    WatchResponse {
+        header: header(revision),
+        events: vec![Event {
+            r#type: EventType::Put as i32,
+            kv: Some(KeyValue {
+                key: keys[i].clone(),
+                create_revision: i as i64 + 2,
+                mod_revision: revision,
+                version: put.version,
+                value: vec![b'v'; VALUE_LEN],
+                lease: 0,
+            }),
+            prev_kv: None,
+        }],
+        ..Default::default()
     }
 }
 
@@ -117,7 +141,8 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 struct FeedSource {
     listed: Arc<Vec<KeyValue>>,
     listed_at: i64,
-    replies: Arc<Mutex<Option<VecDeque<WatchResponse>>>>,
+    keys: Arc<Vec<Vec<u8>>>,
+    puts: Arc<Mutex<Option<Vec<Put>>>>,
     gate: watch::Receiver<bool>,
     drained: Arc<Mutex<Option<oneshot::Sender<()>>>>,
 }
@@ -143,16 +168,18 @@ impl Source for FeedSource {
     }
 
     async fn watch(&self, req: WatchCreateRequest) -> Result<FeedWatch, Error> {
-        let replies = if req.start_revision == self.listed_at + 1 {
-            lock(&self.replies).take().unwrap_or_default()
+        let puts = if req.start_revision == self.listed_at + 1 {
+            lock(&self.puts).take().unwrap_or_default()
         } else {
             // Not the resume this feed was built for: serve nothing, and the round
             // times out instead of measuring something else.
-            VecDeque::new()
+            Vec::new()
         };
         Ok(FeedWatch {
             created: Some(self.listed_at),
-            replies,
+            listed_at: self.listed_at,
+            keys: Arc::clone(&self.keys),
+            puts: puts.into_iter().enumerate(),
             gate: self.gate.clone(),
             drained: lock(&self.drained).take(),
         })
@@ -166,7 +193,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct FeedWatch {
     /// The created reply's revision, until it is sent.
     created: Option<i64>,
-    replies: VecDeque<WatchResponse>,
+    listed_at: i64,
+    keys: Arc<Vec<Vec<u8>>>,
+    puts: std::iter::Enumerate<std::vec::IntoIter<Put>>,
     gate: watch::Receiver<bool>,
     drained: Option<oneshot::Sender<()>>,
 }
@@ -184,8 +213,8 @@ impl WatchHandle for FeedWatch {
         if self.gate.wait_for(|open| *open).await.is_err() {
             std::future::pending::<()>().await;
         }
-        if let Some(reply) = self.replies.pop_front() {
-            return Ok(Some(reply));
+        if let Some((n, put)) = self.puts.next() {
+            return Ok(Some(reply(&self.keys, self.listed_at, n, put)));
         }
         // Asked again after the last reply: everything is applied.
         if let Some(drained) = self.drained.take() {
@@ -222,13 +251,14 @@ pub async fn mirror_events_per_s(events: usize) -> anyhow::Result<f64> {
 
 async fn mirror_round(feed: Feed) -> anyhow::Result<f64> {
     let last = feed.last_revision();
-    let events = feed.replies.len();
+    let events = feed.puts.len();
     let (gate_tx, gate_rx) = watch::channel(false);
     let (drained_tx, drained_rx) = oneshot::channel();
     let source = FeedSource {
         listed: Arc::new(feed.listed),
         listed_at: feed.listed_at,
-        replies: Arc::new(Mutex::new(Some(feed.replies.into()))),
+        keys: Arc::clone(&feed.keys),
+        puts: Arc::new(Mutex::new(Some(feed.puts))),
         gate: gate_rx,
         drained: Arc::new(Mutex::new(Some(drained_tx))),
     };
@@ -276,7 +306,8 @@ fn naive_round(feed: Feed) -> anyhow::Result<f64> {
     let mut published: Arc<NaiveMap> = Arc::new(feed.listed.into_iter().map(entry).collect());
     let mut events = 0usize;
     let started = Instant::now();
-    for reply in feed.replies {
+    for (n, put) in feed.puts.iter().enumerate() {
+        let reply = reply(&feed.keys, feed.listed_at, n, *put);
         // The feed has one revision per reply.
         let mut next = NaiveMap::clone(&published);
         for ev in reply.events {
