@@ -27,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+mod authority;
 mod backend;
 mod config;
 mod error;

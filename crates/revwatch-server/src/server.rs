@@ -16,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::authority::AuthorityFix;
 use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::faults::Faults;
@@ -293,12 +294,13 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// Accepted connections, minus those a fault refuses. Accept errors (such as running out of
-/// file descriptors) are logged and retried rather than ending the server.
+/// Accepted connections, minus those a fault refuses, each behind [`AuthorityFix`] so that
+/// etcd 3.4's per-endpoint clients are served. Accept errors (such as running out of file
+/// descriptors) are logged and retried rather than ending the server.
 fn incoming(
     listener: TcpListener,
     faults: Arc<Faults>,
-) -> impl Stream<Item = Result<TcpStream, std::io::Error>> {
+) -> impl Stream<Item = Result<AuthorityFix<TcpStream>, std::io::Error>> {
     futures::stream::unfold(listener, move |listener| {
         let faults = faults.clone();
         async move {
@@ -311,7 +313,7 @@ fn incoming(
                         }
                         // Watch latency matters more than packet count.
                         let _ = stream.set_nodelay(true);
-                        return Some((Ok(stream), listener));
+                        return Some((Ok(AuthorityFix::new(stream)), listener));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");

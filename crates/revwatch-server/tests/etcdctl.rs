@@ -207,15 +207,25 @@ async fn endpoint_status_and_health() -> Result<()> {
         "{out}{err}"
     );
     let member = format!("{:x}", s.server().member_id());
-    // Given an `http://` endpoint, etcdctl 3.4's `endpoint status` dials it with the
-    // scheme inside the HTTP/2 :authority, which hyper rejects as malformed (etcd's Go
-    // server lets it through); plain host:port works.
+    ok(e, &["put", "k", "v"]).await?;
+    // Given an `http://` endpoint, etcdctl 3.4's per-endpoint commands put the scheme
+    // into the HTTP/2 :authority; etcd's Go server lets it through, and so must we.
     let bare = s.running.local_addr().to_string();
-    let out = ok(&bare, &["endpoint", "status"]).await?;
-    // "ADDR, ID, VERSION, DB SIZE, IS LEADER, IS LEARNER, TERM, INDEX, APPLIED, ERRORS"
-    let fields: Vec<&str> = out.trim_end().split(", ").collect();
-    assert_eq!(fields.get(1), Some(&member.as_str()), "{out}");
-    assert_eq!(fields.get(4), Some(&"true"), "leader: {out}");
+    let mut hashes = Vec::new();
+    for endpoint in [e.as_str(), bare.as_str()] {
+        let out = ok(endpoint, &["endpoint", "status"]).await?;
+        // "ADDR, ID, VERSION, DB SIZE, IS LEADER, IS LEARNER, TERM, INDEX, APPLIED, ERRORS"
+        let fields: Vec<&str> = out.trim_end().split(", ").collect();
+        assert_eq!(fields.first(), Some(&endpoint), "{out}");
+        assert_eq!(fields.get(1), Some(&member.as_str()), "{out}");
+        assert_eq!(fields.get(4), Some(&"true"), "leader: {out}");
+        // "ADDR, HASH"
+        let out = ok(endpoint, &["endpoint", "hashkv"]).await?;
+        let hash = out.trim_end().rsplit(", ").next().map(str::to_owned);
+        hashes.push(hash.context("no hash")?);
+    }
+    assert_eq!(hashes[0], hashes[1]);
+    assert_ne!(hashes[0], "0");
     let (success, out, err) = run(e, &["member", "list"], None).await?;
     assert!(success, "{err}");
     assert!(
