@@ -181,6 +181,7 @@ impl Source for FeedSource {
             keys: Arc::clone(&self.keys),
             puts: puts.into_iter().enumerate(),
             gate: self.gate.clone(),
+            open: false,
             drained: lock(&self.drained).take(),
         })
     }
@@ -197,6 +198,7 @@ struct FeedWatch {
     keys: Arc<Vec<Vec<u8>>>,
     puts: std::iter::Enumerate<std::vec::IntoIter<Put>>,
     gate: watch::Receiver<bool>,
+    open: bool,
     drained: Option<oneshot::Sender<()>>,
 }
 
@@ -210,8 +212,13 @@ impl WatchHandle for FeedWatch {
             }));
         }
         // Cancel-safe: waiting on a watch channel, then no await until returning.
-        if self.gate.wait_for(|open| *open).await.is_err() {
-            std::future::pending::<()>().await;
+        // Once open it stays open: not checked again, so that the feed's own cost
+        // per reply is only building it.
+        if !self.open {
+            if self.gate.wait_for(|open| *open).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            self.open = true;
         }
         if let Some((n, put)) = self.puts.next() {
             return Ok(Some(reply(&self.keys, self.listed_at, n, put)));
