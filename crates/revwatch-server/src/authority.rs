@@ -9,14 +9,15 @@
 //! blocks only, replaces an authority of the form `scheme://host:port[/...]` by
 //! `host:port`.
 //!
-//! Header blocks are HPACK-compressed with a per-connection dynamic table, so each
-//! block is decoded to keep that table in step. Blocks that need no change are passed
-//! on byte for byte. From the first block that does, every later block of the
-//! connection is re-encoded by our own encoder, and that first block starts by emptying
-//! the dynamic table `h2` holds (two table size updates), so that both ends of the
-//! re-encoded stream share one table. Everything else (the connection preface, DATA,
-//! SETTINGS, ...) is passed through untouched and unbuffered. Input the filter cannot
-//! parse is passed on as is from then on, for `h2` to reject as it would have anyway.
+//! A gRPC client sends one authority for every request of a connection, so the first
+//! header block decides. If its authority is well formed, that block and everything
+//! after it pass straight through: after its first request a connection costs nothing
+//! more than a plain socket. Otherwise every header block of the connection is decoded
+//! (HPACK's dynamic table is per connection, so all of them must be), fixed and
+//! re-encoded by our own encoder, which `h2` decodes with the table it started with.
+//! Other frames (DATA, SETTINGS, ...) are passed through untouched. Input the filter
+//! cannot parse is passed on as is from then on, for `h2` to reject as it would have
+//! anyway.
 
 use std::borrow::Cow;
 use std::io;
@@ -39,8 +40,6 @@ const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
 /// The largest frame every HTTP/2 peer must accept; re-encoded blocks are split to it.
 const MAX_FRAME: usize = 16_384;
-/// HPACK's default dynamic table size, which `h2` (as configured by tonic) uses.
-const TABLE_SIZE: usize = 4_096;
 /// Read granularity from the socket.
 const READ_CHUNK: usize = 16 * 1024;
 /// Largest header block collected: far above the 16 KiB header list h2 accepts, which
@@ -75,6 +74,9 @@ impl<IO: AsyncRead + Unpin> AsyncRead for AuthorityFix<IO> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
+            if this.filter.is_passing() {
+                return Pin::new(&mut this.io).poll_read(cx, buf);
+            }
             if !this.filter.out.is_empty() {
                 let n = this.filter.out.len().min(buf.remaining());
                 buf.put_slice(&this.filter.out[..n]);
@@ -143,7 +145,7 @@ impl<IO: Connected> Connected for AuthorityFix<IO> {
 }
 
 /// The inbound byte stream's parser and rewriter: bytes go from `raw` (read from the
-/// socket) to `out` (for h2), a frame at a time.
+/// socket) to `out` (for h2), a frame at a time, until the filter is done with them.
 struct Filter {
     raw: BytesMut,
     out: BytesMut,
@@ -153,11 +155,20 @@ struct Filter {
     passing: usize,
     /// A header block split over CONTINUATION frames, until its last frame.
     block: Option<Block>,
-    decoder: Decoder<'static>,
-    /// Set from the first block that needed a change: every later block is re-encoded.
-    encoder: Option<Encoder<'static>>,
-    /// The stream could not be parsed: everything passes unchanged from now on.
-    given_up: bool,
+    mode: Mode,
+}
+
+enum Mode {
+    /// Until the first header block is complete.
+    Probing,
+    /// The first block needed a fix: every block is decoded, fixed and re-encoded.
+    Rewriting {
+        decoder: Box<Decoder<'static>>,
+        encoder: Box<Encoder<'static>>,
+    },
+    /// Nothing to do for this connection (or nothing it could do): bytes pass as they
+    /// come, once what is buffered has gone.
+    Passing,
 }
 
 impl Default for Filter {
@@ -168,9 +179,7 @@ impl Default for Filter {
             preface: PREFACE_LEN,
             passing: 0,
             block: None,
-            decoder: Decoder::new(),
-            encoder: None,
-            given_up: false,
+            mode: Mode::Probing,
         }
     }
 }
@@ -190,7 +199,7 @@ impl Filter {
     /// Moves as much of `raw` to `out` as can be decided without more input.
     fn process(&mut self) {
         loop {
-            if self.given_up {
+            if matches!(self.mode, Mode::Passing) {
                 self.flush_raw();
                 return;
             }
@@ -278,42 +287,55 @@ impl Filter {
         Some(())
     }
 
+    /// True once bytes can go from the socket to h2 as they are.
+    fn is_passing(&self) -> bool {
+        matches!(self.mode, Mode::Passing) && self.raw.is_empty() && self.out.is_empty()
+    }
+
     /// Decodes a complete block and passes it on, unchanged or re-encoded.
     fn finish_block(&mut self, block: Block) {
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut needs_fix = false;
-        let decoded =
-            self.decoder
-                .decode_with_cb(&block.fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
-                    let value = match fixed_authority(&name, &value) {
-                        Some(host) => {
-                            needs_fix = true;
-                            host.to_vec()
-                        }
-                        None => value.into_owned(),
-                    };
-                    fields.push((name.into_owned(), value));
-                });
-        if decoded.is_err() {
-            // h2 will find the same error in the same bytes.
-            self.give_up(&block.original);
-            return;
-        }
-        if self.encoder.is_none() && !needs_fix {
-            self.out.extend_from_slice(&block.original);
-            return;
-        }
-        let mut encoded = Vec::new();
-        let encoder = match &mut self.encoder {
-            Some(encoder) => encoder,
-            None => {
-                // Empty the table h2 built from the blocks passed on so far: from here on
-                // its entries are ours.
-                encoded.extend(size_update(0));
-                encoded.extend(size_update(TABLE_SIZE));
-                self.encoder.insert(Encoder::new())
-            }
+        let mut decode = |decoder: &mut Decoder<'static>| {
+            decoder.decode_with_cb(&block.fragment, |name: Cow<[u8]>, value: Cow<[u8]>| {
+                let value = match fixed_authority(&name, &value) {
+                    Some(host) => {
+                        needs_fix = true;
+                        host.to_vec()
+                    }
+                    None => value.into_owned(),
+                };
+                fields.push((name.into_owned(), value));
+            })
         };
+        match &mut self.mode {
+            Mode::Probing => {
+                let mut decoder = Box::new(Decoder::new());
+                // An undecodable block: h2 will find the same error in the same bytes.
+                if decode(&mut decoder).is_err() || !needs_fix {
+                    self.give_up(&block.original);
+                    return;
+                }
+                self.mode = Mode::Rewriting {
+                    decoder,
+                    encoder: Box::new(Encoder::new()),
+                };
+            }
+            Mode::Rewriting { decoder, .. } => {
+                if decode(decoder).is_err() {
+                    self.give_up(&block.original);
+                    return;
+                }
+            }
+            Mode::Passing => {
+                self.out.extend_from_slice(&block.original);
+                return;
+            }
+        }
+        let Mode::Rewriting { encoder, .. } = &mut self.mode else {
+            return;
+        };
+        let mut encoded = Vec::new();
         let headers = fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice()));
         if encoder.encode_into(headers, &mut encoded).is_err() {
             self.give_up(&block.original);
@@ -356,8 +378,7 @@ impl Filter {
 
     /// Stops filtering: `pending` and everything after it pass unchanged.
     fn give_up(&mut self, pending: &[u8]) {
-        tracing::debug!("unparseable HTTP/2 input; passing the connection through unchanged");
-        self.given_up = true;
+        self.mode = Mode::Passing;
         self.out.extend_from_slice(pending);
         self.flush_raw();
     }
@@ -381,15 +402,6 @@ fn fixed_authority<'a>(name: &[u8], value: &'a [u8]) -> Option<&'a [u8]> {
     let rest = &value[at + 3..];
     let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
     Some(&rest[..end])
-}
-
-/// An HPACK dynamic table size update (RFC 7541, 6.3).
-fn size_update(size: usize) -> Vec<u8> {
-    let mut bytes = loona_hpack::encoder::encode_integer(size, 5);
-    if let Some(first) = bytes.first_mut() {
-        *first |= 0x20;
-    }
-    bytes
 }
 
 #[cfg(test)]
@@ -485,42 +497,21 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn passes_conforming_connections_byte_for_byte() {
+    /// A connection: the preface, SETTINGS, then per request a header block (split,
+    /// padded, or with priority, by turns) and a DATA frame. Returns the bytes and the
+    /// header lists sent.
+    fn connection(authorities: &[&str]) -> (Vec<u8>, Vec<(u32, Headers)>) {
+        // One encoder for the connection: later blocks refer to entries the first
+        // ones added to its dynamic table, as grpc-go's do.
         let mut enc = Encoder::new();
         let mut input = PREFACE.to_vec();
         input.extend(frame(0x4, 0, 0, &[])); // SETTINGS
-        for (i, stream) in [1u32, 3, 5].into_iter().enumerate() {
-            let block = encode(&mut enc, &request("127.0.0.1:2379", &format!("/p/{i}")));
-            input.extend(frame(HEADERS, END_HEADERS, stream, &block));
-            input.extend(frame(0x0, END_STREAM, stream, b"\0\0\0\0\x02hi")); // DATA
-        }
-        for chunk in [1, 7, 4096] {
-            assert_eq!(filtered(&input, chunk).await, input, "chunk {chunk}");
-        }
-    }
-
-    #[tokio::test]
-    async fn strips_the_scheme_from_the_authority_and_keeps_the_table_in_step() {
-        let mut enc = Encoder::new();
-        let mut input = PREFACE.to_vec();
-        let mut expected = Vec::new();
-        // A good block first (its entries enter h2's table), then etcdctl's, then
-        // blocks that reuse what the client's encoder indexed: all must decode right.
-        let sends = [
-            ("127.0.0.1:2379", "/etcdserverpb.KV/Range"),
-            ("http://127.0.0.1:2379", "/etcdserverpb.Maintenance/Status"),
-            ("http://127.0.0.1:2379", "/etcdserverpb.Maintenance/Status"),
-            ("127.0.0.1:2379", "/etcdserverpb.KV/Range"),
-            ("https://[::1]:2379/x", "/etcdserverpb.Maintenance/HashKV"),
-        ];
-        for (i, (authority, path)) in sends.iter().enumerate() {
+        let mut sent = Vec::new();
+        for (i, authority) in authorities.iter().enumerate() {
             let stream = 2 * i as u32 + 1;
-            let sent = request(authority, path);
-            let block = encode(&mut enc, &sent);
-            // Split the second block across a CONTINUATION to cover reassembly, and pad
-            // the third.
-            match i {
+            let headers = request(authority, &format!("/etcdserverpb.Maintenance/Status{i}"));
+            let block = encode(&mut enc, &headers);
+            match i % 4 {
                 1 => {
                     let (a, b) = block.split_at(block.len() / 2);
                     input.extend(frame(HEADERS, 0, stream, a));
@@ -532,27 +523,59 @@ mod tests {
                     p.extend_from_slice(&[0, 0, 0]);
                     input.extend(frame(HEADERS, END_HEADERS | PADDED, stream, &p));
                 }
-                _ => input.extend(frame(HEADERS, END_HEADERS | END_STREAM, stream, &block)),
+                3 => {
+                    let mut p = vec![0, 0, 0, 1, 16];
+                    p.extend_from_slice(&block);
+                    input.extend(frame(HEADERS, END_HEADERS | PRIORITY, stream, &p));
+                }
+                _ => input.extend(frame(HEADERS, END_HEADERS, stream, &block)),
             }
-            let mut want = sent.clone();
-            want[3].1 = fixed_authority(b":authority", authority.as_bytes())
-                .unwrap_or(authority.as_bytes())
-                .to_vec();
-            expected.push((stream, want));
+            input.extend(frame(0x0, END_STREAM, stream, b"\0\0\0\0\x02hi")); // DATA
+            sent.push((stream, headers));
         }
-        let out = filtered(&input, 5).await;
-        let frames = frames(&out);
-        assert_eq!(blocks(&frames), expected);
-        let end_stream: Vec<bool> = frames
-            .iter()
-            .filter(|f| f.0 == HEADERS)
-            .map(|f| f.1 & END_STREAM != 0)
-            .collect();
-        assert_eq!(end_stream, [true, false, false, true, true]);
+        (input, sent)
+    }
+
+    #[tokio::test]
+    async fn passes_conforming_connections_byte_for_byte() {
+        let (input, _) = connection(&["127.0.0.1:2379"; 6]);
+        for chunk in [1, 7, 4096] {
+            assert_eq!(filtered(&input, chunk).await, input, "chunk {chunk}");
+        }
+        // The first block decides: a later malformed authority is left for h2 to
+        // refuse, as it would without the filter (gRPC clients never do this).
+        let (input, _) = connection(&["127.0.0.1:2379", "http://127.0.0.1:2379"]);
+        assert_eq!(filtered(&input, 64).await, input);
+    }
+
+    #[tokio::test]
+    async fn strips_the_scheme_from_etcdctl_authorities() {
+        let authority = "http://127.0.0.1:2379";
+        let (input, sent) = connection(&[authority; 6]);
+        for chunk in [1, 5, 4096] {
+            let out = filtered(&input, chunk).await;
+            let frames = frames(&out);
+            let mut want = sent.clone();
+            for (_, headers) in &mut want {
+                headers[3].1 = b"127.0.0.1:2379".to_vec();
+            }
+            assert_eq!(blocks(&frames), want, "chunk {chunk}");
+            // DATA frames and END_STREAM flags are kept; priority fields too.
+            let data: Vec<u32> = frames.iter().filter(|f| f.0 == 0).map(|f| f.2).collect();
+            assert_eq!(data, [1, 3, 5, 7, 9, 11]);
+            let with_priority: Vec<u32> = frames
+                .iter()
+                .filter(|f| f.0 == HEADERS && f.1 & PRIORITY != 0)
+                .map(|f| f.2)
+                .collect();
+            assert_eq!(with_priority, [7]);
+        }
         assert_eq!(
             fixed_authority(b":authority", b"https://[::1]:2379/x"),
             Some(&b"[::1]:2379"[..])
         );
+        assert_eq!(fixed_authority(b":authority", b"[::1]:2379"), None);
+        assert_eq!(fixed_authority(b":path", b"http://a/"), None);
     }
 
     #[tokio::test]
@@ -588,5 +611,10 @@ mod tests {
         input.extend(frame(HEADERS, END_HEADERS, 1, &[0xff, 0xff, 0xff]));
         input.extend(frame(0x0, 0, 1, b"data"));
         assert_eq!(filtered(&input, 64).await, input);
+
+        // A header frame larger than h2 accepts.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &vec![0; MAX_FRAME + 1]));
+        assert_eq!(filtered(&input, 4096).await, input);
     }
 }
