@@ -1,5 +1,7 @@
-//! Durable storage in redb: one table of records keyed by revision (like etcd's `key`
-//! bucket), one of leases, one of metadata. Every commit is fsynced before it returns.
+//! The checkpoint store in redb: one table of records keyed by revision (like etcd's `key`
+//! bucket), one of leases, one of metadata. The write-ahead log makes writes durable; a
+//! checkpoint copies the log's records into redb in one fsynced transaction together with
+//! the sequence number of the last one, so replay starts after it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +23,8 @@ const META_RAFT_TERM: &str = "raft_term";
 const META_CURRENT: &str = "current_revision";
 /// Stored as `compacted + 1` so that etcd's initial -1 fits an unsigned column.
 const META_COMPACTED: &str = "compacted_revision_plus_one";
+/// The last write-ahead log record this database holds (absent: none).
+const META_WAL_SEQ: &str = "wal_seq";
 
 const TOMBSTONE: u8 = 1;
 const DB_FILE: &str = "revwatch-server.redb";
@@ -35,14 +39,13 @@ pub(crate) struct Identity {
 
 /// Everything read back on open.
 pub(crate) struct Loaded {
-    pub identity: Identity,
     pub records: Vec<Record>,
     pub current: i64,
     pub compacted: i64,
     pub leases: Vec<(i64, i64)>,
 }
 
-/// The durable effects of one group commit.
+/// The durable effects of one group commit: one write-ahead log record.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     pub records: Vec<Arc<Record>>,
@@ -72,8 +75,9 @@ fn rev_key(rev: Revision) -> (u64, u64) {
     (rev.main as u64, rev.sub as u64)
 }
 
-fn encode(rec: &Record) -> Vec<u8> {
-    let mut buf = vec![u8::from(rec.tombstone) * TOMBSTONE];
+fn encode(rec: &Record, buf: &mut Vec<u8>) {
+    buf.clear();
+    buf.push(u8::from(rec.tombstone) * TOMBSTONE);
     let kv = KeyValue {
         key: rec.key.clone(),
         create_revision: rec.create_revision,
@@ -82,8 +86,8 @@ fn encode(rec: &Record) -> Vec<u8> {
         value: rec.value.clone(),
         lease: rec.lease,
     };
-    buf.extend(kv.encode_to_vec());
-    buf
+    // Encoding into a Vec cannot fail: it grows as needed.
+    let _ = kv.encode(buf);
 }
 
 fn decode(key: (u64, u64), bytes: &[u8]) -> Result<Record, ServerError> {
@@ -116,8 +120,8 @@ fn random_id() -> u64 {
 }
 
 impl Backend {
-    /// Opens (or creates) the database in `dir`, reads everything back, and bumps the term.
-    pub fn open(dir: &Path) -> Result<(Self, Loaded), ServerError> {
+    /// Opens (or creates) the database in `dir` and bumps the term.
+    pub fn open(dir: &Path) -> Result<(Self, Identity), ServerError> {
         std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
             path: dir.to_path_buf(),
             source,
@@ -126,8 +130,14 @@ impl Backend {
         let db = Database::create(&path).map_err(redb::Error::from)?;
         let backend = Self { db, path };
         let identity = backend.init_identity()?;
-        let loaded = backend.load(identity)?;
-        Ok((backend, loaded))
+        Ok((backend, identity))
+    }
+
+    /// The last write-ahead log record the database holds (0: none).
+    pub fn checkpointed(&self) -> Result<u64, redb::Error> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        Ok(meta.get(META_WAL_SEQ)?.map_or(0, |v| v.value()))
     }
 
     fn init_identity(&self) -> Result<Identity, redb::Error> {
@@ -162,7 +172,8 @@ impl Backend {
         Ok(identity)
     }
 
-    fn load(&self, identity: Identity) -> Result<Loaded, ServerError> {
+    /// Reads everything back.
+    pub fn load(&self) -> Result<Loaded, ServerError> {
         let tx = self.db.begin_read().map_err(redb::Error::from)?;
         let meta = tx.open_table(META).map_err(redb::Error::from)?;
         let get = |name: &str| -> Result<Option<u64>, ServerError> {
@@ -186,7 +197,6 @@ impl Backend {
             leases.push((k.value(), v.value()));
         }
         Ok(Loaded {
-            identity,
             records,
             current,
             compacted,
@@ -194,30 +204,40 @@ impl Backend {
         })
     }
 
-    /// Writes `batch` in one transaction and fsyncs it.
-    pub fn commit(&self, batch: &Batch) -> Result<(), redb::Error> {
+    /// Applies `batches` in order, with `wal_seq` as the last log record they cover, in
+    /// one transaction, and fsyncs it.
+    pub fn checkpoint<'a>(
+        &self,
+        batches: impl IntoIterator<Item = &'a Batch>,
+        wal_seq: u64,
+    ) -> Result<(), redb::Error> {
         let mut tx = self.db.begin_write()?;
         tx.set_durability(Durability::Immediate)?;
         {
             let mut records = tx.open_table(RECORDS)?;
-            for rec in &batch.records {
-                records.insert(rev_key(rec.rev), encode(rec).as_slice())?;
-            }
-            for rev in &batch.removed {
-                records.remove(rev_key(*rev))?;
-            }
             let mut leases = tx.open_table(LEASES)?;
-            for (id, ttl) in &batch.lease_put {
-                leases.insert(*id, *ttl)?;
-            }
-            for id in &batch.lease_del {
-                leases.remove(*id)?;
-            }
             let mut meta = tx.open_table(META)?;
-            meta.insert(META_CURRENT, batch.current as u64)?;
-            if let Some(c) = batch.compacted {
-                meta.insert(META_COMPACTED, (c + 1) as u64)?;
+            let mut buf = Vec::new();
+            for batch in batches {
+                for rec in &batch.records {
+                    encode(rec, &mut buf);
+                    records.insert(rev_key(rec.rev), buf.as_slice())?;
+                }
+                for rev in &batch.removed {
+                    records.remove(rev_key(*rev))?;
+                }
+                for (id, ttl) in &batch.lease_put {
+                    leases.insert(*id, *ttl)?;
+                }
+                for id in &batch.lease_del {
+                    leases.remove(*id)?;
+                }
+                meta.insert(META_CURRENT, batch.current as u64)?;
+                if let Some(c) = batch.compacted {
+                    meta.insert(META_COMPACTED, (c + 1) as u64)?;
+                }
             }
+            meta.insert(META_WAL_SEQ, wal_seq)?;
         }
         tx.commit()?;
         Ok(())

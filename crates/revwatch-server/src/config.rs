@@ -50,6 +50,10 @@ pub struct ServerConfig {
     pub min_lease_ttl: i64,
     /// How often expired leases are looked for.
     pub lease_check_interval: Duration,
+    /// How long logged writes may wait before they are copied into the database file
+    /// (etcd's backend batch interval, 100 ms). Durability never waits for it: a write
+    /// is acknowledged once its log record is fsynced.
+    pub checkpoint_interval: Duration,
 }
 
 impl ServerConfig {
@@ -62,6 +66,7 @@ impl ServerConfig {
             progress_notify_interval: Duration::from_secs(600),
             min_lease_ttl: 2,
             lease_check_interval: Duration::from_millis(250),
+            checkpoint_interval: Duration::from_millis(100),
         }
     }
 }

@@ -20,6 +20,25 @@ pub enum ServerError {
     /// The database holds a record this version cannot read.
     #[error("corrupt record in storage: {0}")]
     Corrupt(String),
+    /// The write-ahead log could not be read or written.
+    #[error("write-ahead log {path}: {source}")]
+    Wal {
+        /// The segment or directory.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The write-ahead log is damaged somewhere a crash cannot explain (anywhere but the
+    /// end of its last segment), or records it needs are missing.
+    #[error("corrupt write-ahead log {path} at byte {offset}: {reason}")]
+    WalCorrupt {
+        /// The segment or directory.
+        path: std::path::PathBuf,
+        /// Where in the segment.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// Binding or accepting on the listen address failed.
     #[error("listen: {0}")]
     Listen(std::io::Error),

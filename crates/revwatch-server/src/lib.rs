@@ -29,6 +29,7 @@
 
 mod authority;
 mod backend;
+mod checkpoint;
 mod config;
 mod error;
 mod faults;
@@ -39,6 +40,7 @@ mod server;
 mod service;
 mod store;
 mod validate;
+mod wal;
 mod watch;
 
 pub use config::{Limits, ServerConfig};

@@ -101,6 +101,7 @@ impl Server {
             StoreOptions {
                 min_lease_ttl: config.min_lease_ttl,
                 lease_check_interval: config.lease_check_interval,
+                checkpoint_interval: config.checkpoint_interval,
             },
             faults.clone(),
         )?;

@@ -1,11 +1,12 @@
 //! The store: the in-memory MVCC state behind a lock, a single writer thread that applies
-//! write requests and group-commits them to the backend, and the committed revision that
-//! readers and watchers see.
+//! write requests and group-commits them to the write-ahead log, and the committed
+//! revision that readers and watchers see.
 //!
 //! Writers queue closures; the writer thread takes everything queued, applies it in order
-//! under one lock, writes the result in one fsynced redb transaction, and only then
+//! under one lock, appends the result to the log as one fsynced record, and only then
 //! publishes the new revision and answers the callers. Readers read at the committed
-//! revision, so they never observe a change that could still be lost.
+//! revision, so they never observe a change that could still be lost. A checkpoint thread
+//! copies logged records into redb in the background (see `checkpoint.rs`).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -21,13 +22,21 @@ use etcd_proto::etcdserverpb::{
 use tokio::sync::{oneshot, watch};
 
 use crate::backend::{Backend, Batch, Identity};
+use crate::checkpoint::{self, Feeder, Logged};
 use crate::error::{EtcdError, ServerError};
 use crate::faults::Faults;
 use crate::lease::{LeaseInfo, LeaseTable};
 use crate::mvcc::{self, KeyRange, MvccState};
+use crate::wal::{self, Wal};
+
+/// The log's directory inside the data directory.
+const WAL_DIR: &str = "wal";
 
 /// Most write requests applied in one group commit.
 const MAX_BATCH: usize = 4096;
+/// A group stops taking requests once its keys and values reach this size, so that one
+/// log record stays far below the 4 GiB a frame can hold.
+const MAX_GROUP_BYTES: usize = 64 << 20;
 
 type Ack = Box<dyn FnOnce(bool) + Send>;
 type Job = Box<dyn FnOnce(&mut Apply<'_>) -> Ack + Send>;
@@ -38,7 +47,7 @@ struct Shared {
     committed: AtomicI64,
     notify: watch::Sender<i64>,
     failed: AtomicBool,
-    /// Durable commits (fsyncs) so far: with concurrent writers, fewer than writes.
+    /// Durable commits (log fsyncs) so far: with concurrent writers, fewer than writes.
     commits: AtomicU64,
     faults: Arc<Faults>,
 }
@@ -48,6 +57,7 @@ struct Shared {
 pub(crate) struct StoreOptions {
     pub min_lease_ttl: i64,
     pub lease_check_interval: Duration,
+    pub checkpoint_interval: Duration,
 }
 
 pub(crate) struct Store {
@@ -57,6 +67,7 @@ pub(crate) struct Store {
     db_path: std::path::PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
@@ -72,7 +83,32 @@ impl Store {
         opts: StoreOptions,
         faults: Arc<Faults>,
     ) -> Result<Self, ServerError> {
-        let (backend, loaded) = Backend::open(dir)?;
+        let policy = checkpoint::Policy {
+            interval: opts.checkpoint_interval,
+            max_bytes: checkpoint::MAX_BACKLOG_BYTES,
+        };
+        Self::open_with(dir, opts, faults, policy)
+    }
+
+    /// [`Store::open`] with an explicit checkpoint policy.
+    pub(crate) fn open_with(
+        dir: &std::path::Path,
+        opts: StoreOptions,
+        faults: Arc<Faults>,
+        policy: checkpoint::Policy,
+    ) -> Result<Self, ServerError> {
+        let (backend, identity) = Backend::open(dir)?;
+        let wal_dir = dir.join(WAL_DIR);
+        let (wal, replay) = Wal::open(&wal_dir, backend.checkpointed()?, wal::SEGMENT_BYTES)?;
+        // Checkpoint what the log adds right away: loading then reads one consistent state.
+        if let Some((last, _)) = replay.last() {
+            backend.checkpoint(replay.iter().map(|(_, b)| b), *last)?;
+            if let Err(e) = wal::remove_covered(&wal_dir, *last) {
+                tracing::warn!(error = %e, "could not delete checkpointed log segments");
+            }
+        }
+        drop(replay);
+        let loaded = backend.load()?;
         let leases = LeaseTable::restore(loaded.leases, Instant::now());
         let state = MvccState::restore(loaded.records, loaded.current, loaded.compacted, leases);
         let current = state.current();
@@ -85,21 +121,32 @@ impl Store {
             commits: AtomicU64::new(0),
             faults,
         });
+        let spawn_error = |source| ServerError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let ckpt_shared = shared.clone();
+        let (feeder, checkpointer) = checkpoint::spawn(backend, wal_dir, policy, move || {
+            ckpt_shared.failed.store(true, Ordering::Release);
+        })
+        .map_err(spawn_error)?;
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
+        let mut log = LogWriter {
+            wal,
+            checkpoints: feeder,
+        };
         let writer = std::thread::Builder::new()
             .name("revwatch-writer".into())
-            .spawn(move || run_writer(&writer_shared, &backend, &rx, opts))
-            .map_err(|source| ServerError::DataDir {
-                path: dir.to_path_buf(),
-                source,
-            })?;
+            .spawn(move || run_writer(&writer_shared, &mut log, &rx, opts))
+            .map_err(spawn_error)?;
         Ok(Self {
             shared,
-            identity: loaded.identity,
+            identity,
             db_path,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
@@ -274,6 +321,18 @@ impl Drop for Store {
         {
             tracing::error!("writer thread panicked");
         }
+        // The writer's end of the checkpoint queue is gone now: the checkpointer makes a
+        // last checkpoint and ends, closing the database.
+        let handle = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("checkpoint thread panicked");
+        }
     }
 }
 
@@ -359,7 +418,13 @@ impl Apply<'_> {
     }
 }
 
-fn run_writer(shared: &Shared, backend: &Backend, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
+/// The writer thread's log: appends, then hands the records to the checkpointer.
+struct LogWriter {
+    wal: Wal,
+    checkpoints: Feeder,
+}
+
+fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
     let mut next_lease_check = Instant::now() + opts.lease_check_interval;
     loop {
         let wait = next_lease_check.saturating_duration_since(Instant::now());
@@ -382,13 +447,25 @@ fn run_writer(shared: &Shared, backend: &Backend, rx: &mpsc::Receiver<Job>, opts
         if expire {
             next_lease_check = now + opts.lease_check_interval;
         }
-        commit_group(shared, backend, jobs, expire, opts.min_lease_ttl);
+        let mut jobs = jobs.into_iter().peekable();
+        commit_group(shared, log, &mut jobs, expire, opts.min_lease_ttl);
+        while jobs.peek().is_some() {
+            commit_group(shared, log, &mut jobs, false, opts.min_lease_ttl);
+        }
     }
 }
 
-fn commit_group(shared: &Shared, backend: &Backend, jobs: Vec<Job>, expire: bool, min_ttl: i64) {
+/// Applies jobs from `jobs` (up to [`MAX_GROUP_BYTES`]), logs them as one record and
+/// answers their callers.
+fn commit_group(
+    shared: &Shared,
+    log: &mut LogWriter,
+    jobs: &mut impl Iterator<Item = Job>,
+    expire: bool,
+    min_ttl: i64,
+) {
     let mut batch = Batch::default();
-    let mut acks = Vec::with_capacity(jobs.len());
+    let mut acks = Vec::new();
     {
         let mut state = shared.state.write().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
@@ -405,36 +482,48 @@ fn commit_group(shared: &Shared, backend: &Backend, jobs: Vec<Job>, expire: bool
                 let _ = ap.lease_revoke(id);
             }
         }
-        for job in jobs {
+        let mut bytes = 0;
+        for job in jobs.by_ref() {
+            let before = ap.batch.records.len();
             acks.push(job(&mut ap));
+            bytes += ap.batch.records[before..]
+                .iter()
+                .map(|r| r.key.len() + r.value.len())
+                .sum::<usize>();
+            if bytes >= MAX_GROUP_BYTES {
+                break;
+            }
         }
         batch.current = state.current();
     }
+    let current = batch.current;
+    let changed = !batch.is_empty();
     let durable = if shared.failed.load(Ordering::Acquire) {
         false
-    } else if batch.is_empty() {
+    } else if !changed {
         true
     } else {
-        match backend.commit(&batch) {
-            Ok(()) => {
+        match log.wal.append(&batch) {
+            Ok((seq, bytes)) => {
                 shared.commits.fetch_add(1, Ordering::Relaxed);
+                log.checkpoints.push(Logged { seq, batch, bytes });
                 true
             }
             Err(e) => {
                 // Memory is now ahead of disk. Stop taking writes; reads stay at the last
                 // durable revision, which is still correct.
-                tracing::error!(error = %e, "commit failed; refusing further writes");
+                tracing::error!(error = %e, "log append failed; refusing further writes");
                 shared.failed.store(true, Ordering::Release);
                 false
             }
         }
     };
     if durable {
-        if batch.current != shared.committed.load(Ordering::Acquire) {
-            shared.committed.store(batch.current, Ordering::Release);
+        if current != shared.committed.load(Ordering::Acquire) {
+            shared.committed.store(current, Ordering::Release);
         }
-        if !batch.is_empty() {
-            shared.notify.send_replace(batch.current);
+        if changed {
+            shared.notify.send_replace(current);
         }
     }
     for ack in acks {

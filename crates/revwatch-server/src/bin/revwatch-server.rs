@@ -1,23 +1,41 @@
-//! Standalone embedded server: `revwatch-server --data-dir DIR [--listen ADDR]`.
+//! Standalone embedded server:
+//! `revwatch-server --data-dir DIR [--listen ADDR] [--checkpoint-interval-ms N]`.
 //!
 //! Prints `listening on ADDR` once it accepts connections, and stops on Ctrl-C or SIGTERM.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use revwatch_server::{Server, ServerConfig};
 
-const USAGE: &str =
-    "usage: revwatch-server --data-dir DIR [--listen ADDR (default 127.0.0.1:2379)]";
+const USAGE: &str = "usage: revwatch-server --data-dir DIR [--listen ADDR (default 127.0.0.1:2379)] \
+     [--checkpoint-interval-ms N (default 100)]";
 
-fn parse() -> Result<(String, SocketAddr), String> {
+struct Args {
+    data_dir: String,
+    listen: SocketAddr,
+    checkpoint_interval: Option<Duration>,
+}
+
+fn parse() -> Result<Args, String> {
     let mut data_dir = None;
     let mut listen = "127.0.0.1:2379".to_owned();
+    let mut checkpoint_interval = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--data-dir" => data_dir = args.next(),
             "--listen" => listen = args.next().ok_or("--listen needs a value")?,
+            "--checkpoint-interval-ms" => {
+                let ms = args
+                    .next()
+                    .ok_or("--checkpoint-interval-ms needs a value")?;
+                let ms: u64 = ms
+                    .parse()
+                    .map_err(|e| format!("bad --checkpoint-interval-ms {ms:?}: {e}"))?;
+                checkpoint_interval = Some(Duration::from_millis(ms));
+            }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -26,7 +44,11 @@ fn parse() -> Result<(String, SocketAddr), String> {
     let listen = listen
         .parse()
         .map_err(|e| format!("bad --listen {listen:?}: {e}"))?;
-    Ok((data_dir, listen))
+    Ok(Args {
+        data_dir,
+        listen,
+        checkpoint_interval,
+    })
 }
 
 async fn terminated() {
@@ -53,7 +75,7 @@ async fn terminated() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let (data_dir, listen) = match parse() {
+    let args = match parse() {
         Ok(v) => v,
         Err(msg) => {
             eprintln!("{msg}");
@@ -61,8 +83,12 @@ async fn main() -> ExitCode {
         }
     };
     let result = async {
-        let server = Server::open(ServerConfig::new(data_dir))?;
-        let listener = tokio::net::TcpListener::bind(listen)
+        let mut config = ServerConfig::new(args.data_dir);
+        if let Some(interval) = args.checkpoint_interval {
+            config.checkpoint_interval = interval;
+        }
+        let server = Server::open(config)?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(revwatch_server::ServerError::Listen)?;
         let addr = listener

@@ -297,8 +297,15 @@ impl MvccState {
 }
 
 fn latest_at(hist: &[Arc<Record>], at: i64) -> Option<&Arc<Record>> {
-    let idx = hist.partition_point(|r| r.rev.main <= at);
-    let rec = hist.get(idx.checked_sub(1)?)?;
+    let rec = match hist.last() {
+        // Most reads, and every write, look at the newest record: skip the search, whose
+        // every step is a cache miss on a long history.
+        Some(last) if last.rev.main <= at => last,
+        _ => {
+            let idx = hist.partition_point(|r| r.rev.main <= at);
+            hist.get(idx.checked_sub(1)?)?
+        }
+    };
     (!rec.tombstone).then_some(rec)
 }
 
