@@ -27,6 +27,10 @@ const META_COMPACTED: &str = "compacted_revision_plus_one";
 const META_WAL_SEQ: &str = "wal_seq";
 
 const TOMBSTONE: u8 = 1;
+/// redb's page cache. The whole state is in memory and the database is read only at
+/// open, so the cache serves checkpoints alone; redb's default (1 GiB) would hold a
+/// second copy of the data.
+const CACHE_BYTES: usize = 16 << 20;
 const DB_FILE: &str = "revwatch-server.redb";
 
 /// Identity of this single-member "cluster", stable across restarts.
@@ -127,7 +131,10 @@ impl Backend {
             source,
         })?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(redb::Error::from)?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(redb::Error::from)?;
         let backend = Self { db, path };
         let identity = backend.init_identity()?;
         Ok((backend, identity))
