@@ -49,7 +49,7 @@ use etcd_proto::etcdserverpb::{
     DeleteRangeRequest, PutRequest, RequestOp, TxnRequest, request_op::Request,
 };
 use etcd_proto::mvccpb::KeyValue;
-use revwatch::client::{Client, CompactionRequest, RangeRequest};
+use revwatch::client::{Client, ClientConfig, CompactionRequest, RangeRequest};
 use revwatch::mirror::{
     Batch, ChangeKind, ClientSource, Mirror, MirrorConfig, ResyncReason, State, Status, Update,
     source::prefix_range_end,
@@ -73,6 +73,9 @@ const SETTLE: Duration = Duration::from_secs(1);
 const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
 /// Longest wait for the mirror to notice the disconnect (its stall timeout is 10 s).
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A physical compaction of a million keys takes etcd longer than a client's default
+/// request timeout.
+const COMPACT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Existing keys each mirror child updates while the mirror is cut off.
 const UPDATED: usize = 500;
 /// Existing keys each mirror child deletes, and new keys it creates.
@@ -341,7 +344,11 @@ async fn mirror_relist(plan: RelistPlan<'_>) -> anyhow::Result<Measured> {
         .trim_start_matches("http://")
         .parse()
         .with_context(|| format!("etcd endpoint {:?} is not http://IP:PORT", plan.endpoint))?;
-    let direct = load::connect(plan.endpoint).await?;
+    let mut direct_config = ClientConfig::new([plan.endpoint.to_owned()]);
+    direct_config.request_timeout = COMPACT_TIMEOUT;
+    let direct = Client::connect(direct_config)
+        .await
+        .with_context(|| format!("connecting to {}", plan.endpoint))?;
     let proxy = FaultProxy::start(upstream)
         .await
         .context("starting the fault proxy")?;
