@@ -17,10 +17,10 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use common::process::ServerProcess;
 use common::{Clients, WatchConn, connect};
 use etcd_proto::etcdserverpb::request_op::Request as OpReq;
 use etcd_proto::etcdserverpb::{
@@ -30,8 +30,6 @@ use etcd_proto::etcdserverpb::{
 use etcd_proto::mvccpb::event::EventType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 const WRITERS: usize = 8;
 const KILLS_PER_SEED: usize = 3;
@@ -40,46 +38,6 @@ const KEYS_PER_WRITER: usize = 6;
 /// Long enough that no lease expires during the test.
 const LEASE_TTL: i64 = 600;
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// The server process; killed on drop so a failing test leaves nothing behind.
-struct ServerProcess {
-    child: Child,
-    endpoint: String,
-}
-
-impl ServerProcess {
-    async fn start(dir: &std::path::Path) -> Result<Self> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_revwatch-server"))
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning revwatch-server")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(TIMEOUT, lines.next_line())
-            .await
-            .context("server did not start in time")??
-            .context("server exited before listening")?;
-        let addr = line
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line {line:?}"))?;
-        Ok(Self {
-            endpoint: format!("http://{addr}"),
-            child,
-        })
-    }
-
-    async fn kill9(mut self) -> Result<()> {
-        // tokio's kill sends SIGKILL on Unix.
-        self.child.kill().await?;
-        Ok(())
-    }
-}
 
 type Key = Vec<u8>;
 
@@ -439,7 +397,7 @@ async fn run_seed(seed: u64) -> Result<()> {
         .collect();
     // Every revision's expected events, from acknowledged (or landed) operations.
     let mut expected: BTreeMap<i64, Events> = BTreeMap::new();
-    let mut server = ServerProcess::start(dir.path()).await?;
+    let mut server = ServerProcess::start(dir.path(), &[]).await?;
     for round in 0..KILLS_PER_SEED {
         let tasks: Vec<_> = writers
             .drain(..)
@@ -450,7 +408,7 @@ async fn run_seed(seed: u64) -> Result<()> {
         for t in tasks {
             writers.push(t.await?);
         }
-        server = ServerProcess::start(dir.path()).await?;
+        server = ServerProcess::start(dir.path(), &[]).await?;
         let mut c = connect(&server.endpoint).await?;
 
         let mut acked_now = 0;

@@ -9,11 +9,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use common::process::ServerProcess;
 use common::{Clients, connect};
 use etcd_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use etcd_proto::etcdserverpb::request_op::Request as OpReq;
@@ -21,54 +19,10 @@ use etcd_proto::etcdserverpb::{
     CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest, LeaseTimeToLiveRequest,
     PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 const WRITERS: usize = 8;
 const OPS_PER_WRITER: usize = 40;
 const KEYS_PER_WRITER: usize = 5;
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-struct ServerProcess {
-    child: Child,
-    endpoint: String,
-}
-
-impl ServerProcess {
-    async fn start(dir: &Path, checkpoint_ms: Option<u64>) -> Result<Self> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_revwatch-server"));
-        cmd.arg("--data-dir")
-            .arg(dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if let Some(ms) = checkpoint_ms {
-            cmd.arg("--checkpoint-interval-ms").arg(ms.to_string());
-        }
-        let mut child = cmd.spawn().context("spawning revwatch-server")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(TIMEOUT, lines.next_line())
-            .await
-            .context("server did not start in time")??
-            .context("server exited before listening")?;
-        let addr = line
-            .strip_prefix("listening on ")
-            .with_context(|| format!("unexpected first line {line:?}"))?;
-        Ok(Self {
-            endpoint: format!("http://{addr}"),
-            child,
-        })
-    }
-
-    async fn kill9(mut self) -> Result<()> {
-        // tokio's kill sends SIGKILL on Unix.
-        self.child.kill().await?;
-        Ok(())
-    }
-}
 
 /// A key as it must be: value, mod revision, lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,10 +290,11 @@ async fn next_put_revision(c: &mut Clients, round: usize) -> Result<i64> {
 async fn kill9_right_after_acknowledged_writes_recovers_them_from_the_log() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut model = Model::default();
-    let hour = Some(3_600_000);
+    // Checkpoints held off: a one-hour interval.
+    let hour = ["--checkpoint-interval-ms".to_owned(), "3600000".to_owned()];
 
     // Round 0: everything is only in the log when the server dies.
-    let server = ServerProcess::start(dir.path(), hour).await?;
+    let server = ServerProcess::start(dir.path(), &hour).await?;
     write_round(&server.endpoint, 0, &mut model).await?;
     server.kill9().await?;
     let wal = dir.path().join("wal");
@@ -348,7 +303,7 @@ async fn kill9_right_after_acknowledged_writes_recovers_them_from_the_log() -> R
         "no log segments in {}",
         wal.display()
     );
-    let server = ServerProcess::start(dir.path(), hour).await?;
+    let server = ServerProcess::start(dir.path(), &hour).await?;
     let mut c = connect(&server.endpoint).await?;
     check(&mut c, &model, 0).await?;
     let next = next_put_revision(&mut c, 0).await?;
@@ -361,7 +316,7 @@ async fn kill9_right_after_acknowledged_writes_recovers_them_from_the_log() -> R
 
     // Round 1, with a compaction: part checkpointed, part only in the log.
     server.kill9().await?;
-    let server = ServerProcess::start(dir.path(), None).await?;
+    let server = ServerProcess::start(dir.path(), &[]).await?;
     let mut c = connect(&server.endpoint).await?;
     check(&mut c, &model, 0).await?;
     let compacted = model.last;
@@ -372,7 +327,7 @@ async fn kill9_right_after_acknowledged_writes_recovers_them_from_the_log() -> R
     .await?;
     write_round(&server.endpoint, 1, &mut model).await?;
     server.kill9().await?;
-    let server = ServerProcess::start(dir.path(), None).await?;
+    let server = ServerProcess::start(dir.path(), &[]).await?;
     let mut c = connect(&server.endpoint).await?;
     check(&mut c, &model, compacted).await?;
     let err =

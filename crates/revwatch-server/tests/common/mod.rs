@@ -2,6 +2,8 @@
 //! watch streams.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::time::Duration;
 
 use anyhow::{Context, Result};
