@@ -252,10 +252,29 @@ async fn follow<T: Send + Sync + 'static>(
 }
 
 /// What changed from `before` to `now` (everything worth saying about `now` when
-/// there is no `before`): the state, relists and reconnects with their cause, and
-/// new errors, one stderr line each.
+/// there is no `before`): relists and reconnects with their cause, the state, and new
+/// errors, one stderr line each. Causes come before the state, the order they happened
+/// in: one update can carry both a relist and the Ready state it led to.
 fn status_lines(before: Option<&Status>, now: &Status, at: SystemTime) -> Vec<String> {
     let mut lines = Vec::new();
+    for (cause, n) in &now.relists {
+        if before.and_then(|b| b.relists.get(cause)) != Some(n) {
+            lines.push(format!(
+                "revwatch: relist ({}) from revision {}",
+                cause.as_str(),
+                now.revision
+            ));
+        }
+    }
+    for (cause, n) in &now.reconnects {
+        if before.and_then(|b| b.reconnects.get(cause)) != Some(n) {
+            lines.push(format!(
+                "revwatch: reconnecting ({}) from revision {}",
+                cause.as_str(),
+                now.revision
+            ));
+        }
+    }
     if before.is_none_or(|b| b.state != now.state) {
         let mut line = format!("revwatch: {} at revision {}", now.state, now.revision);
         match now.state {
@@ -276,24 +295,6 @@ fn status_lines(before: Option<&Status>, now: &Status, at: SystemTime) -> Vec<St
         }
         lines.push(line);
     }
-    for (cause, n) in &now.relists {
-        if before.and_then(|b| b.relists.get(cause)) != Some(n) {
-            lines.push(format!(
-                "revwatch: relist ({}) from revision {}",
-                cause.as_str(),
-                now.revision
-            ));
-        }
-    }
-    for (cause, n) in &now.reconnects {
-        if before.and_then(|b| b.reconnects.get(cause)) != Some(n) {
-            lines.push(format!(
-                "revwatch: reconnecting ({}) from revision {}",
-                cause.as_str(),
-                now.revision
-            ));
-        }
-    }
     match (before, &now.failing, &now.last_error) {
         (Some(b), Some(e), _) if b.failing.as_ref().map(|f| &f.message) != Some(&e.message) => {
             lines.push(format!("revwatch: {}: {}", e.kind, e.message));
@@ -305,4 +306,43 @@ fn status_lines(before: Option<&Status>, now: &Status, at: SystemTime) -> Vec<St
         _ => {}
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use revwatch::mirror::ResyncReason;
+
+    fn status(state: State, revision: i64, relists: u64) -> Status {
+        Status {
+            state,
+            revision,
+            server_revision: revision,
+            last_event_at: None,
+            last_error: None,
+            failing: None,
+            endpoint: Some("e".into()),
+            reconnects: Default::default(),
+            relists: [(ResyncReason::Compacted, relists)].into_iter().collect(),
+            rejected_responses: 0,
+            untrusted_progress: 0,
+            decode_failures: Vec::new(),
+            decode_failure_count: 0,
+            loaded_snapshot_written_at: None,
+            keys: 0,
+        }
+    }
+
+    #[test]
+    fn a_relist_is_told_before_the_state_it_led_to() {
+        let before = status(State::Stale, 7, 0);
+        let now = status(State::Ready, 11, 1);
+        assert_eq!(
+            status_lines(Some(&before), &now, SystemTime::now()),
+            [
+                "revwatch: relist (compacted) from revision 11",
+                "revwatch: ready at revision 11 (watching e)",
+            ]
+        );
+    }
 }
