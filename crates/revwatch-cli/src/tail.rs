@@ -1,6 +1,7 @@
 //! `revwatch tail`: mirror a prefix and print every delivered batch.
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     net::SocketAddr,
     path::PathBuf,
@@ -257,24 +258,25 @@ async fn follow<T: Send + Sync + 'static>(
 /// in: one update can carry both a relist and the Ready state it led to.
 fn status_lines(before: Option<&Status>, now: &Status, at: SystemTime) -> Vec<String> {
     let mut lines = Vec::new();
-    for (cause, n) in &now.relists {
-        if before.and_then(|b| b.relists.get(cause)) != Some(n) {
+    // A cause whose count moved since `before`, as "revwatch: WHAT (CAUSE) from revision R".
+    let mut counted = |what: &str, changed: Vec<&str>| {
+        for cause in changed {
             lines.push(format!(
-                "revwatch: relist ({}) from revision {}",
-                cause.as_str(),
+                "revwatch: {what} ({cause}) from revision {}",
                 now.revision
             ));
         }
-    }
-    for (cause, n) in &now.reconnects {
-        if before.and_then(|b| b.reconnects.get(cause)) != Some(n) {
-            lines.push(format!(
-                "revwatch: reconnecting ({}) from revision {}",
-                cause.as_str(),
-                now.revision
-            ));
-        }
-    }
+    };
+    counted(
+        "relist",
+        moved(&now.relists, before.map(|b| &b.relists), |c| c.as_str()),
+    );
+    counted(
+        "reconnecting",
+        moved(&now.reconnects, before.map(|b| &b.reconnects), |c| {
+            c.as_str()
+        }),
+    );
     if before.is_none_or(|b| b.state != now.state) {
         let mut line = format!("revwatch: {} at revision {}", now.state, now.revision);
         match now.state {
@@ -306,6 +308,18 @@ fn status_lines(before: Option<&Status>, now: &Status, at: SystemTime) -> Vec<St
         _ => {}
     }
     lines
+}
+
+/// The causes whose count in `now` differs from `before` (all of them without `before`).
+fn moved<C: Ord>(
+    now: &BTreeMap<C, u64>,
+    before: Option<&BTreeMap<C, u64>>,
+    name: impl Fn(&C) -> &'static str,
+) -> Vec<&'static str> {
+    now.iter()
+        .filter(|(cause, n)| before.and_then(|b| b.get(*cause)) != Some(*n))
+        .map(|(cause, _)| name(cause))
+        .collect()
 }
 
 #[cfg(test)]

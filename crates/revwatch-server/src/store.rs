@@ -311,28 +311,20 @@ impl Drop for Store {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle
-            && handle.join().is_err()
-        {
-            tracing::error!("writer thread panicked");
-        }
+        join(&self.writer, "writer");
         // The writer's end of the checkpoint queue is gone now: the checkpointer makes a
         // last checkpoint and ends, closing the database.
-        let handle = self
-            .checkpointer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle
-            && handle.join().is_err()
-        {
-            tracing::error!("checkpoint thread panicked");
-        }
+        join(&self.checkpointer, "checkpoint");
+    }
+}
+
+/// Waits for a thread of the store to end, if it has not been waited for yet.
+fn join(thread: &Mutex<Option<JoinHandle<()>>>, name: &str) {
+    let handle = thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(handle) = handle
+        && handle.join().is_err()
+    {
+        tracing::error!("{name} thread panicked");
     }
 }
 

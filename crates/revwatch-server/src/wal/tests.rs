@@ -47,6 +47,24 @@ fn only_segment(dir: &Path) -> PathBuf {
     segs[0].1.clone()
 }
 
+/// Appends records 1 to 3 to a new log in `dir`, then changes its segment's bytes with
+/// `damage`, given where record `seq` starts. Returns the segment and that offset.
+fn three_records_then(
+    dir: &Path,
+    seq: u64,
+    damage: impl FnOnce(&mut Vec<u8>, usize),
+) -> (PathBuf, usize) {
+    let (mut wal, _) = open(dir, 0);
+    append_all(&mut wal, 0..3);
+    drop(wal);
+    let path = only_segment(dir);
+    let mut bytes = fs::read(&path).expect("read");
+    let at = record_offset(&bytes, 1, seq);
+    damage(&mut bytes, at);
+    fs::write(&path, &bytes).expect("write");
+    (path, at)
+}
+
 /// Where record `seq` starts in a segment.
 fn record_offset(bytes: &[u8], first: u64, seq: u64) -> usize {
     let scan = segment::scan(bytes, first).expect("scan");
@@ -74,15 +92,10 @@ fn round_trip() {
 #[test]
 fn torn_tail_is_cut_and_appends_follow_intact_records() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut wal, _) = open(dir.path(), 0);
-    append_all(&mut wal, 0..3);
-    drop(wal);
     // A crash in the middle of writing record 3: only its first part reached the disk.
-    let path = only_segment(dir.path());
-    let mut bytes = fs::read(&path).expect("read");
-    let at = record_offset(&bytes, 1, 3);
-    bytes[at + segment::HEADER + 1..].fill(0);
-    fs::write(&path, &bytes).expect("write");
+    let (path, at) = three_records_then(dir.path(), 3, |bytes, at| {
+        bytes[at + segment::HEADER + 1..].fill(0);
+    });
 
     let (mut wal, replay) = open(dir.path(), 0);
     assert_eq!(seqs(&replay), vec![1, 2]);
@@ -103,14 +116,9 @@ fn torn_tail_is_cut_and_appends_follow_intact_records() {
 #[test]
 fn damaged_record_before_intact_ones_is_an_error() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (mut wal, _) = open(dir.path(), 0);
-    append_all(&mut wal, 0..3);
-    drop(wal);
-    let path = only_segment(dir.path());
-    let mut bytes = fs::read(&path).expect("read");
-    let at = record_offset(&bytes, 1, 2);
-    bytes[at + segment::HEADER + 2] ^= 0x40;
-    fs::write(&path, &bytes).expect("write");
+    let (_, at) = three_records_then(dir.path(), 2, |bytes, at| {
+        bytes[at + segment::HEADER + 2] ^= 0x40;
+    });
     match Wal::open(dir.path(), 0, 1 << 16) {
         Err(ServerError::WalCorrupt { offset, .. }) => assert_eq!(offset, at as u64),
         Err(e) => panic!("unexpected error {e}"),
