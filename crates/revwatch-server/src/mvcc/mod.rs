@@ -125,8 +125,10 @@ impl KeyRange {
 pub(crate) struct MvccState {
     /// Each key's retained history, oldest first.
     index: BTreeMap<Vec<u8>, Vec<Arc<Record>>>,
-    /// Retained changes by main revision (revisions `>= compacted`), for watchers.
-    log: BTreeMap<i64, Vec<Arc<Record>>>,
+    /// Retained changes (main revision `>= compacted`) in revision order, for watchers.
+    /// Revisions only grow, so a flat vector is ordered by construction: a pointer per
+    /// change, where a map by revision cost a node entry and a vector per revision.
+    log: Vec<Arc<Record>>,
     current: i64,
     /// etcd starts at -1: nothing compacted yet.
     compacted: i64,
@@ -138,7 +140,7 @@ impl MvccState {
     pub fn new(leases: LeaseTable) -> Self {
         Self {
             index: BTreeMap::new(),
-            log: BTreeMap::new(),
+            log: Vec::new(),
             current: 1,
             compacted: -1,
             leases,
@@ -156,7 +158,7 @@ impl MvccState {
         for rec in records {
             let rec = Arc::new(rec);
             if rec.rev.main >= compacted {
-                state.log.entry(rec.rev.main).or_default().push(rec.clone());
+                state.log.push(rec.clone());
             }
             state.index.entry(rec.key.clone()).or_default().push(rec);
         }
@@ -218,12 +220,12 @@ impl MvccState {
         &self,
         from: i64,
         to: i64,
-    ) -> impl Iterator<Item = (i64, &Vec<Arc<Record>>)> + '_ {
-        let range = if from <= to { Some(from..=to) } else { None };
-        range
-            .into_iter()
-            .flat_map(|r| self.log.range(r))
-            .map(|(rev, recs)| (*rev, recs))
+    ) -> impl Iterator<Item = (i64, &[Arc<Record>])> + '_ {
+        let start = self.log.partition_point(|r| r.rev.main < from);
+        let end = self.log.partition_point(|r| r.rev.main <= to).max(start);
+        self.log[start..end]
+            .chunk_by(|a, b| a.rev.main == b.rev.main)
+            .map(|recs| (recs[0].rev.main, recs))
     }
 
     /// Starts a write request at revision `current + 1`.
@@ -256,13 +258,17 @@ impl MvccState {
             removed.extend(hist.drain(..keep_from).map(|r| r.rev));
             !hist.is_empty()
         });
-        self.log = self.log.split_off(&rev);
-        if let Some(recs) = self.log.get_mut(&rev) {
-            // A tombstone at exactly `rev` is the last record at or below it, so it went.
-            recs.retain(|r| !r.tombstone);
-            if recs.is_empty() {
-                self.log.remove(&rev);
-            }
+        let below = self.log.partition_point(|r| r.rev.main < rev);
+        let through = self.log.partition_point(|r| r.rev.main <= rev);
+        // A tombstone at exactly `rev` is the last record at or below it, so it went.
+        let at_rev: Vec<_> = self.log[below..through]
+            .iter()
+            .filter(|r| !r.tombstone)
+            .cloned()
+            .collect();
+        self.log.splice(..through, at_rev);
+        if self.log.capacity() > 4 * self.log.len() {
+            self.log.shrink_to(2 * self.log.len());
         }
         self.compacted = rev;
         Ok(removed)
@@ -439,7 +445,7 @@ impl WriteTxn<'_> {
     pub fn finish(self) -> Vec<Arc<Record>> {
         if !self.records.is_empty() {
             self.state.current = self.rev;
-            self.state.log.insert(self.rev, self.records.clone());
+            self.state.log.extend(self.records.iter().cloned());
         }
         self.records
     }
@@ -510,6 +516,46 @@ mod tests {
         assert_eq!(s.compact(6, 6), Err(EtcdError::FutureRev));
         assert_eq!(s.check_read_rev(4, 5), Err(EtcdError::Compacted));
         assert_eq!(s.check_read_rev(6, 5), Err(EtcdError::FutureRev));
+    }
+
+    #[test]
+    fn the_log_groups_changes_by_revision_and_compacts_like_the_index() {
+        let mut s = store();
+        let mut w = s.write();
+        w.put(b"a", b"1".to_vec(), 0);
+        w.put(b"b", b"1".to_vec(), 0);
+        w.finish(); // rev 2: two changes
+        let mut w = s.write();
+        w.put(b"c", b"1".to_vec(), 0);
+        w.finish(); // rev 3
+        let mut w = s.write();
+        w.delete_range(&KeyRange::new(b"b", b""));
+        w.put(b"a", b"2".to_vec(), 0);
+        w.finish(); // rev 4: a tombstone and a put
+        // Each revision with its changes as (key, tombstone).
+        type Revs = Vec<(i64, Vec<(Vec<u8>, bool)>)>;
+        let revs = |s: &MvccState, from, to| -> Revs {
+            s.log_between(from, to)
+                .map(|(rev, recs)| {
+                    let recs = recs.iter().map(|r| (r.key.clone(), r.tombstone)).collect();
+                    (rev, recs)
+                })
+                .collect()
+        };
+        let all = revs(&s, 0, 10);
+        assert_eq!(
+            all.iter().map(|(r, c)| (*r, c.len())).collect::<Vec<_>>(),
+            [(2, 2), (3, 1), (4, 2)]
+        );
+        assert_eq!(revs(&s, 3, 3), vec![(3, vec![(b"c".to_vec(), false)])]);
+        assert!(revs(&s, 4, 3).is_empty());
+        // At 4, b's tombstone goes with b's history; the put at 4 stays.
+        s.compact(4, 4).expect("compact");
+        assert_eq!(revs(&s, 0, 10), vec![(4, vec![(b"a".to_vec(), false)])]);
+        let mut w = s.write();
+        w.put(b"d", b"1".to_vec(), 0);
+        w.finish();
+        assert_eq!(revs(&s, 5, 5), vec![(5, vec![(b"d".to_vec(), false)])]);
     }
 
     #[test]
