@@ -1,6 +1,6 @@
 //! `revwatch etcd`: the embedded single-node etcd-compatible server.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
@@ -18,11 +18,18 @@ pub struct EtcdArgs {
     /// Address to serve the etcd v3 gRPC API on.
     #[arg(long, default_value = "127.0.0.1:2379")]
     pub listen: SocketAddr,
+    /// How long logged writes may wait before they are copied into the database file, in
+    /// milliseconds. A write is durable once its log record is fsynced; this only bounds
+    /// how much log a restart replays.
+    #[arg(long, default_value_t = 100)]
+    pub checkpoint_interval_ms: u64,
 }
 
 impl EtcdArgs {
     pub fn config(&self) -> ServerConfig {
-        ServerConfig::new(&self.data_dir)
+        let mut config = ServerConfig::new(&self.data_dir);
+        config.checkpoint_interval = Duration::from_millis(self.checkpoint_interval_ms);
+        config
     }
 }
 

@@ -605,11 +605,24 @@ async fn etcd_subcommand_serves_etcdctl_and_keeps_data_across_restarts() {
     let addr = free_addr();
     let ep = format!("http://{addr}");
 
-    let server = Proc::spawn(&["etcd", "--data-dir", &data, "--listen", &addr]);
+    // Checkpoints held off for an hour: the writes exist only in the write-ahead log
+    // when the server is killed, and the restart replays them.
+    let hour = "3600000";
+    let args = [
+        "etcd",
+        "--data-dir",
+        &data,
+        "--listen",
+        &addr,
+        "--checkpoint-interval-ms",
+        hour,
+    ];
+    let server = Proc::spawn(&args);
     server.await_stderr("serving");
     etcdctl(&ep, &["put", "k", "v1"], None);
     etcdctl(&ep, &["put", "k", "v2"], None);
-    server.terminate();
+    let (status, stderr) = server.stop(Signal::SIGKILL);
+    assert!(!status.success(), "exit status {status}; {stderr:#?}");
 
     let server = Proc::spawn(&["etcd", "--data-dir", &data, "--listen", &addr]);
     server.await_stderr("serving");
@@ -636,4 +649,11 @@ fn bad_arguments_are_rejected_with_a_message() {
         .expect("run");
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+
+    let out = Command::new(BIN)
+        .args(["etcd", "--checkpoint-interval-ms", "soon"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--checkpoint-interval-ms"));
 }

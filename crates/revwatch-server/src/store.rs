@@ -102,6 +102,7 @@ impl Store {
         let (wal, replay) = Wal::open(&wal_dir, backend.checkpointed()?, wal::SEGMENT_BYTES)?;
         // Checkpoint what the log adds right away: loading then reads one consistent state.
         if let Some((last, _)) = replay.last() {
+            tracing::info!(records = replay.len(), "replaying the write-ahead log");
             backend.checkpoint(replay.iter().map(|(_, b)| b), *last)?;
             if let Err(e) = wal::remove_covered(&wal_dir, *last) {
                 tracing::warn!(error = %e, "could not delete checkpointed log segments");
