@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
-use revwatch_server::{Server, ServerConfig};
+use revwatch_server::{AutoCompaction, Server, ServerConfig};
 
 /// Run the embedded single-node etcd v3-compatible server (no etcd install needed).
 ///
@@ -23,12 +23,20 @@ pub struct EtcdArgs {
     /// how much log a restart replays.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_interval_ms: u64,
+    /// Keep this many revisions and compact the older ones every 5 minutes, like etcd's
+    /// `--auto-compaction-mode=revision`. Without it, history stays until a client
+    /// compacts; the server holds it in memory.
+    #[arg(long, value_name = "REVISIONS")]
+    pub auto_compaction_retention: Option<u64>,
 }
 
 impl EtcdArgs {
     pub fn config(&self) -> ServerConfig {
         let mut config = ServerConfig::new(&self.data_dir);
         config.checkpoint_interval = Duration::from_millis(self.checkpoint_interval_ms);
+        config.auto_compaction = self
+            .auto_compaction_retention
+            .map(AutoCompaction::revisions);
         config
     }
 }
@@ -52,4 +60,39 @@ pub async fn run(args: EtcdArgs) -> anyhow::Result<()> {
         .await?;
     eprintln!("revwatch etcd: stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    fn config(args: &[&str]) -> Result<ServerConfig, clap::Error> {
+        let argv = std::iter::once("etcd").chain(args.iter().copied());
+        Cmd::try_parse_from(argv).map(|c| c.etcd.config())
+    }
+
+    #[test]
+    fn flags_reach_the_server_config() {
+        let defaults = config(&[]).expect("defaults");
+        assert_eq!(defaults.checkpoint_interval, Duration::from_millis(100));
+        assert_eq!(defaults.auto_compaction, None);
+        let set = config(&[
+            "--checkpoint-interval-ms",
+            "250",
+            "--auto-compaction-retention",
+            "1000",
+        ])
+        .expect("flags");
+        assert_eq!(set.checkpoint_interval, Duration::from_millis(250));
+        assert_eq!(set.auto_compaction, Some(AutoCompaction::revisions(1000)));
+        assert!(config(&["--auto-compaction-retention", "-1"]).is_err());
+    }
 }

@@ -34,6 +34,29 @@ impl Default for Limits {
     }
 }
 
+/// Compaction the server does by itself, like etcd's `--auto-compaction-mode=revision`.
+///
+/// The server keeps its whole history in memory until a compaction, so a long-running
+/// server that nobody compacts grows without bound; this bounds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoCompaction {
+    /// Revisions kept: every `interval`, the server compacts at the current revision
+    /// minus this (etcd's `--auto-compaction-retention` in revision mode).
+    pub retention: u64,
+    /// How often to compact (etcd 3.4's revision mode: every 5 minutes).
+    pub interval: Duration,
+}
+
+impl AutoCompaction {
+    /// Keeps `retention` revisions, compacting every 5 minutes as etcd 3.4 does.
+    pub fn revisions(retention: u64) -> Self {
+        Self {
+            retention,
+            interval: Duration::from_secs(300),
+        }
+    }
+}
+
 /// Everything [`Server::open`](crate::Server::open) needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -54,6 +77,8 @@ pub struct ServerConfig {
     /// (etcd's backend batch interval, 100 ms). Durability never waits for it: a write
     /// is acknowledged once its log record is fsynced.
     pub checkpoint_interval: Duration,
+    /// Compaction without a client asking for it; none by default, as in etcd.
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 impl ServerConfig {
@@ -67,6 +92,7 @@ impl ServerConfig {
             min_lease_ttl: 2,
             lease_check_interval: Duration::from_millis(250),
             checkpoint_interval: Duration::from_millis(100),
+            auto_compaction: None,
         }
     }
 }

@@ -43,7 +43,7 @@ mod validate;
 mod wal;
 mod watch;
 
-pub use config::{Limits, ServerConfig};
+pub use config::{AutoCompaction, Limits, ServerConfig};
 pub use error::{EtcdError, ServerError};
 #[cfg(feature = "fault-injection")]
 pub use faults::{FaultController, WatchStreamInfo};

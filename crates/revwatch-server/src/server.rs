@@ -102,6 +102,7 @@ impl Server {
                 min_lease_ttl: config.min_lease_ttl,
                 lease_check_interval: config.lease_check_interval,
                 checkpoint_interval: config.checkpoint_interval,
+                auto_compaction: config.auto_compaction,
             },
             faults.clone(),
         )?;

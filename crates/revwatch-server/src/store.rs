@@ -23,6 +23,7 @@ use tokio::sync::{oneshot, watch};
 
 use crate::backend::{Backend, Batch, Identity};
 use crate::checkpoint::{self, Feeder, Logged};
+use crate::config::AutoCompaction;
 use crate::error::{EtcdError, ServerError};
 use crate::faults::Faults;
 use crate::lease::{LeaseInfo, LeaseTable};
@@ -58,6 +59,7 @@ pub(crate) struct StoreOptions {
     pub min_lease_ttl: i64,
     pub lease_check_interval: Duration,
     pub checkpoint_interval: Duration,
+    pub auto_compaction: Option<AutoCompaction>,
 }
 
 pub(crate) struct Store {
@@ -419,8 +421,10 @@ struct LogWriter {
 
 fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
     let mut next_lease_check = Instant::now() + opts.lease_check_interval;
+    let mut next_compaction = opts.auto_compaction.map(|a| Instant::now() + a.interval);
     loop {
-        let wait = next_lease_check.saturating_duration_since(Instant::now());
+        let due = next_compaction.map_or(next_lease_check, |c| c.min(next_lease_check));
+        let wait = due.saturating_duration_since(Instant::now());
         let mut jobs = Vec::new();
         match rx.recv_timeout(wait) {
             Ok(job) => {
@@ -445,7 +449,36 @@ fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, op
         while jobs.peek().is_some() {
             commit_group(shared, log, &mut jobs, false, opts.min_lease_ttl);
         }
+        if let (Some(at), Some(auto)) = (next_compaction, opts.auto_compaction)
+            && now >= at
+        {
+            next_compaction = Some(now + auto.interval);
+            let compact = auto_compact(auto.retention);
+            commit_group(
+                shared,
+                log,
+                &mut std::iter::once(compact),
+                false,
+                opts.min_lease_ttl,
+            );
+        }
     }
+}
+
+/// The job of one automatic compaction: at the current revision minus `retention`, if
+/// that is past the compacted revision (etcd's revision compactor).
+fn auto_compact(retention: u64) -> Job {
+    Box::new(move |ap| {
+        let retention = i64::try_from(retention).unwrap_or(i64::MAX);
+        let rev = ap.committed.saturating_sub(retention);
+        if rev > ap.state.compacted() && rev > 0 {
+            tracing::info!(revision = rev, "auto-compaction");
+            if let Err(e) = ap.compact(rev) {
+                tracing::warn!(revision = rev, error = %e, "auto-compaction failed");
+            }
+        }
+        Box::new(|_| {})
+    })
 }
 
 /// Applies jobs from `jobs` (up to [`MAX_GROUP_BYTES`]), logs them as one record and

@@ -226,6 +226,7 @@ mod store {
             min_lease_ttl: 2,
             lease_check_interval: Duration::from_secs(3600),
             checkpoint_interval: Duration::from_secs(3600),
+            auto_compaction: None,
         };
         // No checkpoint while the test runs: only the one on close.
         let policy = Policy {
