@@ -24,8 +24,8 @@ pub struct EtcdArgs {
     #[arg(long, default_value_t = 100)]
     pub checkpoint_interval_ms: u64,
     /// Keep this many revisions and compact the older ones every 5 minutes, like etcd's
-    /// `--auto-compaction-mode=revision`. Without it, history stays until a client
-    /// compacts; the server holds it in memory.
+    /// `--auto-compaction-mode=revision`; 0 turns it off. Without it, history stays until
+    /// a client compacts; the server holds it in memory.
     #[arg(long, value_name = "REVISIONS")]
     pub auto_compaction_retention: Option<u64>,
 }

@@ -41,9 +41,10 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AutoCompaction {
     /// Revisions kept: every `interval`, the server compacts at the current revision
-    /// minus this (etcd's `--auto-compaction-retention` in revision mode).
+    /// minus this (etcd's `--auto-compaction-retention` in revision mode). 0 turns
+    /// auto-compaction off, as in etcd.
     pub retention: u64,
-    /// How often to compact (etcd 3.4's revision mode: every 5 minutes).
+    /// How often to compact (etcd 3.4's revision mode: every 5 minutes); at least 10 ms.
     pub interval: Duration,
 }
 

@@ -419,9 +419,18 @@ struct LogWriter {
     checkpoints: Feeder,
 }
 
+/// The shortest timer period the writer accepts: a zero interval would make it spin.
+const MIN_TIMER: Duration = Duration::from_millis(10);
+
 fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
-    let mut next_lease_check = Instant::now() + opts.lease_check_interval;
-    let mut next_compaction = opts.auto_compaction.map(|a| Instant::now() + a.interval);
+    let lease_check_interval = opts.lease_check_interval.max(MIN_TIMER);
+    // Retention 0 means no auto-compaction, as in etcd.
+    let auto_compaction = opts.auto_compaction.filter(|a| a.retention > 0).map(|a| {
+        let interval = a.interval.max(MIN_TIMER);
+        AutoCompaction { interval, ..a }
+    });
+    let mut next_lease_check = Instant::now() + lease_check_interval;
+    let mut next_compaction = auto_compaction.map(|a| Instant::now() + a.interval);
     loop {
         let due = next_compaction.map_or(next_lease_check, |c| c.min(next_lease_check));
         let wait = due.saturating_duration_since(Instant::now());
@@ -442,14 +451,14 @@ fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, op
         let now = Instant::now();
         let expire = now >= next_lease_check;
         if expire {
-            next_lease_check = now + opts.lease_check_interval;
+            next_lease_check = now + lease_check_interval;
         }
         let mut jobs = jobs.into_iter().peekable();
         commit_group(shared, log, &mut jobs, expire, opts.min_lease_ttl);
         while jobs.peek().is_some() {
             commit_group(shared, log, &mut jobs, false, opts.min_lease_ttl);
         }
-        if let (Some(at), Some(auto)) = (next_compaction, opts.auto_compaction)
+        if let (Some(at), Some(auto)) = (next_compaction, auto_compaction)
             && now >= at
         {
             next_compaction = Some(now + auto.interval);

@@ -509,3 +509,22 @@ async fn auto_compaction_keeps_the_retained_revisions() -> Result<()> {
     ensure!(range_at(&mut c, 16).await? == Ok(vec![b"v14".to_vec()]));
     Ok(())
 }
+
+/// Retention 0 turns auto-compaction off, as etcd's `--auto-compaction-retention=0` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_compaction_with_retention_zero_is_off() -> Result<()> {
+    let s = TestServer::start_with(|c| {
+        c.auto_compaction = Some(revwatch_server::AutoCompaction {
+            retention: 0,
+            interval: Duration::ZERO,
+        });
+    })
+    .await?;
+    let mut c = connect(&s.endpoint()).await?;
+    for i in 0..3 {
+        put(&mut c, "a", format!("v{i}").into_bytes(), 0).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(range_at(&mut c, 2).await? == Ok(vec![b"v0".to_vec()]));
+    Ok(())
+}

@@ -1,5 +1,6 @@
 //! Standalone embedded server:
-//! `revwatch-server --data-dir DIR [--listen ADDR] [--checkpoint-interval-ms N]`.
+//! `revwatch-server --data-dir DIR [--listen ADDR] [--checkpoint-interval-ms N]
+//! [--auto-compaction-retention REVISIONS]`.
 //!
 //! Prints `listening on ADDR` once it accepts connections, and stops on Ctrl-C or SIGTERM.
 
@@ -10,18 +11,20 @@ use std::time::Duration;
 use revwatch_server::{Server, ServerConfig};
 
 const USAGE: &str = "usage: revwatch-server --data-dir DIR [--listen ADDR (default 127.0.0.1:2379)] \
-     [--checkpoint-interval-ms N (default 100)]";
+     [--checkpoint-interval-ms N (default 100)] [--auto-compaction-retention REVISIONS (0: off)]";
 
 struct Args {
     data_dir: String,
     listen: SocketAddr,
     checkpoint_interval: Option<Duration>,
+    auto_compaction_retention: Option<u64>,
 }
 
 fn parse() -> Result<Args, String> {
     let mut data_dir = None;
     let mut listen = "127.0.0.1:2379".to_owned();
     let mut checkpoint_interval = None;
+    let mut auto_compaction_retention = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -36,6 +39,15 @@ fn parse() -> Result<Args, String> {
                     .map_err(|e| format!("bad --checkpoint-interval-ms {ms:?}: {e}"))?;
                 checkpoint_interval = Some(Duration::from_millis(ms));
             }
+            "--auto-compaction-retention" => {
+                let n = args
+                    .next()
+                    .ok_or("--auto-compaction-retention needs a value")?;
+                let n: u64 = n
+                    .parse()
+                    .map_err(|e| format!("bad --auto-compaction-retention {n:?}: {e}"))?;
+                auto_compaction_retention = Some(n);
+            }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -48,6 +60,7 @@ fn parse() -> Result<Args, String> {
         data_dir,
         listen,
         checkpoint_interval,
+        auto_compaction_retention,
     })
 }
 
@@ -87,6 +100,9 @@ async fn main() -> ExitCode {
         if let Some(interval) = args.checkpoint_interval {
             config.checkpoint_interval = interval;
         }
+        config.auto_compaction = args
+            .auto_compaction_retention
+            .map(revwatch_server::AutoCompaction::revisions);
         let server = Server::open(config)?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
