@@ -634,26 +634,18 @@ async fn etcd_subcommand_serves_etcdctl_and_keeps_data_across_restarts() {
     server.terminate();
 }
 
+/// Runs revwatch with `args`, which must fail; returns its stderr.
+fn failing(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().expect("run");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_arguments_are_rejected_with_a_message() {
-    let out = Command::new(BIN)
-        .args(["tail", "--prefix", "/x"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--endpoints"));
-
-    let out = Command::new(BIN)
-        .args(["tail", "--endpoints", "not a url", "--prefix", "/x"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
-
-    let out = Command::new(BIN)
-        .args(["etcd", "--checkpoint-interval-ms", "soon"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--checkpoint-interval-ms"));
+    assert!(failing(&["tail", "--prefix", "/x"]).contains("--endpoints"));
+    let stderr = failing(&["tail", "--endpoints", "not a url", "--prefix", "/x"]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let stderr = failing(&["etcd", "--checkpoint-interval-ms", "soon"]);
+    assert!(stderr.contains("--checkpoint-interval-ms"), "{stderr}");
 }

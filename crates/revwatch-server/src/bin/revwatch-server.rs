@@ -20,6 +20,14 @@ struct Args {
     auto_compaction_retention: Option<u64>,
 }
 
+/// The value of `flag`, a whole number.
+fn number(flag: &str, value: Option<String>) -> Result<u64, String> {
+    let value = value.ok_or_else(|| format!("{flag} needs a value"))?;
+    value
+        .parse()
+        .map_err(|e| format!("bad {flag} {value:?}: {e}"))
+}
+
 fn parse() -> Result<Args, String> {
     let mut data_dir = None;
     let mut listen = "127.0.0.1:2379".to_owned();
@@ -31,22 +39,11 @@ fn parse() -> Result<Args, String> {
             "--data-dir" => data_dir = args.next(),
             "--listen" => listen = args.next().ok_or("--listen needs a value")?,
             "--checkpoint-interval-ms" => {
-                let ms = args
-                    .next()
-                    .ok_or("--checkpoint-interval-ms needs a value")?;
-                let ms: u64 = ms
-                    .parse()
-                    .map_err(|e| format!("bad --checkpoint-interval-ms {ms:?}: {e}"))?;
+                let ms = number(&arg, args.next())?;
                 checkpoint_interval = Some(Duration::from_millis(ms));
             }
             "--auto-compaction-retention" => {
-                let n = args
-                    .next()
-                    .ok_or("--auto-compaction-retention needs a value")?;
-                let n: u64 = n
-                    .parse()
-                    .map_err(|e| format!("bad --auto-compaction-retention {n:?}: {e}"))?;
-                auto_compaction_retention = Some(n);
+                auto_compaction_retention = Some(number(&arg, args.next())?);
             }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),

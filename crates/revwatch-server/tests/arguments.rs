@@ -1,0 +1,47 @@
+//! The `revwatch-server` binary refuses bad arguments with a message naming the flag and
+//! exit status 2, before it touches a data directory.
+
+use std::process::Command;
+
+fn refused(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_revwatch-server"))
+        .args(args)
+        .output()
+        .expect("run revwatch-server");
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn bad_arguments_are_refused_with_the_flag_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    for (args, says) in [
+        (
+            vec!["--checkpoint-interval-ms"],
+            "--checkpoint-interval-ms needs a value",
+        ),
+        (
+            vec!["--checkpoint-interval-ms", "-1"],
+            "bad --checkpoint-interval-ms \"-1\"",
+        ),
+        (
+            vec!["--auto-compaction-retention", "x"],
+            "bad --auto-compaction-retention \"x\"",
+        ),
+        (vec!["--listen", "nowhere"], "bad --listen"),
+        (vec!["--frobnicate"], "unknown argument"),
+    ] {
+        let args: Vec<&str> = ["--data-dir", data].into_iter().chain(args).collect();
+        let stderr = refused(&args);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "a refused start created the data dir"
+    );
+    assert!(refused(&[]).contains("usage"));
+}
