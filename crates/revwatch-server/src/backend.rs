@@ -83,7 +83,7 @@ fn encode(rec: &Record, buf: &mut Vec<u8>) {
     buf.clear();
     buf.push(u8::from(rec.tombstone) * TOMBSTONE);
     let kv = KeyValue {
-        key: rec.key.clone(),
+        key: rec.key.to_vec(),
         create_revision: rec.create_revision,
         mod_revision: rec.rev.main,
         version: rec.version,
@@ -101,7 +101,7 @@ fn decode(key: (u64, u64), bytes: &[u8]) -> Result<Record, ServerError> {
     let kv = KeyValue::decode(body)
         .map_err(|e| ServerError::Corrupt(format!("record at {key:?}: {e}")))?;
     Ok(Record {
-        key: kv.key,
+        key: kv.key.into(),
         rev: Revision {
             main: key.0 as i64,
             sub: key.1 as i64,

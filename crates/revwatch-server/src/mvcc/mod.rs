@@ -33,7 +33,8 @@ pub(crate) struct Revision {
 /// One change to one key: a put or, with `tombstone`, a delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
-    pub key: Vec<u8>,
+    /// Shared by the key's index entry and all its records (see [`MvccState::shared_key`]).
+    pub key: Arc<[u8]>,
     pub rev: Revision,
     pub create_revision: i64,
     pub version: i64,
@@ -47,13 +48,13 @@ impl Record {
     pub fn to_kv(&self) -> KeyValue {
         if self.tombstone {
             return KeyValue {
-                key: self.key.clone(),
+                key: self.key.to_vec(),
                 mod_revision: self.rev.main,
                 ..Default::default()
             };
         }
         KeyValue {
-            key: self.key.clone(),
+            key: self.key.to_vec(),
             create_revision: self.create_revision,
             mod_revision: self.rev.main,
             version: self.version,
@@ -123,8 +124,8 @@ impl KeyRange {
 /// The in-memory multi-version state.
 #[derive(Debug)]
 pub(crate) struct MvccState {
-    /// Each key's retained history, oldest first.
-    index: BTreeMap<Vec<u8>, Vec<Arc<Record>>>,
+    /// Each key's retained history, oldest first; never an empty one.
+    index: BTreeMap<Arc<[u8]>, Vec<Arc<Record>>>,
     /// Retained changes (main revision `>= compacted`) in revision order, for watchers.
     /// Revisions only grow, so a flat vector is ordered by construction: a pointer per
     /// change, where a map by revision cost a node entry and a vector per revision.
@@ -155,12 +156,13 @@ impl MvccState {
         mut leases: LeaseTable,
     ) -> Self {
         let mut state = Self::new(LeaseTable::default());
-        for rec in records {
+        for mut rec in records {
+            rec.key = state.shared_key(&rec.key);
             let rec = Arc::new(rec);
             if rec.rev.main >= compacted {
                 state.log.push(rec.clone());
             }
-            state.index.entry(rec.key.clone()).or_default().push(rec);
+            push_history(&mut state.index, rec);
         }
         state.current = current.max(1);
         state.compacted = compacted;
@@ -171,11 +173,20 @@ impl MvccState {
                 && !last.tombstone
                 && last.lease != 0
             {
-                leases.attach(last.lease, key.clone());
+                leases.attach(last.lease, key.to_vec());
             }
         }
         state.leases = leases;
         state
+    }
+
+    /// `key` as the one allocation its index entry and records share: a history of
+    /// many revisions holds its key once, not once per record.
+    fn shared_key(&self, key: &[u8]) -> Arc<[u8]> {
+        match self.index.get(key).and_then(|hist| hist.last()) {
+            Some(rec) => rec.key.clone(),
+            None => Arc::from(key),
+        }
     }
 
     pub fn current(&self) -> i64 {
@@ -302,6 +313,16 @@ impl MvccState {
     }
 }
 
+/// Appends `rec` to its key's history.
+fn push_history(index: &mut BTreeMap<Arc<[u8]>, Vec<Arc<Record>>>, rec: Arc<Record>) {
+    match index.get_mut(&*rec.key) {
+        Some(hist) => hist.push(rec),
+        None => {
+            index.insert(rec.key.clone(), vec![rec]);
+        }
+    }
+}
+
 fn latest_at(hist: &[Arc<Record>], at: i64) -> Option<&Arc<Record>> {
     let rec = match hist.last() {
         // Most reads, and every write, look at the newest record: skip the search, whose
@@ -352,7 +373,10 @@ impl WriteTxn<'_> {
     /// Puts `key`, returning the new record. Lease bookkeeping follows the key.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Arc<Record> {
         let rev = self.next_rev();
-        let prev = self.state.get_at(key, self.rev).cloned();
+        // One lookup for both the live record and the key's shared allocation.
+        let hist = self.state.index.get(key);
+        let prev = hist.and_then(|h| latest_at(h, self.rev)).cloned();
+        let shared = hist.and_then(|h| h.last()).map(|r| r.key.clone());
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
             None => (rev.main, 1),
@@ -367,7 +391,7 @@ impl WriteTxn<'_> {
             self.state.leases.attach(lease, key.to_vec());
         }
         self.push(Record {
-            key: key.to_vec(),
+            key: shared.unwrap_or_else(|| Arc::from(key)),
             rev,
             create_revision,
             version,
@@ -379,24 +403,26 @@ impl WriteTxn<'_> {
 
     /// Deletes every live key in `range`; returns how many.
     pub fn delete_range(&mut self, range: &KeyRange) -> i64 {
-        let victims: Vec<(Vec<u8>, i64)> = self
+        let victims: Vec<(Arc<[u8]>, i64)> = self
             .state
             .visit_at(range, self.rev)
             .map(|r| (r.key.clone(), r.lease))
             .collect();
-        for (key, lease) in &victims {
-            self.delete(key, *lease);
+        let n = victims.len() as i64;
+        for (key, lease) in victims {
+            self.delete(key, lease);
         }
-        victims.len() as i64
+        n
     }
 
-    fn delete(&mut self, key: &[u8], lease: i64) {
+    /// Deletes `key`, already shared (it comes from the key's own records).
+    fn delete(&mut self, key: Arc<[u8]>, lease: i64) {
         if lease != 0 {
-            self.state.leases.detach(lease, key);
+            self.state.leases.detach(lease, &key);
         }
         let rev = self.next_rev();
         self.push(Record {
-            key: key.to_vec(),
+            key,
             rev,
             create_revision: 0,
             version: 0,
@@ -408,11 +434,7 @@ impl WriteTxn<'_> {
 
     fn push(&mut self, rec: Record) -> Arc<Record> {
         let rec = Arc::new(rec);
-        self.state
-            .index
-            .entry(rec.key.clone())
-            .or_default()
-            .push(rec.clone());
+        push_history(&mut self.state.index, rec.clone());
         self.records.push(rec.clone());
         rec
     }
@@ -436,7 +458,7 @@ impl WriteTxn<'_> {
                 .map(|p| p.lease)
                 .filter(|l| *l != 0)
             {
-                self.state.leases.attach(lease, rec.key.clone());
+                self.state.leases.attach(lease, rec.key.to_vec());
             }
         }
     }
@@ -537,7 +559,7 @@ mod tests {
         let revs = |s: &MvccState, from, to| -> Revs {
             s.log_between(from, to)
                 .map(|(rev, recs)| {
-                    let recs = recs.iter().map(|r| (r.key.clone(), r.tombstone)).collect();
+                    let recs = recs.iter().map(|r| (r.key.to_vec(), r.tombstone)).collect();
                     (rev, recs)
                 })
                 .collect()
@@ -556,6 +578,31 @@ mod tests {
         w.put(b"d", b"1".to_vec(), 0);
         w.finish();
         assert_eq!(revs(&s, 5, 5), vec![(5, vec![(b"d".to_vec(), false)])]);
+    }
+
+    #[test]
+    fn a_key_is_stored_once_for_its_whole_history() {
+        let shared_once = |s: &MvccState| {
+            let (key, hist) = s.index.get_key_value(&b"k"[..]).expect("k");
+            assert_eq!(hist.len(), 3);
+            assert!(hist.iter().all(|r| Arc::ptr_eq(&r.key, key)));
+        };
+        let mut s = store();
+        for v in ["1", "2"] {
+            let mut w = s.write();
+            w.put(b"k", v.as_bytes().to_vec(), 0);
+            w.finish();
+        }
+        let mut w = s.write();
+        w.delete_range(&KeyRange::new(b"k", b""));
+        w.finish();
+        shared_once(&s);
+        // Records loaded from disk each come with their own copy; restoring shares them.
+        let loaded = s.index[&b"k"[..]].iter().map(|r| Record {
+            key: Arc::from(&b"k"[..]),
+            ..Record::clone(r)
+        });
+        shared_once(&MvccState::restore(loaded, 4, -1, LeaseTable::default()));
     }
 
     #[test]

@@ -52,7 +52,7 @@ impl MaintenanceService {
             let stored = if rec.tombstone {
                 crc.update(b"t");
                 KeyValue {
-                    key: rec.key.clone(),
+                    key: rec.key.to_vec(),
                     ..KeyValue::default()
                 }
             } else {

@@ -78,7 +78,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Batch, String> {
         let create_revision = r.i64()?;
         let version = r.i64()?;
         let lease = r.i64()?;
-        let key = r.bytes()?.to_vec();
+        let key = r.bytes()?.into();
         let value = r.bytes()?.to_vec();
         records.push(Arc::new(Record {
             key,
@@ -192,7 +192,7 @@ pub(crate) mod tests {
     pub(crate) fn sample() -> Batch {
         let rec = |key: &str, main, sub, tombstone| {
             Arc::new(Record {
-                key: key.as_bytes().to_vec(),
+                key: key.as_bytes().into(),
                 rev: Revision { main, sub },
                 create_revision: if tombstone { 0 } else { 2 },
                 version: if tombstone { 0 } else { 3 },

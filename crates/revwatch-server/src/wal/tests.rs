@@ -6,7 +6,7 @@ use crate::mvcc::{Record, Revision};
 fn batch(n: i64) -> Batch {
     Batch {
         records: vec![Arc::new(Record {
-            key: format!("k{n}").into_bytes(),
+            key: format!("k{n}").into_bytes().into(),
             rev: Revision {
                 main: n + 1,
                 sub: 0,
