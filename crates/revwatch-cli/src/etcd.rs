@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
-use revwatch_server::{AutoCompaction, Server, ServerConfig};
+use revwatch_server::{AutoCompaction, AutoCompactionError, Server, ServerConfig};
 
 /// Run the embedded single-node etcd v3-compatible server (no etcd install needed).
 ///
@@ -23,28 +23,36 @@ pub struct EtcdArgs {
     /// how much log a restart replays.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_interval_ms: u64,
-    /// Keep this many revisions and compact the older ones every 5 minutes, like etcd's
-    /// `--auto-compaction-mode=revision`; 0 turns it off. Without it, history stays until
-    /// a client compacts; the server holds it in memory.
-    #[arg(long, value_name = "REVISIONS")]
-    pub auto_compaction_retention: Option<u64>,
+    /// How `--auto-compaction-retention` is read, as in etcd: `periodic` keeps a span of
+    /// time, `revision` a number of revisions.
+    #[arg(long, value_name = "MODE", default_value = "periodic",
+          value_parser = ["periodic", "revision"])]
+    pub auto_compaction_mode: String,
+    /// History the server keeps when it compacts by itself, as etcd reads it: in
+    /// periodic mode hours (`1`) or a duration (`30m`, `1h30m`), compacting every
+    /// retention (at most hourly); in revision mode a revision count, compacting every
+    /// 5 minutes. 0 turns it off: history then stays until a client compacts, and the
+    /// server holds it in memory.
+    #[arg(long, value_name = "VALUE", default_value = "0")]
+    pub auto_compaction_retention: String,
 }
 
 impl EtcdArgs {
-    pub fn config(&self) -> ServerConfig {
+    pub fn config(&self) -> Result<ServerConfig, AutoCompactionError> {
         let mut config = ServerConfig::new(&self.data_dir);
         config.checkpoint_interval = Duration::from_millis(self.checkpoint_interval_ms);
-        config.auto_compaction = self
-            .auto_compaction_retention
-            .map(AutoCompaction::revisions);
-        config
+        config.auto_compaction = AutoCompaction::from_etcd_flags(
+            &self.auto_compaction_mode,
+            &self.auto_compaction_retention,
+        )?;
+        Ok(config)
     }
 }
 
 pub async fn run(args: EtcdArgs) -> anyhow::Result<()> {
     // Before anything else, so a Ctrl-C during start-up still stops us cleanly.
     let mut signals = crate::shutdown::Signals::install();
-    let server = Server::open(args.config())
+    let server = Server::open(args.config()?)
         .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -74,9 +82,9 @@ mod tests {
         etcd: EtcdArgs,
     }
 
-    fn config(args: &[&str]) -> Result<ServerConfig, clap::Error> {
+    fn config(args: &[&str]) -> anyhow::Result<ServerConfig> {
         let argv = std::iter::once("etcd").chain(args.iter().copied());
-        Cmd::try_parse_from(argv).map(|c| c.etcd.config())
+        Ok(Cmd::try_parse_from(argv)?.etcd.config()?)
     }
 
     #[test]
@@ -87,12 +95,32 @@ mod tests {
         let set = config(&[
             "--checkpoint-interval-ms",
             "250",
+            "--auto-compaction-mode",
+            "revision",
             "--auto-compaction-retention",
             "1000",
         ])
         .expect("flags");
         assert_eq!(set.checkpoint_interval, Duration::from_millis(250));
         assert_eq!(set.auto_compaction, Some(AutoCompaction::revisions(1000)));
-        assert!(config(&["--auto-compaction-retention", "-1"]).is_err());
+        // etcd's default mode is periodic, where a bare number is hours.
+        let hours = config(&["--auto-compaction-retention", "2"]).expect("flags");
+        let two_hours = AutoCompaction::periodic(Duration::from_secs(2 * 3600));
+        assert_eq!(hours.auto_compaction, Some(two_hours));
+        let span = config(&["--auto-compaction-retention", "1h30m"]).expect("flags");
+        let ninety_minutes = AutoCompaction::periodic(Duration::from_secs(90 * 60));
+        assert_eq!(span.auto_compaction, Some(ninety_minutes));
+        for bad in [
+            &["--auto-compaction-retention", "-1"][..],
+            &[
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "1h",
+            ],
+            &["--auto-compaction-mode", "hourly"],
+        ] {
+            assert!(config(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

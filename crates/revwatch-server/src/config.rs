@@ -34,28 +34,120 @@ impl Default for Limits {
     }
 }
 
-/// Compaction the server does by itself, like etcd's `--auto-compaction-mode=revision`.
+/// Compaction the server does by itself, like etcd's `--auto-compaction-mode` and
+/// `--auto-compaction-retention`.
 ///
 /// The server keeps its whole history in memory until a compaction, so a long-running
 /// server that nobody compacts grows without bound; this bounds it.
+///
+/// ```
+/// use std::time::Duration;
+/// use revwatch_server::AutoCompaction;
+///
+/// // etcd's flags, read as etcd reads them: a bare number is hours in periodic mode.
+/// let auto = AutoCompaction::from_etcd_flags("periodic", "1")?;
+/// assert_eq!(auto, Some(AutoCompaction::periodic(Duration::from_secs(3600))));
+/// assert_eq!(
+///     AutoCompaction::from_etcd_flags("revision", "1000")?,
+///     Some(AutoCompaction::revisions(1000)),
+/// );
+/// // A zero retention turns it off.
+/// assert_eq!(AutoCompaction::from_etcd_flags("periodic", "0s")?, None);
+/// # Ok::<(), revwatch_server::AutoCompactionError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AutoCompaction {
-    /// Revisions kept: every `interval`, the server compacts at the current revision
-    /// minus this (etcd's `--auto-compaction-retention` in revision mode). 0 turns
-    /// auto-compaction off, as in etcd.
-    pub retention: u64,
-    /// How often to compact (etcd 3.4's revision mode: every 5 minutes); at least 10 ms.
-    pub interval: Duration,
+pub enum AutoCompaction {
+    /// etcd's periodic mode: keeps about `retention` of history. The current revision is
+    /// sampled every tenth of `retention` (of an hour, when `retention` is longer);
+    /// once `retention` has passed, the server compacts at the revision sampled
+    /// `retention` ago, and again every `retention` (at most every hour).
+    Periodic {
+        /// How long history is kept. Zero turns auto-compaction off.
+        retention: Duration,
+    },
+    /// etcd's revision mode: every `interval`, the server compacts at the current
+    /// revision minus `retention`.
+    Revision {
+        /// Revisions kept. 0 turns auto-compaction off, as in etcd.
+        retention: u64,
+        /// How often to compact (etcd 3.4: every 5 minutes); at least 10 ms.
+        interval: Duration,
+    },
 }
+
+/// The shortest period of the server's own timers: a zero interval would make them spin.
+pub(crate) const MIN_TIMER: Duration = Duration::from_millis(10);
 
 impl AutoCompaction {
     /// Keeps `retention` revisions, compacting every 5 minutes as etcd 3.4 does.
     pub fn revisions(retention: u64) -> Self {
-        Self {
+        Self::Revision {
             retention,
             interval: Duration::from_secs(300),
         }
     }
+
+    /// Keeps about `retention` of history (etcd's periodic mode).
+    pub fn periodic(retention: Duration) -> Self {
+        Self::Periodic { retention }
+    }
+
+    /// Reads etcd's `--auto-compaction-mode` (`periodic`, etcd's default, or `revision`)
+    /// and `--auto-compaction-retention` the way etcd 3.4 does: in periodic mode a
+    /// whole number is hours and anything else a Go duration (`30m`, `1h30m`, `1.5h`);
+    /// in revision mode it is a revision count. `None` when the retention is zero,
+    /// which turns auto-compaction off.
+    pub fn from_etcd_flags(
+        mode: &str,
+        retention: &str,
+    ) -> Result<Option<Self>, AutoCompactionError> {
+        let bad = |reason: &str| AutoCompactionError::Retention {
+            mode: mode.to_owned(),
+            value: retention.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let auto = match mode {
+            "periodic" => {
+                let retention = match retention.parse::<u64>() {
+                    Ok(hours) => hours
+                        .checked_mul(3600)
+                        .map(Duration::from_secs)
+                        .ok_or_else(|| bad("too many hours"))?,
+                    Err(_) => {
+                        let nanos = go_parse_duration::parse_duration(retention).map_err(|_| {
+                            bad("expected hours or a duration such as 30m or 1h30m")
+                        })?;
+                        let nanos = u64::try_from(nanos).map_err(|_| bad("negative duration"))?;
+                        Duration::from_nanos(nanos)
+                    }
+                };
+                (!retention.is_zero()).then_some(Self::periodic(retention))
+            }
+            "revision" => {
+                let revisions = retention
+                    .parse::<u64>()
+                    .map_err(|_| bad("expected a whole number of revisions"))?;
+                (revisions > 0).then_some(Self::revisions(revisions))
+            }
+            _ => return Err(AutoCompactionError::Mode(mode.to_owned())),
+        };
+        Ok(auto)
+    }
+}
+
+/// Why etcd-style auto-compaction flags were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AutoCompactionError {
+    /// The mode is neither `periodic` nor `revision`.
+    #[error("unknown auto-compaction mode {0:?} (expected \"periodic\" or \"revision\")")]
+    Mode(String),
+    /// The retention does not fit the mode.
+    #[error("bad auto-compaction retention {value:?} for {mode} mode: {reason}")]
+    Retention {
+        mode: String,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Everything [`Server::open`](crate::Server::open) needs.
@@ -95,5 +187,46 @@ impl ServerConfig {
             checkpoint_interval: Duration::from_millis(100),
             auto_compaction: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(mode: &str, retention: &str) -> Result<Option<AutoCompaction>, AutoCompactionError> {
+        AutoCompaction::from_etcd_flags(mode, retention)
+    }
+
+    #[test]
+    fn periodic_retention_is_hours_or_a_go_duration() {
+        let periodic = |secs| Ok(Some(AutoCompaction::periodic(Duration::from_secs(secs))));
+        assert_eq!(flags("periodic", "1"), periodic(3600));
+        assert_eq!(flags("periodic", "30m"), periodic(1800));
+        assert_eq!(flags("periodic", "1.5h"), periodic(5400));
+        assert_eq!(flags("periodic", "1h30m"), periodic(5400));
+        assert_eq!(flags("periodic", "0"), Ok(None));
+        assert_eq!(flags("periodic", "0s"), Ok(None));
+        for bad in ["-1", "-5m", "abc", "", "1x"] {
+            let err = flags("periodic", bad).expect_err(bad).to_string();
+            assert!(err.contains("for periodic mode"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn revision_retention_is_a_count() {
+        assert_eq!(
+            flags("revision", "1000"),
+            Ok(Some(AutoCompaction::revisions(1000)))
+        );
+        assert_eq!(flags("revision", "0"), Ok(None));
+        for bad in ["10m", "-3", "1.5", ""] {
+            let err = flags("revision", bad).expect_err(bad).to_string();
+            assert!(err.contains("for revision mode"), "{bad}: {err}");
+        }
+        assert_eq!(
+            flags("Revision", "1"),
+            Err(AutoCompactionError::Mode("Revision".into()))
+        );
     }
 }

@@ -30,6 +30,7 @@
 mod authority;
 mod backend;
 mod checkpoint;
+mod compactor;
 mod config;
 mod error;
 mod faults;
@@ -43,7 +44,7 @@ mod validate;
 mod wal;
 mod watch;
 
-pub use config::{AutoCompaction, Limits, ServerConfig};
+pub use config::{AutoCompaction, AutoCompactionError, Limits, ServerConfig};
 pub use error::{EtcdError, ServerError};
 #[cfg(feature = "fault-injection")]
 pub use faults::{FaultController, WatchStreamInfo};

@@ -23,7 +23,8 @@ use tokio::sync::{oneshot, watch};
 
 use crate::backend::{Backend, Batch, Identity};
 use crate::checkpoint::{self, Feeder, Logged};
-use crate::config::AutoCompaction;
+use crate::compactor::Compactor;
+use crate::config::{AutoCompaction, MIN_TIMER};
 use crate::error::{EtcdError, ServerError};
 use crate::faults::Faults;
 use crate::lease::{LeaseInfo, LeaseTable};
@@ -419,20 +420,20 @@ struct LogWriter {
     checkpoints: Feeder,
 }
 
-/// The shortest timer period the writer accepts: a zero interval would make it spin.
-const MIN_TIMER: Duration = Duration::from_millis(10);
-
 fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
     let lease_check_interval = opts.lease_check_interval.max(MIN_TIMER);
-    // Retention 0 means no auto-compaction, as in etcd.
-    let auto_compaction = opts.auto_compaction.filter(|a| a.retention > 0).map(|a| {
-        let interval = a.interval.max(MIN_TIMER);
-        AutoCompaction { interval, ..a }
-    });
     let mut next_lease_check = Instant::now() + lease_check_interval;
-    let mut next_compaction = auto_compaction.map(|a| Instant::now() + a.interval);
+    let mut compactor = opts.auto_compaction.and_then(|auto| {
+        Compactor::new(
+            auto,
+            Instant::now(),
+            shared.committed.load(Ordering::Acquire),
+        )
+    });
     loop {
-        let due = next_compaction.map_or(next_lease_check, |c| c.min(next_lease_check));
+        let due = compactor
+            .as_ref()
+            .map_or(next_lease_check, |c| c.due().min(next_lease_check));
         let wait = due.saturating_duration_since(Instant::now());
         let mut jobs = Vec::new();
         match rx.recv_timeout(wait) {
@@ -458,29 +459,21 @@ fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, op
         while jobs.peek().is_some() {
             commit_group(shared, log, &mut jobs, false, opts.min_lease_ttl);
         }
-        if let (Some(at), Some(auto)) = (next_compaction, auto_compaction)
-            && now >= at
+        if let Some(c) = compactor.as_mut()
+            && now >= c.due()
+            && let Some(rev) = c.tick(now, shared.committed.load(Ordering::Acquire))
         {
-            next_compaction = Some(now + auto.interval);
-            let compact = auto_compact(auto.retention);
-            commit_group(
-                shared,
-                log,
-                &mut std::iter::once(compact),
-                false,
-                opts.min_lease_ttl,
-            );
+            let mut compact = std::iter::once(auto_compact(rev));
+            commit_group(shared, log, &mut compact, false, opts.min_lease_ttl);
         }
     }
 }
 
-/// The job of one automatic compaction: at the current revision minus `retention`, if
-/// that is past the compacted revision (etcd's revision compactor).
-fn auto_compact(retention: u64) -> Job {
+/// The job of one automatic compaction at `rev`, unless that is already compacted (which
+/// etcd's compactors count as done).
+fn auto_compact(rev: i64) -> Job {
     Box::new(move |ap| {
-        let retention = i64::try_from(retention).unwrap_or(i64::MAX);
-        let rev = ap.committed.saturating_sub(retention);
-        if rev > ap.state.compacted() && rev > 0 {
+        if rev > ap.state.compacted() {
             tracing::info!(revision = rev, "auto-compaction");
             if let Err(e) = ap.compact(rev) {
                 tracing::warn!(revision = rev, error = %e, "auto-compaction failed");

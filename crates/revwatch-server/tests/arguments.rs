@@ -30,7 +30,24 @@ fn bad_arguments_are_refused_with_the_flag_named() {
         ),
         (
             vec!["--auto-compaction-retention", "x"],
-            "bad --auto-compaction-retention \"x\"",
+            "bad auto-compaction retention \"x\" for periodic mode",
+        ),
+        (
+            vec![
+                "--auto-compaction-mode",
+                "revision",
+                "--auto-compaction-retention",
+                "1h",
+            ],
+            "bad auto-compaction retention \"1h\" for revision mode",
+        ),
+        (
+            vec!["--auto-compaction-mode", "hourly"],
+            "unknown auto-compaction mode \"hourly\"",
+        ),
+        (
+            vec!["--auto-compaction-retention"],
+            "--auto-compaction-retention needs a value",
         ),
         (vec!["--listen", "nowhere"], "bad --listen"),
         (vec!["--frobnicate"], "unknown argument"),

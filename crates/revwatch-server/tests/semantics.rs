@@ -16,7 +16,7 @@ use etcd_proto::etcdserverpb::{
 };
 use etcd_proto::mvccpb::event::EventType;
 use revwatch_server::{Server, ServerConfig};
-use revwatch_testkit::etcd::EtcdCluster;
+use revwatch_testkit::etcd::{ClusterOptions, CompactionMode, EtcdCluster};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -467,7 +467,7 @@ async fn range_at(c: &mut Clients, rev: i64) -> Result<std::result::Result<Vec<V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_compaction_keeps_the_retained_revisions() -> Result<()> {
     let s = TestServer::start_with(|c| {
-        c.auto_compaction = Some(revwatch_server::AutoCompaction {
+        c.auto_compaction = Some(revwatch_server::AutoCompaction::Revision {
             retention: 5,
             interval: Duration::from_millis(100),
         });
@@ -510,11 +510,79 @@ async fn auto_compaction_keeps_the_retained_revisions() -> Result<()> {
     Ok(())
 }
 
+/// Periodic auto-compaction keeps at least the last retention of history, on real etcd
+/// (etcd's default mode) and on ours alike: with writes going on, a compaction comes by
+/// itself, and the revision it compacted at was already current one retention before it
+/// was seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_auto_compaction_keeps_the_last_retention_like_etcd() -> Result<()> {
+    const RETENTION: Duration = Duration::from_secs(1);
+    let etcd = EtcdCluster::start(ClusterOptions {
+        auto_compaction_retention: Some("1s".into()),
+        auto_compaction_mode: CompactionMode::Periodic,
+        ..Default::default()
+    })
+    .await?;
+    let ours = TestServer::start_with(|c| {
+        c.auto_compaction = Some(revwatch_server::AutoCompaction::periodic(RETENTION));
+    })
+    .await?;
+    for (name, endpoint) in [("etcd", etcd.endpoint(0)), ("ours", ours.endpoint())] {
+        periodic_retention_holds(&endpoint, RETENTION)
+            .await
+            .with_context(|| format!("on {name}"))?;
+    }
+    Ok(())
+}
+
+async fn periodic_retention_holds(endpoint: &str, retention: Duration) -> Result<()> {
+    let mut c = connect(endpoint).await?;
+    // (when the put was sent, its revision): a revision current at time t was written
+    // by a put sent before t.
+    let mut sent: Vec<(tokio::time::Instant, i64)> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let at = tokio::time::Instant::now();
+        let rev = put(&mut c, "p", b"v".to_vec(), 0).await?;
+        sent.push((at, rev));
+        if range_at(&mut c, sent[0].1).await?.is_err() {
+            break;
+        }
+        ensure!(at < deadline, "no periodic compaction within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The compacted revision, from a watch that starts below it.
+    let mut w = WatchConn::open(&mut c.watch).await?;
+    w.create(WatchCreateRequest {
+        key: b"p".to_vec(),
+        start_revision: 1,
+        ..Default::default()
+    })
+    .await?;
+    ensure!(w.expect(WAIT).await?.created);
+    let canceled = w.expect(WAIT).await?;
+    let seen = tokio::time::Instant::now();
+    let compacted = canceled.compact_revision;
+    ensure!(canceled.canceled && compacted > sent[0].1, "{canceled:?}");
+    let kept_since = seen - retention;
+    let newest_then = sent
+        .iter()
+        .filter(|(at, _)| *at < kept_since)
+        .map(|(_, rev)| *rev)
+        .max()
+        .unwrap_or(0);
+    ensure!(
+        compacted <= newest_then,
+        "compacted at {compacted}, but only revisions up to {newest_then} are older than the retention"
+    );
+    Ok(())
+}
+
 /// Retention 0 turns auto-compaction off, as etcd's `--auto-compaction-retention=0` does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_compaction_with_retention_zero_is_off() -> Result<()> {
     let s = TestServer::start_with(|c| {
-        c.auto_compaction = Some(revwatch_server::AutoCompaction {
+        c.auto_compaction = Some(revwatch_server::AutoCompaction::Revision {
             retention: 0,
             interval: Duration::ZERO,
         });

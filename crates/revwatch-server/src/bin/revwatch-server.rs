@@ -1,6 +1,6 @@
 //! Standalone embedded server:
 //! `revwatch-server --data-dir DIR [--listen ADDR] [--checkpoint-interval-ms N]
-//! [--auto-compaction-retention REVISIONS]`.
+//! [--auto-compaction-mode periodic|revision] [--auto-compaction-retention VALUE]`.
 //!
 //! Prints `listening on ADDR` once it accepts connections, and stops on Ctrl-C or SIGTERM.
 
@@ -8,16 +8,19 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use revwatch_server::{Server, ServerConfig};
+use revwatch_server::{AutoCompaction, Server, ServerConfig};
 
 const USAGE: &str = "usage: revwatch-server --data-dir DIR [--listen ADDR (default 127.0.0.1:2379)] \
-     [--checkpoint-interval-ms N (default 100)] [--auto-compaction-retention REVISIONS (0: off)]";
+     [--checkpoint-interval-ms N (default 100)] \
+     [--auto-compaction-mode periodic|revision (default periodic)] \
+     [--auto-compaction-retention VALUE (periodic: hours or a duration such as 30m; \
+     revision: a revision count; default 0: off)]";
 
 struct Args {
     data_dir: String,
     listen: SocketAddr,
     checkpoint_interval: Option<Duration>,
-    auto_compaction_retention: Option<u64>,
+    auto_compaction: Option<AutoCompaction>,
 }
 
 /// The value of `flag`, a whole number.
@@ -32,7 +35,8 @@ fn parse() -> Result<Args, String> {
     let mut data_dir = None;
     let mut listen = "127.0.0.1:2379".to_owned();
     let mut checkpoint_interval = None;
-    let mut auto_compaction_retention = None;
+    let mut auto_compaction_mode = "periodic".to_owned();
+    let mut auto_compaction_retention = "0".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -42,8 +46,13 @@ fn parse() -> Result<Args, String> {
                 let ms = number(&arg, args.next())?;
                 checkpoint_interval = Some(Duration::from_millis(ms));
             }
+            "--auto-compaction-mode" => {
+                auto_compaction_mode = args.next().ok_or("--auto-compaction-mode needs a value")?;
+            }
             "--auto-compaction-retention" => {
-                auto_compaction_retention = Some(number(&arg, args.next())?);
+                auto_compaction_retention = args
+                    .next()
+                    .ok_or("--auto-compaction-retention needs a value")?;
             }
             "-h" | "--help" => return Err(USAGE.to_owned()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
@@ -53,11 +62,14 @@ fn parse() -> Result<Args, String> {
     let listen = listen
         .parse()
         .map_err(|e| format!("bad --listen {listen:?}: {e}"))?;
+    let auto_compaction =
+        AutoCompaction::from_etcd_flags(&auto_compaction_mode, &auto_compaction_retention)
+            .map_err(|e| e.to_string())?;
     Ok(Args {
         data_dir,
         listen,
         checkpoint_interval,
-        auto_compaction_retention,
+        auto_compaction,
     })
 }
 
@@ -97,9 +109,7 @@ async fn main() -> ExitCode {
         if let Some(interval) = args.checkpoint_interval {
             config.checkpoint_interval = interval;
         }
-        config.auto_compaction = args
-            .auto_compaction_retention
-            .map(revwatch_server::AutoCompaction::revisions);
+        config.auto_compaction = args.auto_compaction;
         let server = Server::open(config)?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
