@@ -23,28 +23,46 @@ pub struct EtcdArgs {
     /// how much log a restart replays.
     #[arg(long, default_value_t = 100)]
     pub checkpoint_interval_ms: u64,
-    /// How `--auto-compaction-retention` is read, as in etcd: `periodic` keeps a span of
-    /// time, `revision` a number of revisions.
-    #[arg(long, value_name = "MODE", default_value = "periodic",
-          value_parser = ["periodic", "revision"])]
-    pub auto_compaction_mode: String,
+    #[command(flatten)]
+    pub auto_compaction: AutoCompactionArgs,
+}
+
+/// etcd's auto-compaction flags, for every command that runs the embedded server.
+#[derive(Debug, Default, Args)]
+pub struct AutoCompactionArgs {
+    /// How --auto-compaction-retention is read, as in etcd: `periodic` (the default)
+    /// keeps a span of time, `revision` a number of revisions.
+    #[arg(long, value_name = "MODE", value_parser = ["periodic", "revision"])]
+    pub auto_compaction_mode: Option<String>,
     /// History the server keeps when it compacts by itself, as etcd reads it: in
     /// periodic mode hours (`1`) or a duration (`30m`, `1h30m`), compacting every
     /// retention (at most hourly); in revision mode a revision count, compacting every
-    /// 5 minutes. 0 turns it off: history then stays until a client compacts, and the
-    /// server holds it in memory.
-    #[arg(long, value_name = "VALUE", default_value = "0")]
-    pub auto_compaction_retention: String,
+    /// 5 minutes. 0, the default, turns it off: history then stays until a client
+    /// compacts, and the server holds it in memory.
+    #[arg(long, value_name = "VALUE")]
+    pub auto_compaction_retention: Option<String>,
+}
+
+impl AutoCompactionArgs {
+    /// Whether either flag was given.
+    pub fn is_set(&self) -> bool {
+        self.auto_compaction_mode.is_some() || self.auto_compaction_retention.is_some()
+    }
+
+    /// The setting the flags ask for (`None`: off).
+    pub fn setting(&self) -> Result<Option<AutoCompaction>, AutoCompactionError> {
+        AutoCompaction::from_etcd_flags(
+            self.auto_compaction_mode.as_deref().unwrap_or("periodic"),
+            self.auto_compaction_retention.as_deref().unwrap_or("0"),
+        )
+    }
 }
 
 impl EtcdArgs {
     pub fn config(&self) -> Result<ServerConfig, AutoCompactionError> {
         let mut config = ServerConfig::new(&self.data_dir);
         config.checkpoint_interval = Duration::from_millis(self.checkpoint_interval_ms);
-        config.auto_compaction = AutoCompaction::from_etcd_flags(
-            &self.auto_compaction_mode,
-            &self.auto_compaction_retention,
-        )?;
+        config.auto_compaction = self.auto_compaction.setting()?;
         Ok(config)
     }
 }

@@ -20,7 +20,7 @@ use revwatch::{
 use revwatch_server::{RunningServer, Server, ServerConfig};
 use tokio::sync::watch;
 
-use crate::{render, shutdown::Signals};
+use crate::{etcd::AutoCompactionArgs, render, shutdown::Signals};
 
 /// Mirror an etcd prefix and print every delivered batch (state changes go to stderr).
 #[derive(Debug, Args)]
@@ -46,6 +46,9 @@ pub struct TailArgs {
     /// With --embedded: the address it serves on, for etcdctl and other clients.
     #[arg(long, default_value = "127.0.0.1:2379", requires = "embedded")]
     pub listen: SocketAddr,
+    /// With --embedded: the server's own compaction.
+    #[command(flatten)]
+    pub auto_compaction: AutoCompactionArgs,
     /// CA certificate (PEM) for TLS endpoints.
     #[arg(long)]
     pub cacert: Option<PathBuf>,
@@ -83,6 +86,11 @@ impl TailArgs {
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.embedded || !args.auto_compaction.is_set(),
+        "--auto-compaction-mode and --auto-compaction-retention set the embedded server's \
+         compaction: they need --embedded"
+    );
     // Before anything else, so a Ctrl-C during start-up still stops us cleanly.
     let mut signals = Signals::install();
     // Keep the embedded server alive for as long as we tail it.
@@ -147,7 +155,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
 }
 
 async fn start_embedded(args: &TailArgs) -> anyhow::Result<RunningServer> {
-    let server = Server::open(ServerConfig::new(&args.data_dir))
+    let mut config = ServerConfig::new(&args.data_dir);
+    config.auto_compaction = args.auto_compaction.setting()?;
+    let server = Server::open(config)
         .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
     let running = server
         .start_on(args.listen)

@@ -649,3 +649,73 @@ fn bad_arguments_are_rejected_with_a_message() {
     let stderr = failing(&["etcd", "--checkpoint-interval-ms", "soon"]);
     assert!(stderr.contains("--checkpoint-interval-ms"), "{stderr}");
 }
+
+/// `tail --embedded` takes etcd's auto-compaction flags: with a 1 s periodic retention
+/// the server compacts by itself (Debian's etcdctl sees old revisions go), and the live
+/// mirror goes on batch by batch without a relist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_embedded_compacts_by_itself_with_etcds_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let addr = free_addr();
+    let ep = format!("http://{addr}");
+    let tail = Proc::spawn(&[
+        "tail",
+        "--embedded",
+        "--listen",
+        &addr,
+        "--prefix",
+        "/c/",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+        "--auto-compaction-retention",
+        "1s",
+        "--json",
+    ]);
+    assert_eq!(tail.next_json()["revision"].as_i64(), Some(1));
+    tail.await_stderr("ready");
+    let deadline = std::time::Instant::now() + WAIT;
+    for i in 0.. {
+        etcdctl(&ep, &["put", "/c/k", &i.to_string()], None);
+        let batch = tail.next_json();
+        assert_eq!(batch["resync"], false, "{batch}");
+        assert_eq!(
+            change(&batch, 0),
+            ("/c/k", "put", &Value::from(i.to_string()))
+        );
+        let old = Command::new("/usr/bin/etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &ep, "get", "/c/k", "--rev=2"])
+            .output()
+            .expect("etcdctl");
+        if !old.status.success() {
+            let stderr = String::from_utf8_lossy(&old.stderr);
+            assert!(
+                stderr.contains("required revision has been compacted"),
+                "{stderr}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "revision 2 still readable after {WAIT:?} of 1 s auto-compaction"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tail.terminate();
+}
+
+/// The auto-compaction flags configure the embedded server, so without --embedded they
+/// are refused rather than silently ignored.
+#[test]
+fn auto_compaction_flags_need_the_embedded_server() {
+    let out = Command::new(BIN)
+        .args(["tail", "--endpoints", "http://127.0.0.1:1", "--prefix", "/"])
+        .args(["--auto-compaction-retention", "1h"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run revwatch");
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("need --embedded"), "{stderr}");
+}
