@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::{AutoCompaction, MIN_TIMER};
+use crate::config::{AutoCompaction, timer_period};
 
 /// The schedule of one [`AutoCompaction`] setting.
 #[derive(Debug)]
@@ -24,8 +24,8 @@ impl Compactor {
                 interval,
             } if retention > 0 => Some(Self::Revision(RevisionSchedule {
                 retention: i64::try_from(retention).unwrap_or(i64::MAX),
-                interval: interval.max(MIN_TIMER),
-                due: now + interval.max(MIN_TIMER),
+                interval: timer_period(interval),
+                due: now + timer_period(interval),
             })),
             AutoCompaction::Periodic { retention } if !retention.is_zero() => Some(Self::Periodic(
                 PeriodicSchedule::new(retention, now, current),
@@ -91,7 +91,7 @@ impl PeriodicSchedule {
 
     fn new(retention: Duration, now: Instant, current: i64) -> Self {
         let compact_every = retention.min(Self::HOUR);
-        let sample_every = (compact_every / 10).max(MIN_TIMER);
+        let sample_every = timer_period(compact_every / 10);
         let capacity = usize::try_from(retention.as_nanos() / sample_every.as_nanos())
             .unwrap_or(usize::MAX)
             .saturating_add(1);
@@ -128,6 +128,7 @@ impl PeriodicSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MIN_TIMER;
 
     /// Drives `c` tick by tick until `until` after `start`, the current revision being
     /// `rev(elapsed)`; returns (elapsed, revision) of every compaction.
@@ -236,5 +237,21 @@ mod tests {
         };
         let c = Compactor::new(zero_interval, now, 1).expect("on");
         assert_eq!(c.due() - now, MIN_TIMER);
+    }
+
+    #[test]
+    fn huge_periods_do_not_overflow_the_clock() {
+        let now = Instant::now();
+        let never = AutoCompaction::Revision {
+            retention: u64::MAX,
+            interval: Duration::MAX,
+        };
+        let mut c = Compactor::new(never, now, 1).expect("on");
+        assert!(c.due() - now > Duration::from_secs(50 * 365 * 24 * 3600));
+        assert_eq!(c.tick(c.due(), i64::MAX), None);
+        let mut c = Compactor::new(AutoCompaction::periodic(Duration::MAX), now, 1).expect("on");
+        // Sampled every tenth of an hour, compacting only once the retention has passed.
+        assert_eq!(c.due() - now, Duration::from_secs(360));
+        assert_eq!(c.tick(c.due(), 2), None);
     }
 }

@@ -1,7 +1,7 @@
 //! Server configuration and limits.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Limits that protect the server from oversized or abusive requests.
 ///
@@ -77,6 +77,19 @@ pub enum AutoCompaction {
 
 /// The shortest period of the server's own timers: a zero interval would make them spin.
 pub(crate) const MIN_TIMER: Duration = Duration::from_millis(10);
+
+/// The longest: a century, so that adding it to an instant cannot overflow.
+const MAX_TIMER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `period` as one of the server's timer periods, between [`MIN_TIMER`] and a century.
+pub(crate) fn timer_period(period: Duration) -> Duration {
+    period.clamp(MIN_TIMER, MAX_TIMER)
+}
+
+/// `delay` after `now`, a century at most.
+pub(crate) fn deadline_after(now: Instant, delay: Duration) -> Instant {
+    now + delay.min(MAX_TIMER)
+}
 
 impl AutoCompaction {
     /// Keeps `retention` revisions, compacting every 5 minutes as etcd 3.4 does.
@@ -160,7 +173,8 @@ pub struct ServerConfig {
     /// Request limits.
     pub limits: Limits,
     /// Interval of the periodic progress notification sent to watchers created with
-    /// `progress_notify` (etcd's `--experimental-watch-progress-notify-interval`, default 10 min).
+    /// `progress_notify` (etcd's `--experimental-watch-progress-notify-interval`, default 10 min);
+    /// at least 10 ms.
     pub progress_notify_interval: Duration,
     /// Minimum lease TTL in seconds; shorter grants are raised to it (etcd's default is 2).
     pub min_lease_ttl: i64,

@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use crate::backend::{Backend, Batch, Identity};
 use crate::checkpoint::{self, Feeder, Logged};
 use crate::compactor::Compactor;
-use crate::config::{AutoCompaction, MIN_TIMER};
+use crate::config::{AutoCompaction, timer_period};
 use crate::error::{EtcdError, ServerError};
 use crate::faults::Faults;
 use crate::lease::{LeaseInfo, LeaseTable};
@@ -421,7 +421,7 @@ struct LogWriter {
 }
 
 fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
-    let lease_check_interval = opts.lease_check_interval.max(MIN_TIMER);
+    let lease_check_interval = timer_period(opts.lease_check_interval);
     let mut next_lease_check = Instant::now() + lease_check_interval;
     let mut compactor = opts.auto_compaction.and_then(|auto| {
         Compactor::new(

@@ -510,6 +510,40 @@ async fn auto_compaction_keeps_the_retained_revisions() -> Result<()> {
     Ok(())
 }
 
+/// Timer settings at the extremes neither panic nor spin: a zero progress interval is
+/// raised to 10 ms, and intervals of `Duration::MAX` (checkpoints, lease checks,
+/// auto-compaction) just mean "not soon".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extreme_timer_settings_are_clamped() -> Result<()> {
+    let s = TestServer::start_with(|c| {
+        c.progress_notify_interval = Duration::ZERO;
+        c.checkpoint_interval = Duration::MAX;
+        c.lease_check_interval = Duration::MAX;
+        c.auto_compaction = Some(revwatch_server::AutoCompaction::Revision {
+            retention: 1,
+            interval: Duration::MAX,
+        });
+    })
+    .await?;
+    let mut c = connect(&s.endpoint()).await?;
+    let rev = put(&mut c, "k", b"v".to_vec(), 0).await?;
+    let mut w = WatchConn::open(&mut c.watch).await?;
+    w.create(WatchCreateRequest {
+        key: b"k".to_vec(),
+        progress_notify: true,
+        ..Default::default()
+    })
+    .await?;
+    ensure!(w.expect(WAIT).await?.created);
+    let progress = w.expect(WAIT).await?;
+    ensure!(
+        progress.events.is_empty() && progress.header.as_ref().map(|h| h.revision) == Some(rev),
+        "{progress:?}"
+    );
+    ensure!(range_at(&mut c, 1).await?.is_ok(), "compacted too soon");
+    Ok(())
+}
+
 /// Periodic auto-compaction keeps at least the last retention of history, on real etcd
 /// (etcd's default mode) and on ours alike: with writes going on, a compaction comes by
 /// itself, and the revision it compacted at was already current one retention before it
