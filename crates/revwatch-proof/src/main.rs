@@ -81,10 +81,11 @@ fn main() -> ExitCode {
 }
 
 async fn soak(minutes: u64, first: u64, run_length: Duration, json: Option<PathBuf>) -> ExitCode {
-    let deadline = Instant::now() + Duration::from_secs(minutes * 60);
+    // `None`: longer than the clock can count, so until interrupted.
+    let deadline = Instant::now().checked_add(Duration::from_secs(minutes.saturating_mul(60)));
     let mut summary = SoakSummary::default();
     let mut seed = first;
-    while Instant::now() < deadline {
+    while deadline.is_none_or(|d| Instant::now() < d) {
         let config = RunConfig::for_soak(seed, run_length);
         match run::run(&config).await {
             Ok(report) => {

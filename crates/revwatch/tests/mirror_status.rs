@@ -188,8 +188,8 @@ async fn status_follows_revisions_lag_and_event_time_against_etcd() {
         assert_eq!(st.state, State::Ready);
         assert_eq!(st.last_event_at, Some(last_at), "nothing applied yet");
         assert!(st.untrusted_progress >= 1, "{st:?}");
-        // Confirmed: a bookmark, published, with its time.
-        mirror.snapshot_at_least(h, WAIT).await.unwrap();
+        // Confirmed: a bookmark, published, with its time. (`Duration::MAX`: no deadline.)
+        mirror.snapshot_at_least(h, Duration::MAX).await.unwrap();
         let st = status_at(&mirror, h).await;
         assert_eq!((st.revision, st.server_revision, st.lag()), (h, h, 0));
         assert!(st.last_event_at.unwrap() > last_at, "{st:?}");

@@ -459,13 +459,15 @@ impl<T: Send + Sync + 'static> Mirror<T> {
 
     /// A snapshot at `revision` or later, waiting up to `timeout` for the mirror to
     /// get there (requesting progress from etcd meanwhile, so that a revision
-    /// without changes in the prefix is reached too).
+    /// without changes in the prefix is reached too). `Duration::MAX` waits without a
+    /// deadline.
     pub async fn snapshot_at_least(
         &self,
         revision: i64,
         timeout: Duration,
     ) -> Result<Arc<Snapshot<T>>, MirrorError> {
-        let deadline = Instant::now() + timeout;
+        // `None`: a timeout too long for the clock (`Duration::MAX`) waits for ever.
+        let deadline = Instant::now().checked_add(timeout);
         let mut rx = self.shared.hub.revision_watch();
         loop {
             if *rx.borrow_and_update() >= revision {
@@ -475,7 +477,7 @@ impl<T: Send + Sync + 'static> Mirror<T> {
                 return Err(MirrorError::Closed);
             }
             let now = Instant::now();
-            if now >= deadline {
+            if deadline.is_some_and(|d| now >= d) {
                 return Err(MirrorError::Timeout {
                     wanted: revision,
                     reached: self.snapshot().revision(),
@@ -483,7 +485,8 @@ impl<T: Send + Sync + 'static> Mirror<T> {
                 });
             }
             self.shared.progress_wanted.notify_one();
-            let wait = (deadline - now).min(WAIT_PROGRESS_INTERVAL);
+            let left = deadline.map_or(WAIT_PROGRESS_INTERVAL, |d| d - now);
+            let wait = left.min(WAIT_PROGRESS_INTERVAL);
             // A timeout here only means "ask for progress again".
             let _ = tokio::time::timeout(wait, rx.changed()).await;
         }
