@@ -22,6 +22,12 @@ impl Topology {
             members: config.members,
             ..ClusterOptions::default()
         };
+        if config.grpc_proxy {
+            // etcd 3.4's grpc-proxy ignores progress requests: behind it, the mirror
+            // learns of revisions outside its prefix only from etcd's periodic progress
+            // notifications, which must come well within the stall timeout.
+            opts.progress_notify_interval = Some(config.stall_timeout / 3);
+        }
         if config.auto_compaction {
             // Periodic mode compacts every retention period; revision mode
             // only runs every 5 minutes in etcd 3.4.
