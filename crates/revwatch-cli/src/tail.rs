@@ -350,6 +350,7 @@ mod tests {
             relists: [(ResyncReason::Compacted, relists)].into_iter().collect(),
             rejected_responses: 0,
             untrusted_progress: 0,
+            unanswered_progress_stalls: 0,
             decode_failures: Vec::new(),
             decode_failure_count: 0,
             loaded_snapshot_written_at: None,

@@ -15,8 +15,8 @@ use mirror_support::Replay;
 use mirror_support::scenarios::{
     self, P, Target, WAIT, assert_converged, bounded, mirror_config, put, start, writer,
 };
-use revwatch::client::PutRequest;
-use revwatch::mirror::{MirrorConfig, ReconnectCause, State};
+use revwatch::client::{Client, PutRequest};
+use revwatch::mirror::{Mirror, MirrorConfig, ReconnectCause, State};
 use revwatch_testkit::etcd::{ClusterOptions, EtcdCluster};
 use revwatch_testkit::grpc_proxy::GrpcProxy;
 
@@ -188,6 +188,26 @@ async fn slow_subscriber_is_resynced() {
     .await;
 }
 
+/// A single member sending periodic progress notifications every `notify` (if any), a
+/// grpc-proxy in front of it, a writer talking to the member, and a mirror behind the
+/// proxy that has applied one put.
+async fn mirror_behind_grpc_proxy(
+    notify: Option<Duration>,
+) -> (EtcdCluster, GrpcProxy, Client, Mirror) {
+    let cluster = EtcdCluster::start(ClusterOptions {
+        progress_notify_interval: notify,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let proxy = GrpcProxy::start(&cluster.endpoints()).await.unwrap();
+    let w = writer(cluster.endpoints()).await;
+    let mirror = start(vec![proxy.endpoint()], mirror_config()).await;
+    let r = put(&w, &format!("{P}a"), "1").await;
+    mirror.snapshot_at_least(r, WAIT).await.unwrap();
+    (cluster, proxy, w, mirror)
+}
+
 /// Behind etcd 3.4's grpc-proxy, which ignores progress requests, the mirror reaches
 /// revisions outside its prefix through etcd's periodic progress notifications (which
 /// the proxy passes on), without a stall reconnect: the reason the README asks for
@@ -195,17 +215,8 @@ async fn slow_subscriber_is_resynced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_revisions_through_grpc_proxy_come_from_progress_notifications() {
     bounded(Duration::from_secs(90), async {
-        let cluster = EtcdCluster::start(ClusterOptions {
-            progress_notify_interval: Some(Duration::from_secs(1)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let proxy = GrpcProxy::start(&cluster.endpoints()).await.unwrap();
-        let w = writer(cluster.endpoints()).await;
-        let mirror = start(vec![proxy.endpoint()], mirror_config()).await;
-        let r = put(&w, &format!("{P}a"), "1").await;
-        mirror.snapshot_at_least(r, WAIT).await.unwrap();
+        let notify = Some(Duration::from_secs(1));
+        let (_cluster, _proxy, w, mirror) = mirror_behind_grpc_proxy(notify).await;
         for _ in 0..3 {
             let quiet = put(&w, "elsewhere/x", "y").await;
             let snap = mirror.snapshot_at_least(quiet, WAIT).await.unwrap();
@@ -213,6 +224,43 @@ async fn quiet_revisions_through_grpc_proxy_come_from_progress_notifications() {
         }
         let st = mirror.status();
         assert!(st.reconnects.is_empty(), "{st:?}");
+        assert_eq!(st.unanswered_progress_stalls, 0);
+        assert_converged(&mirror, &w).await;
+    })
+    .await;
+}
+
+/// Without etcd's progress notifications, a quiet stream behind the grpc-proxy stalls:
+/// the stall is counted as one whose progress requests went unanswered, and its message
+/// names the cause and the etcd flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_progress_behind_grpc_proxy_is_explained() {
+    bounded(Duration::from_secs(90), async {
+        let (_cluster, _proxy, w, mirror) = mirror_behind_grpc_proxy(None).await;
+        // The stall's error lasts until the next stream is created: watch for it.
+        let mut changes = mirror.status_changes();
+        let explained = |st: &revwatch::mirror::Status| {
+            st.last_error.as_ref().is_some_and(|e| {
+                e.message.contains("grpc-proxy")
+                    && e.message
+                        .contains("--experimental-watch-progress-notify-interval")
+            })
+        };
+        let st = tokio::time::timeout(WAIT, async {
+            loop {
+                let st = changes.borrow_and_update().clone();
+                if explained(&st) {
+                    return st;
+                }
+                changes.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no explained stall: {:?}", mirror.status()));
+        assert!(st.unanswered_progress_stalls >= 1, "{st:?}");
+        // Still correct, just not told about quiet revisions: changes in the prefix flow.
+        let r = put(&w, &format!("{P}b"), "2").await;
+        mirror.snapshot_at_least(r, WAIT).await.unwrap();
         assert_converged(&mirror, &w).await;
     })
     .await;

@@ -107,6 +107,10 @@ pub struct Status {
     /// Progress replies not used as bookmarks (below the applied revision, or not
     /// yet confirmable).
     pub untrusted_progress: u64,
+    /// Stalls of streams whose creation the server answered but none of whose progress
+    /// requests: the mark of etcd 3.4's grpc-proxy when etcd sends no periodic progress
+    /// notifications (a member frozen right after answering looks the same once).
+    pub unanswered_progress_stalls: u64,
     /// Keys whose current value failed to decode (at most
     /// `max_reported_decode_failures`).
     pub decode_failures: Vec<DecodeFailure>,
@@ -132,6 +136,7 @@ impl Status {
             relists: BTreeMap::new(),
             rejected_responses: 0,
             untrusted_progress: 0,
+            unanswered_progress_stalls: 0,
             decode_failures: Vec::new(),
             decode_failure_count: 0,
             loaded_snapshot_written_at: None,

@@ -744,7 +744,10 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                 () = sleep_until(wake.into()) => {
                     let now = Instant::now();
                     if now >= stall_at {
-                        let message = format!("{endpoint}: nothing received for {:?}", self.config.stall_timeout);
+                        let mut message = format!("{endpoint}: nothing received for {:?}", self.config.stall_timeout);
+                        if let Some(sent) = check.progress_unanswered().filter(|_| created) {
+                            message.push_str(&self.unanswered_progress(sent));
+                        }
                         tracing::warn!(%message, "watch stalled");
                         return reconnect(ReconnectCause::Stall, message, None);
                     }
@@ -764,6 +767,20 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                 }
             }
         }
+    }
+
+    /// Counts a stall on a stream whose creation was answered but none of its `sent`
+    /// progress requests, and explains the likely cause, for the stall's message.
+    fn unanswered_progress(&self, sent: u64) -> String {
+        self.status.send_if_modified(|s| {
+            s.unanswered_progress_stalls += 1;
+            false
+        });
+        format!(
+            " (the watch's creation was answered, none of {sent} progress requests: etcd 3.4's \
+             grpc-proxy ignores them, and behind it etcd needs \
+             --experimental-watch-progress-notify-interval below the stall timeout)"
+        )
     }
 
     /// The stream has caught up: re-checks the boundary if it replayed history,

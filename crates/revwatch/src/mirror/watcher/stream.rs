@@ -82,6 +82,11 @@ impl StreamCheck {
         self.progress_sent += 1;
     }
 
+    /// How many progress requests went out, if none was answered.
+    pub(crate) fn progress_unanswered(&self) -> Option<u64> {
+        (self.progress_sent > 0 && self.progress_replies == 0).then_some(self.progress_sent)
+    }
+
     /// The revision up to which everything has been applied.
     #[cfg(test)]
     pub(crate) fn applied(&self) -> i64 {
