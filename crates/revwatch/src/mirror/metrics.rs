@@ -15,6 +15,7 @@
 //! | `apply_seconds` | histogram | time to apply and publish one watched revision |
 //! | `decode_errors_total` | counter | values that failed to decode (or whose decoder panicked) |
 //! | `rejected_responses_total{cause}` | counter | responses rejected by validation (`header`, `event`, `list`) or progress replies not trusted (`untrusted_progress`) |
+//! | `unanswered_progress_stalls_total` | counter | stalls of streams whose creation was answered but no progress request (see [`Status::unanswered_progress_stalls`](super::Status::unanswered_progress_stalls)) |
 //! | `subscribers` | gauge | live subscriptions |
 //! | `subscriber_lagged_total` | counter | times a subscriber's buffer overflowed (it is then marked lagging) |
 //! | `subscriber_resyncs_total` | counter | resync batches delivered to lagging subscribers |
@@ -51,6 +52,7 @@ pub(crate) struct Metrics {
     pub(crate) apply_seconds: Histogram,
     pub(crate) decode_errors: Counter,
     pub(crate) rejected_responses: Family<CauseLabel, Counter>,
+    pub(crate) unanswered_progress_stalls: Counter,
     pub(crate) subscribers: Gauge,
     pub(crate) subscriber_lagged: Counter,
     pub(crate) subscriber_resyncs: Counter,
@@ -94,6 +96,7 @@ impl Metrics {
             apply_seconds: Histogram::new(exponential_buckets(1e-6, 2.5, 15)),
             decode_errors: Counter::default(),
             rejected_responses: family_with(REJECTED_CAUSES),
+            unanswered_progress_stalls: Counter::default(),
             subscribers: Gauge::default(),
             subscriber_lagged: Counter::default(),
             subscriber_resyncs: Counter::default(),
@@ -161,6 +164,11 @@ impl Metrics {
             self.rejected_responses.clone(),
         );
         r.register(
+            "unanswered_progress_stalls",
+            "Stalls of watch streams whose creation was answered but no progress request",
+            self.unanswered_progress_stalls.clone(),
+        );
+        r.register(
             "subscribers",
             "Live subscriptions",
             self.subscribers.clone(),
@@ -217,6 +225,7 @@ mod tests {
             "revwatch_mirror_apply_seconds_count 1",
             "revwatch_mirror_decode_errors_total 0",
             "revwatch_mirror_rejected_responses_total{cause=\"header\"} 1",
+            "revwatch_mirror_unanswered_progress_stalls_total 0",
             "revwatch_mirror_subscribers 0",
             "revwatch_mirror_subscriber_lagged_total 0",
             "revwatch_mirror_subscriber_resyncs_total 0",

@@ -772,6 +772,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
     /// Counts a stall on a stream whose creation was answered but none of its `sent`
     /// progress requests, and explains the likely cause, for the stall's message.
     fn unanswered_progress(&self, sent: u64) -> String {
+        self.metrics.unanswered_progress_stalls.inc();
         self.status.send_if_modified(|s| {
             s.unanswered_progress_stalls += 1;
             false
