@@ -52,8 +52,9 @@ impl AutoCompactionArgs {
     /// The setting the flags ask for (`None`: off).
     pub fn setting(&self) -> Result<Option<AutoCompaction>, AutoCompactionError> {
         AutoCompaction::from_etcd_flags(
-            self.auto_compaction_mode.as_deref().unwrap_or("periodic"),
-            self.auto_compaction_retention.as_deref().unwrap_or("0"),
+            (self.auto_compaction_mode.as_deref()).unwrap_or(AutoCompaction::DEFAULT_MODE),
+            (self.auto_compaction_retention.as_deref())
+                .unwrap_or(AutoCompaction::DEFAULT_RETENTION),
         )
     }
 }

@@ -16,7 +16,6 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, Batch};
-use crate::config::deadline_after;
 use crate::wal;
 
 /// Log bytes that trigger a checkpoint before the interval is up.
@@ -129,8 +128,7 @@ impl Checkpointer {
                 }
             };
             if !self.pending.is_empty() {
-                let due =
-                    deadline.get_or_insert_with(|| deadline_after(Instant::now(), policy.interval));
+                let due = deadline.get_or_insert_with(|| Instant::now() + policy.interval);
                 if closed || Instant::now() >= *due || self.bytes >= policy.max_bytes {
                     self.checkpoint()?;
                     deadline = None;

@@ -15,8 +15,9 @@ pub(crate) enum Compactor {
 }
 
 impl Compactor {
-    /// The schedule of `config` starting at `now` with `current` the latest revision;
-    /// `None` when the retention turns auto-compaction off.
+    /// The schedule of `config` (its interval already in range, as
+    /// `ServerConfig::with_timers_in_range` leaves it) starting at `now` with `current`
+    /// the latest revision; `None` when the retention turns auto-compaction off.
     pub fn new(config: AutoCompaction, now: Instant, current: i64) -> Option<Self> {
         match config {
             AutoCompaction::Revision {
@@ -24,8 +25,8 @@ impl Compactor {
                 interval,
             } if retention > 0 => Some(Self::Revision(RevisionSchedule {
                 retention: i64::try_from(retention).unwrap_or(i64::MAX),
-                interval: timer_period(interval),
-                due: now + timer_period(interval),
+                interval,
+                due: now + interval,
             })),
             AutoCompaction::Periodic { retention } if !retention.is_zero() => Some(Self::Periodic(
                 PeriodicSchedule::new(retention, now, current),
@@ -128,7 +129,7 @@ impl PeriodicSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::MIN_TIMER;
+    use crate::config::{MIN_TIMER, ServerConfig};
 
     /// Drives `c` tick by tick until `until` after `start`, the current revision being
     /// `rev(elapsed)`; returns (elapsed, revision) of every compaction.
@@ -231,24 +232,26 @@ mod tests {
         let now = Instant::now();
         assert!(Compactor::new(AutoCompaction::periodic(Duration::ZERO), now, 1).is_none());
         assert!(Compactor::new(AutoCompaction::revisions(0), now, 1).is_none());
-        let zero_interval = AutoCompaction::Revision {
-            retention: 1,
-            interval: Duration::ZERO,
-        };
-        let c = Compactor::new(zero_interval, now, 1).expect("on");
-        assert_eq!(c.due() - now, MIN_TIMER);
     }
 
     #[test]
-    fn huge_periods_do_not_overflow_the_clock() {
+    fn huge_settings_do_not_overflow_the_clock() {
         let now = Instant::now();
-        let never = AutoCompaction::Revision {
-            retention: u64::MAX,
-            interval: Duration::MAX,
-        };
+        // The longest revision interval the configuration lets through.
+        let never = ServerConfig {
+            auto_compaction: Some(AutoCompaction::Revision {
+                retention: u64::MAX,
+                interval: Duration::MAX,
+            }),
+            ..ServerConfig::new("unused")
+        }
+        .with_timers_in_range()
+        .auto_compaction
+        .expect("set");
         let mut c = Compactor::new(never, now, 1).expect("on");
         assert!(c.due() - now > Duration::from_secs(50 * 365 * 24 * 3600));
         assert_eq!(c.tick(c.due(), i64::MAX), None);
+        // A periodic retention is not a timer period: it is taken as it is.
         let mut c = Compactor::new(AutoCompaction::periodic(Duration::MAX), now, 1).expect("on");
         // Sampled every tenth of an hour, compacting only once the retention has passed.
         assert_eq!(c.due() - now, Duration::from_secs(360));

@@ -1,7 +1,7 @@
 //! Server configuration and limits.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Limits that protect the server from oversized or abusive requests.
 ///
@@ -86,12 +86,12 @@ pub(crate) fn timer_period(period: Duration) -> Duration {
     period.clamp(MIN_TIMER, MAX_TIMER)
 }
 
-/// `delay` after `now`, a century at most.
-pub(crate) fn deadline_after(now: Instant, delay: Duration) -> Instant {
-    now + delay.min(MAX_TIMER)
-}
-
 impl AutoCompaction {
+    /// etcd's default `--auto-compaction-mode`.
+    pub const DEFAULT_MODE: &'static str = "periodic";
+    /// etcd's default `--auto-compaction-retention`: off.
+    pub const DEFAULT_RETENTION: &'static str = "0";
+
     /// Keeps `retention` revisions, compacting every 5 minutes as etcd 3.4 does.
     pub fn revisions(retention: u64) -> Self {
         Self::Revision {
@@ -202,6 +202,20 @@ impl ServerConfig {
             auto_compaction: None,
         }
     }
+
+    /// This configuration with every timer period where the server's timers can take it:
+    /// periods at least [`MIN_TIMER`] (a zero one would spin, and tokio refuses it) and
+    /// at most a century (so that adding one to an instant cannot overflow). The
+    /// checkpoint interval may stay zero: it is a delay, not a period.
+    pub(crate) fn with_timers_in_range(mut self) -> Self {
+        self.progress_notify_interval = timer_period(self.progress_notify_interval);
+        self.lease_check_interval = timer_period(self.lease_check_interval);
+        self.checkpoint_interval = self.checkpoint_interval.min(MAX_TIMER);
+        if let Some(AutoCompaction::Revision { interval, .. }) = &mut self.auto_compaction {
+            *interval = timer_period(*interval);
+        }
+        self
+    }
 }
 
 #[cfg(test)]
@@ -225,6 +239,57 @@ mod tests {
             let err = flags("periodic", bad).expect_err(bad).to_string();
             assert!(err.contains("for periodic mode"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn timer_periods_are_brought_in_range_once_at_intake() {
+        let century = Duration::from_secs(100 * 365 * 24 * 3600);
+        let revision = |interval| {
+            Some(AutoCompaction::Revision {
+                retention: 1,
+                interval,
+            })
+        };
+        // Every timer set to `d`, then brought in range.
+        let all = |d| {
+            ServerConfig {
+                progress_notify_interval: d,
+                lease_check_interval: d,
+                checkpoint_interval: d,
+                auto_compaction: revision(d),
+                ..ServerConfig::new("d")
+            }
+            .with_timers_in_range()
+        };
+        let zero = all(Duration::ZERO);
+        assert_eq!(zero.progress_notify_interval, MIN_TIMER);
+        assert_eq!(zero.lease_check_interval, MIN_TIMER);
+        assert_eq!(
+            zero.checkpoint_interval,
+            Duration::ZERO,
+            "a delay may be zero"
+        );
+        assert_eq!(zero.auto_compaction, revision(MIN_TIMER));
+        let huge = all(Duration::MAX);
+        assert_eq!(huge.progress_notify_interval, century);
+        assert_eq!(huge.lease_check_interval, century);
+        assert_eq!(huge.checkpoint_interval, century);
+        assert_eq!(huge.auto_compaction, revision(century));
+        // Settings in range are left alone.
+        let defaults = ServerConfig::new("d");
+        let kept = defaults.clone().with_timers_in_range();
+        assert_eq!(
+            (
+                kept.progress_notify_interval,
+                kept.lease_check_interval,
+                kept.checkpoint_interval
+            ),
+            (
+                defaults.progress_notify_interval,
+                defaults.lease_check_interval,
+                defaults.checkpoint_interval
+            )
+        );
     }
 
     #[test]

@@ -95,6 +95,7 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Opens (or creates) the data directory and recovers every acknowledged write.
     pub fn open(config: ServerConfig) -> Result<Self, ServerError> {
+        let config = config.with_timers_in_range();
         let faults = Arc::new(Faults::default());
         let store = Store::open(
             &config.data_dir,

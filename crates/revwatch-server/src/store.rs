@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, watch};
 use crate::backend::{Backend, Batch, Identity};
 use crate::checkpoint::{self, Feeder, Logged};
 use crate::compactor::Compactor;
-use crate::config::{AutoCompaction, timer_period};
+use crate::config::AutoCompaction;
 use crate::error::{EtcdError, ServerError};
 use crate::faults::Faults;
 use crate::lease::{LeaseInfo, LeaseTable};
@@ -54,7 +54,8 @@ struct Shared {
     faults: Arc<Faults>,
 }
 
-/// Settings the store needs from the server configuration.
+/// Settings the store needs from the server configuration, its timers in range
+/// (`ServerConfig::with_timers_in_range`).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct StoreOptions {
     pub min_lease_ttl: i64,
@@ -421,8 +422,7 @@ struct LogWriter {
 }
 
 fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
-    let lease_check_interval = timer_period(opts.lease_check_interval);
-    let mut next_lease_check = Instant::now() + lease_check_interval;
+    let mut next_lease_check = Instant::now() + opts.lease_check_interval;
     let mut compactor = opts.auto_compaction.and_then(|auto| {
         Compactor::new(
             auto,
@@ -452,7 +452,7 @@ fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, op
         let now = Instant::now();
         let expire = now >= next_lease_check;
         if expire {
-            next_lease_check = now + lease_check_interval;
+            next_lease_check = now + opts.lease_check_interval;
         }
         let mut jobs = jobs.into_iter().peekable();
         commit_group(shared, log, &mut jobs, expire, opts.min_lease_ttl);

@@ -35,8 +35,8 @@ fn parse() -> Result<Args, String> {
     let mut data_dir = None;
     let mut listen = "127.0.0.1:2379".to_owned();
     let mut checkpoint_interval = None;
-    let mut auto_compaction_mode = "periodic".to_owned();
-    let mut auto_compaction_retention = "0".to_owned();
+    let mut auto_compaction_mode = AutoCompaction::DEFAULT_MODE.to_owned();
+    let mut auto_compaction_retention = AutoCompaction::DEFAULT_RETENTION.to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {

@@ -33,7 +33,7 @@ pub(crate) struct Revision {
 /// One change to one key: a put or, with `tombstone`, a delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Record {
-    /// Shared by the key's index entry and all its records (see [`MvccState::shared_key`]).
+    /// Shared by the key's index entry and all its records (see [`shared_key`]).
     pub key: Arc<[u8]>,
     pub rev: Revision,
     pub create_revision: i64,
@@ -157,7 +157,7 @@ impl MvccState {
     ) -> Self {
         let mut state = Self::new(LeaseTable::default());
         for mut rec in records {
-            rec.key = state.shared_key(&rec.key);
+            rec.key = shared_key(state.index.get(&*rec.key), &rec.key);
             let rec = Arc::new(rec);
             if rec.rev.main >= compacted {
                 state.log.push(rec.clone());
@@ -178,15 +178,6 @@ impl MvccState {
         }
         state.leases = leases;
         state
-    }
-
-    /// `key` as the one allocation its index entry and records share: a history of
-    /// many revisions holds its key once, not once per record.
-    fn shared_key(&self, key: &[u8]) -> Arc<[u8]> {
-        match self.index.get(key).and_then(|hist| hist.last()) {
-            Some(rec) => rec.key.clone(),
-            None => Arc::from(key),
-        }
     }
 
     pub fn current(&self) -> i64 {
@@ -313,6 +304,15 @@ impl MvccState {
     }
 }
 
+/// `key` as the one allocation its index entry and records share, given its history
+/// (if any): a history of many revisions holds its key once, not once per record.
+fn shared_key(hist: Option<&Vec<Arc<Record>>>, key: &[u8]) -> Arc<[u8]> {
+    match hist.and_then(|h| h.last()) {
+        Some(rec) => rec.key.clone(),
+        None => Arc::from(key),
+    }
+}
+
 /// Appends `rec` to its key's history.
 fn push_history(index: &mut BTreeMap<Arc<[u8]>, Vec<Arc<Record>>>, rec: Arc<Record>) {
     match index.get_mut(&*rec.key) {
@@ -376,7 +376,7 @@ impl WriteTxn<'_> {
         // One lookup for both the live record and the key's shared allocation.
         let hist = self.state.index.get(key);
         let prev = hist.and_then(|h| latest_at(h, self.rev)).cloned();
-        let shared = hist.and_then(|h| h.last()).map(|r| r.key.clone());
+        let shared = shared_key(hist, key);
         let (create_revision, version) = match &prev {
             Some(p) => (p.create_revision, p.version + 1),
             None => (rev.main, 1),
@@ -391,7 +391,7 @@ impl WriteTxn<'_> {
             self.state.leases.attach(lease, key.to_vec());
         }
         self.push(Record {
-            key: shared.unwrap_or_else(|| Arc::from(key)),
+            key: shared,
             rev,
             create_revision,
             version,

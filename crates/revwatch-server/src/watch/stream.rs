@@ -76,7 +76,7 @@ impl WatchStream {
     ) {
         let mut revs = self.core.store.subscribe();
         let mut drops = self.core.faults.drop_signal();
-        let period = crate::config::timer_period(self.core.config.progress_notify_interval);
+        let period = self.core.config.progress_notify_interval;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -746,7 +746,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                     if now >= stall_at {
                         let mut message = format!("{endpoint}: nothing received for {:?}", self.config.stall_timeout);
                         if let Some(sent) = check.progress_unanswered().filter(|_| created) {
-                            message.push_str(&self.unanswered_progress(sent));
+                            message.push_str(&self.record_unanswered_progress(sent));
                         }
                         tracing::warn!(%message, "watch stalled");
                         return reconnect(ReconnectCause::Stall, message, None);
@@ -771,7 +771,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
 
     /// Counts a stall on a stream whose creation was answered but none of its `sent`
     /// progress requests, and explains the likely cause, for the stall's message.
-    fn unanswered_progress(&self, sent: u64) -> String {
+    fn record_unanswered_progress(&self, sent: u64) -> String {
         self.metrics.unanswered_progress_stalls.inc();
         self.status.send_if_modified(|s| {
             s.unanswered_progress_stalls += 1;
