@@ -16,13 +16,13 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<Client> {
         .with_context(|| format!("connecting to {endpoint}"))
 }
 
-/// Acknowledged puts per second from `clients` independent connections, each doing
-/// one put at a time, for `duration`.
+/// Acknowledged puts from `clients` independent connections, each doing one put at a
+/// time, for `duration`: how many, and how long they took.
 pub async fn put_throughput(
     endpoint: &str,
     clients: usize,
     duration: Duration,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(u64, Duration)> {
     let mut tasks = Vec::with_capacity(clients);
     for c in 0..clients {
         let client = connect(endpoint).await?;
@@ -46,7 +46,7 @@ pub async fn put_throughput(
     for t in tasks {
         total += t.await??;
     }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok((total, start.elapsed()))
 }
 
 /// Put sent → the event received by a watcher on another connection, `n` times.
@@ -144,6 +144,27 @@ pub async fn load_keys_concurrently(
     Ok(())
 }
 
+/// CPU time a process has used so far (user and system, all its threads), from
+/// /proc. Linux reports it in USER_HZ ticks: 100 per second on every architecture.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    const TICK: Duration = Duration::from_millis(10);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let ticks = cpu_ticks(&stat).with_context(|| format!("no CPU times in /proc/{pid}/stat"))?;
+    Ok(TICK * ticks)
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line.
+fn cpu_ticks(stat: &str) -> Option<u32> {
+    // Field 2, the command name, may hold spaces and parentheses; the rest are numbers.
+    // After it come field 3 (the state) onwards, so fields 14 and 15 are at 11 and 12.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u32 = fields.next()?.parse().ok()?;
+    let stime: u32 = fields.next()?.parse().ok()?;
+    utime.checked_add(stime)
+}
+
 /// Resident set size of a process, in MiB, from /proc.
 pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
     proc_status_mb(pid, "VmRSS")
@@ -165,4 +186,18 @@ fn proc_status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no {field} line"))?;
     Ok(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_skip_a_command_name_with_spaces_and_parentheses() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 250 31 0 0 20 0 3 0";
+        assert_eq!(cpu_ticks(stat), Some(281));
+        assert_eq!(cpu_ticks("42 (x) S 1 2"), None);
+        let own = cpu_time(std::process::id()).expect("own stat");
+        assert!(own < Duration::from_secs(24 * 3600), "{own:?}");
+    }
 }

@@ -2,6 +2,10 @@
 //! on, measured in the same run with the same client: put throughput with 16 concurrent
 //! clients, watch latency, and memory with 100k keys (fresh servers), and after the put
 //! rounds.
+//!
+//! The put rounds also report CPU time per put, of each server and of the client driving
+//! it. The two share the machine's cores, so on a small machine the client's share bounds
+//! the throughput either server can show.
 
 use std::time::Duration;
 
@@ -27,11 +31,12 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     let ours = EmbeddedChild::start().await?;
     let (etcd_ep, our_ep) = (etcd.endpoint(0), ours.endpoint());
 
+    let etcd_pid = etcd.pid(0).context("etcd has no pid")?;
     // Alternate rounds so both servers see the same background noise.
-    let (mut etcd_tput, mut our_tput) = (Vec::new(), Vec::new());
+    let (mut etcd_rounds, mut our_rounds) = (Rounds::default(), Rounds::default());
     for _ in 0..rounds {
-        etcd_tput.push(load::put_throughput(&etcd_ep, CLIENTS, round_len).await?);
-        our_tput.push(load::put_throughput(&our_ep, CLIENTS, round_len).await?);
+        etcd_rounds.push(PutRound::run(&etcd_ep, etcd_pid, round_len).await?);
+        our_rounds.push(PutRound::run(&our_ep, ours.pid(), round_len).await?);
     }
 
     let etcd_watch = load::watch_latency(&etcd_ep, watch_n).await?;
@@ -44,10 +49,24 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     let (etcd_mem, our_mem) = memory_with_keys(KEYS).await?;
 
     let mut report = Report::new("server");
-    let (e, s) = (median(&etcd_tput), median(&our_tput));
+    let (e, s) = (etcd_rounds.median_per_s(), our_rounds.median_per_s());
     report.figure("server_put_per_s", s);
     report.figure("etcd_put_per_s", e);
     report.figure("put_ratio", ratio(s, e));
+    report.figure("server_cpu_us_per_put", our_rounds.median_server_us());
+    report.figure("etcd_cpu_us_per_put", etcd_rounds.median_server_us());
+    report.figure(
+        "cpu_per_put_ratio",
+        ratio(
+            our_rounds.median_server_us(),
+            etcd_rounds.median_server_us(),
+        ),
+    );
+    report.figure(
+        "client_cpu_us_per_put_server",
+        our_rounds.median_client_us(),
+    );
+    report.figure("client_cpu_us_per_put_etcd", etcd_rounds.median_client_us());
     report.figure("server_watch_p50_us", our_watch.p50());
     report.figure("etcd_watch_p50_us", etcd_watch.p50());
     report.figure("server_watch_p99_us", our_watch.p99());
@@ -58,6 +77,55 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     report.figure("server_rss_after_puts_mb", our_after_puts);
     report.figure("etcd_rss_after_puts_mb", etcd_after_puts);
     Ok(report)
+}
+
+/// One put round against one server: its rate, and the CPU time per put of the server
+/// and of this process (the client).
+struct PutRound {
+    per_s: f64,
+    server_us: f64,
+    client_us: f64,
+}
+
+impl PutRound {
+    async fn run(endpoint: &str, server_pid: u32, len: Duration) -> anyhow::Result<Self> {
+        let me = std::process::id();
+        let (server0, client0) = (load::cpu_time(server_pid)?, load::cpu_time(me)?);
+        let (puts, elapsed) = load::put_throughput(endpoint, CLIENTS, len).await?;
+        let (server1, client1) = (load::cpu_time(server_pid)?, load::cpu_time(me)?);
+        let per_put = |cpu: Duration| cpu.as_secs_f64() * 1e6 / puts.max(1) as f64;
+        Ok(PutRound {
+            per_s: puts as f64 / elapsed.as_secs_f64(),
+            server_us: per_put(server1.saturating_sub(server0)),
+            client_us: per_put(client1.saturating_sub(client0)),
+        })
+    }
+}
+
+/// The rounds against one server.
+#[derive(Default)]
+struct Rounds(Vec<PutRound>);
+
+impl Rounds {
+    fn push(&mut self, round: PutRound) {
+        self.0.push(round);
+    }
+
+    fn median_of(&self, figure: impl Fn(&PutRound) -> f64) -> f64 {
+        median(&self.0.iter().map(figure).collect::<Vec<_>>())
+    }
+
+    fn median_per_s(&self) -> f64 {
+        self.median_of(|r| r.per_s)
+    }
+
+    fn median_server_us(&self) -> f64 {
+        self.median_of(|r| r.server_us)
+    }
+
+    fn median_client_us(&self) -> f64 {
+        self.median_of(|r| r.client_us)
+    }
 }
 
 /// Keys the memory figures are taken with.
