@@ -286,16 +286,21 @@ pub async fn restart_from_persisted_snapshot_and_start_with_etcd_down(target: &m
         tokio::time::sleep(Duration::from_millis(600)).await;
         rev
     };
-    // Restart with the server up: resumes from the file, no relist.
+    // Restart with the server up: resumes from the file, no relist. The server is
+    // reached through a proxy that holds every byte until the file's revision has
+    // been seen: on a fast server the watch would otherwise deliver `after` first.
     let after = put(&etcd, &format!("{P}after"), "x").await;
     {
-        let mirror = start(target.endpoints(), config.clone()).await;
+        let proxy = FaultProxy::start(target.client_addr()).await.unwrap();
+        proxy.set(Fault::Blackhole);
+        let mirror = start(vec![proxy.endpoint()], config.clone()).await;
         assert_eq!(
             mirror.snapshot().revision(),
             saved,
             "served from the file at once"
         );
         let mut sub = mirror.subscribe();
+        proxy.heal();
         let mut replay = Replay::default();
         replay.follow_until(&mut sub, after, WAIT).await;
         assert_eq!(replay.batches, vec![(after, false)]);
