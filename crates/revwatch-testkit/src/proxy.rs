@@ -310,35 +310,3 @@ async fn deliver<W: AsyncWrite + Unpin>(
 fn closed() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::BrokenPipe, "fault proxy shut down")
 }
-
-/// A listener on `127.0.0.1:<free port>` whose accept queue is full: the kernel drops
-/// further SYNs, so a TCP connect to it never completes (a connect timeout's test
-/// target). The returned streams keep the queue full; keep them alive with it.
-pub async fn black_hole() -> Result<(TcpListener, Vec<TcpStream>), TestkitError> {
-    let socket =
-        tokio::net::TcpSocket::new_v4().map_err(|e| TestkitError::io("creating a socket", e))?;
-    socket
-        .bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-        .map_err(|e| TestkitError::io("binding the black hole", e))?;
-    let listener = socket
-        .listen(1)
-        .map_err(|e| TestkitError::io("listening on the black hole", e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| TestkitError::io("reading the black hole's address", e))?;
-    let mut fillers = Vec::new();
-    for _ in 0..64 {
-        let probe =
-            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
-        match probe {
-            Ok(Ok(stream)) => fillers.push(stream),
-            Ok(Err(e)) => return Err(TestkitError::io("filling the accept queue", e)),
-            // A connect that hangs: the queue is full.
-            Err(_) => return Ok((listener, fillers)),
-        }
-    }
-    Err(TestkitError::io(
-        "filling the accept queue",
-        std::io::Error::other(format!("the accept queue of {addr} never filled")),
-    ))
-}

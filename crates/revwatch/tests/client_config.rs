@@ -9,7 +9,6 @@ use std::time::Duration;
 use client_support::{assert_all_healthy, bounded, config_for, get, put};
 use revwatch::client::{Client, ClientConfig, Error, Pem, TlsConfig};
 use revwatch_testkit::etcd::{ClusterOptions, EtcdCluster};
-use revwatch_testkit::proxy::black_hole;
 
 /// Every bad-config connect must return within this.
 const FAIL_FAST: Duration = Duration::from_secs(20);
@@ -86,10 +85,36 @@ async fn unreachable_endpoints_are_each_named() {
     .await;
 }
 
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a TCP
+/// connect to it never completes. The returned streams keep the queue full.
+async fn black_hole() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let listener = socket.listen(1).expect("listen");
+    let addr = listener.local_addr().expect("addr");
+    let mut fillers = Vec::new();
+    for _ in 0..64 {
+        let probe = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        match probe {
+            Ok(Ok(stream)) => fillers.push(stream),
+            Ok(Err(e)) => panic!("filling the accept queue: {e}"),
+            // A connect that hangs: the queue is full.
+            Err(_) => return (listener, fillers),
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
 #[tokio::test]
 async fn connect_timeout_bounds_an_endpoint_that_never_accepts() {
     bounded(LIMIT, async {
-        let (listener, _fillers) = black_hole().await.expect("black hole");
+        let (listener, _fillers) = black_hole().await;
         let endpoint = listener.local_addr().expect("addr").to_string();
         let mut cfg = ClientConfig::new([endpoint.clone()]);
         cfg.connect_timeout = Duration::from_millis(500);

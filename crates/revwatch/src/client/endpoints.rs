@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use etcd_proto::etcdserverpb::StatusRequest;
+use etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use tonic::transport::{Channel, ClientTlsConfig};
+
 use super::config::{Backoff, ClientConfig};
 use super::error::Error;
 use super::retry::short_reason;
-use super::tls;
-use super::transport::{self, Channel};
-use etcd_proto::etcdserverpb::StatusRequest;
-use etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 
 /// etcd's default client port, used when an endpoint omits the port.
 const DEFAULT_PORT: u16 = 2379;
@@ -24,7 +24,7 @@ const DEFAULT_PORT: u16 = 2379;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ParsedEndpoint {
     /// `scheme://host:port`.
-    pub uri: http::Uri,
+    pub uri: String,
     /// `host:port`, used in errors and health reports.
     pub name: String,
 }
@@ -69,10 +69,10 @@ pub(crate) fn parse_endpoint(raw: &str, tls: bool) -> Result<ParsedEndpoint, Err
         _ => DEFAULT_PORT,
     };
     let name = format!("{host}:{port}");
-    let uri = format!("{scheme}://{name}")
-        .parse()
-        .map_err(|e| bad(&format!("{e}")))?;
-    Ok(ParsedEndpoint { uri, name })
+    Ok(ParsedEndpoint {
+        uri: format!("{scheme}://{name}"),
+        name,
+    })
 }
 
 /// A snapshot of one endpoint's health, for status pages and metrics.
@@ -252,27 +252,30 @@ impl EndpointSet {
     /// Builds one lazily connecting channel per endpoint. Nothing touches the network yet.
     pub(crate) fn new(
         config: &ClientConfig,
-        tls: Option<&tls::Loaded>,
+        tls: Option<&ClientTlsConfig>,
     ) -> Result<EndpointSet, Error> {
-        let settings = transport::Settings {
-            connect_timeout: config.connect_timeout,
-            keepalive_interval: config.keepalive_interval,
-            keepalive_timeout: config.keepalive_timeout,
-        };
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for raw in &config.endpoints {
             // Duplicates were rejected by `ClientConfig::validate`.
             let parsed = parse_endpoint(raw, tls.is_some())?;
-            let (Some(scheme), Some(authority)) = (parsed.uri.scheme(), parsed.uri.authority())
-            else {
-                return Err(Error::InvalidConfig(format!("invalid endpoint {raw:?}")));
-            };
-            let tls = tls
-                .map(|t| t.for_host(transport::host(authority)))
-                .transpose()?;
+            let mut ep = tonic::transport::Endpoint::from_shared(parsed.uri.clone())
+                .map_err(|e| Error::InvalidConfig(format!("invalid endpoint {raw:?}: {e}")))?
+                .connect_timeout(config.connect_timeout)
+                .http2_keep_alive_interval(config.keepalive_interval)
+                .keep_alive_timeout(config.keepalive_timeout)
+                // etcd enforces PermitWithoutStream=false: pinging idle connections
+                // gets them closed with "too many pings". Idle connections need no
+                // pings: every request has its own timeout.
+                .keep_alive_while_idle(false)
+                .tcp_nodelay(true);
+            if let Some(tls) = tls {
+                ep = ep
+                    .tls_config(tls.clone())
+                    .map_err(|e| Error::Tls(format!("{}: {}", parsed.name, error_chain(&e))))?;
+            }
             endpoints.push(Arc::new(Endpoint {
                 name: parsed.name,
-                channel: Channel::lazy(scheme.clone(), authority.clone(), tls, settings),
+                channel: ep.connect_lazy(),
                 health: Mutex::new(Health::new()),
                 probe_backoff: config.probe_backoff,
             }));
@@ -324,6 +327,18 @@ pub(crate) fn choose(healthy: &[bool], tried: &[bool], start: usize) -> Option<u
         .map(|i| (start + i) % n)
         .filter(|i| !tried.get(*i).copied().unwrap_or(false))
         .find(|i| healthy[*i] || !any_healthy)
+}
+
+/// Formats an error with its sources: `a: b: c`.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
 }
 
 #[cfg(test)]

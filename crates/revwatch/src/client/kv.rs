@@ -1,8 +1,8 @@
 //! KV service calls.
 
-use super::transport::Channel;
 use etcd_proto::etcdserverpb::kv_client::KvClient;
 use etcd_proto::etcdserverpb::request_op::Request as Op;
+use tonic::transport::Channel;
 
 use super::{
     Client, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, Error,

@@ -21,7 +21,6 @@ mod kv;
 mod lease;
 mod retry;
 mod tls;
-mod transport;
 mod watch;
 
 use std::future::Future;
@@ -30,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use etcd_proto::etcdserverpb::StatusRequest;
 use etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use tonic::transport::Channel;
 
 pub use config::{Backoff, ClientConfig, Credentials, MIN_KEEPALIVE_INTERVAL, Pem, TlsConfig};
 pub use endpoints::EndpointHealth;
@@ -48,7 +48,6 @@ pub use etcd_proto::etcdserverpb::{
 
 use endpoints::{Endpoint, EndpointSet, ProbeFailure};
 use retry::{Failure, classify};
-use transport::Channel;
 
 /// How often the prober looks for endpoints whose re-probe is due.
 const PROBE_TICK: Duration = Duration::from_millis(100);

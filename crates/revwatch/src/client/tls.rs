@@ -1,82 +1,36 @@
-//! Loading TLS material into a rustls client configuration.
+//! Loading TLS material (rustls via tonic).
 //!
 //! Files are read and parsed up front so that a missing or garbage file is reported
 //! as such at connect time, not as an obscure handshake failure later.
 
-use std::sync::Arc;
-
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use super::config::{Pem, TlsConfig};
 use super::error::Error;
-use super::transport;
 
-/// TLS settings shared by every endpoint of a client.
-#[derive(Debug, Clone)]
-pub(crate) struct Loaded {
-    config: Arc<rustls::ClientConfig>,
-    /// The name certificates are checked against, when not the endpoint's host.
-    domain_name: Option<String>,
-}
-
-impl Loaded {
-    /// TLS towards the endpoint at `host`.
-    pub(crate) fn for_host(&self, host: &str) -> Result<transport::Tls, Error> {
-        let name = self.domain_name.as_deref().unwrap_or(host);
-        let server_name = ServerName::try_from(name.to_owned())
-            .map_err(|e| Error::Tls(format!("invalid TLS server name {name:?}: {e}")))?;
-        Ok(transport::Tls {
-            connector: tokio_rustls::TlsConnector::from(self.config.clone()),
-            server_name,
-        })
-    }
-}
-
-/// Reads and checks the files of `cfg`.
-pub(crate) fn load(cfg: &TlsConfig) -> Result<Loaded, Error> {
+/// Builds tonic's TLS settings from ours.
+pub(crate) fn load(cfg: &TlsConfig) -> Result<ClientTlsConfig, Error> {
     let ca = read(&cfg.ca, "CA certificate")?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certs(&ca, &cfg.ca, "CA certificate")? {
-        roots.add(cert).map_err(|e| {
+    check_certs(&ca, &cfg.ca, "CA certificate")?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+    if let Some((cert_src, key_src)) = &cfg.identity {
+        let cert = read(cert_src, "client certificate")?;
+        check_certs(&cert, cert_src, "client certificate")?;
+        let key = read(key_src, "client key")?;
+        PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
             Error::Tls(format!(
-                "{}: unusable ({e})",
-                describe(&cfg.ca, "CA certificate")
+                "{}: no usable private key ({e})",
+                describe(key_src, "client key")
             ))
         })?;
+        tls = tls.identity(Identity::from_pem(cert, key));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(format!("TLS setup: {e}")))?
-        .with_root_certificates(roots);
-    let mut config = match &cfg.identity {
-        None => builder.with_no_client_auth(),
-        Some((cert_src, key_src)) => {
-            let cert = read(cert_src, "client certificate")?;
-            let chain = certs(&cert, cert_src, "client certificate")?;
-            let key = read(key_src, "client key")?;
-            let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
-                Error::Tls(format!(
-                    "{}: no usable private key ({e})",
-                    describe(key_src, "client key")
-                ))
-            })?;
-            builder.with_client_auth_cert(chain, key).map_err(|e| {
-                Error::Tls(format!(
-                    "{} and {} do not make a usable identity ({e})",
-                    describe(cert_src, "client certificate"),
-                    describe(key_src, "client key")
-                ))
-            })?
-        }
-    };
-    // gRPC runs on HTTP/2 only.
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Loaded {
-        config: Arc::new(config),
-        domain_name: cfg.domain_name.clone(),
-    })
+    if let Some(name) = &cfg.domain_name {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(tls)
 }
 
 fn describe(src: &Pem, what: &str) -> String {
@@ -94,18 +48,19 @@ fn read(src: &Pem, what: &str) -> Result<Vec<u8>, Error> {
     }
 }
 
-/// The certificates in `pem`; at least one.
-fn certs(pem: &[u8], src: &Pem, what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("{}: invalid PEM ({e})", describe(src, what))))?;
-    if certs.is_empty() {
+fn check_certs(pem: &[u8], src: &Pem, what: &str) -> Result<(), Error> {
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        cert.map_err(|e| Error::Tls(format!("{}: invalid PEM ({e})", describe(src, what))))?;
+        count += 1;
+    }
+    if count == 0 {
         return Err(Error::Tls(format!(
             "{}: no PEM certificate found",
             describe(src, what)
         )));
     }
-    Ok(certs)
+    Ok(())
 }
 
 #[cfg(test)]
