@@ -246,17 +246,11 @@ async fn unanswered_progress_behind_grpc_proxy_is_explained() {
                         .contains("--experimental-watch-progress-notify-interval")
             })
         };
-        let st = tokio::time::timeout(WAIT, async {
-            loop {
-                let st = changes.borrow_and_update().clone();
-                if explained(&st) {
-                    return st;
-                }
-                changes.changed().await.unwrap();
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("no explained stall: {:?}", mirror.status()));
+        let st = tokio::time::timeout(WAIT, changes.wait_for(explained))
+            .await
+            .unwrap_or_else(|_| panic!("no explained stall: {:?}", mirror.status()))
+            .unwrap()
+            .clone();
         assert!(st.unanswered_progress_stalls >= 1, "{st:?}");
         // Still correct, just not told about quiet revisions: changes in the prefix flow.
         let r = put(&w, &format!("{P}b"), "2").await;

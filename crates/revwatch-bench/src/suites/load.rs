@@ -147,21 +147,21 @@ pub async fn load_keys_concurrently(
 /// CPU time a process has used so far (user and system, all its threads), from
 /// /proc. Linux reports it in USER_HZ ticks: 100 per second on every architecture.
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    const TICK: Duration = Duration::from_millis(10);
+    const TICK_MS: u64 = 10;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     let ticks = cpu_ticks(&stat).with_context(|| format!("no CPU times in /proc/{pid}/stat"))?;
-    Ok(TICK * ticks)
+    Ok(Duration::from_millis(ticks.saturating_mul(TICK_MS)))
 }
 
 /// utime + stime (fields 14 and 15) of a /proc/PID/stat line.
-fn cpu_ticks(stat: &str) -> Option<u32> {
+fn cpu_ticks(stat: &str) -> Option<u64> {
     // Field 2, the command name, may hold spaces and parentheses; the rest are numbers.
     // After it come field 3 (the state) onwards, so fields 14 and 15 are at 11 and 12.
     let (_, rest) = stat.rsplit_once(')')?;
     let mut fields = rest.split_whitespace().skip(11);
-    let utime: u32 = fields.next()?.parse().ok()?;
-    let stime: u32 = fields.next()?.parse().ok()?;
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
     utime.checked_add(stime)
 }
 

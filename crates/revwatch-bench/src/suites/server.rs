@@ -33,7 +33,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
 
     let etcd_pid = etcd.pid(0).context("etcd has no pid")?;
     // Alternate rounds so both servers see the same background noise.
-    let (mut etcd_rounds, mut our_rounds) = (Rounds::default(), Rounds::default());
+    let (mut etcd_rounds, mut our_rounds) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         etcd_rounds.push(PutRound::run(&etcd_ep, etcd_pid, round_len).await?);
         our_rounds.push(PutRound::run(&our_ep, ours.pid(), round_len).await?);
@@ -43,30 +43,24 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     let our_watch = load::watch_latency(&our_ep, watch_n).await?;
     // Both keep the put rounds' history until a compaction: etcd in its database file,
     // of which only the pages touched are resident, the embedded server in memory.
-    let (etcd_after_puts, our_after_puts) = (rss(&etcd)?, load::rss_mb(ours.pid())?);
+    let (etcd_after_puts, our_after_puts) = (load::rss_mb(etcd_pid)?, load::rss_mb(ours.pid())?);
     drop((etcd, ours));
 
     let (etcd_mem, our_mem) = memory_with_keys(KEYS).await?;
 
     let mut report = Report::new("server");
-    let (e, s) = (etcd_rounds.median_per_s(), our_rounds.median_per_s());
-    report.figure("server_put_per_s", s);
-    report.figure("etcd_put_per_s", e);
-    report.figure("put_ratio", ratio(s, e));
-    report.figure("server_cpu_us_per_put", our_rounds.median_server_us());
-    report.figure("etcd_cpu_us_per_put", etcd_rounds.median_server_us());
-    report.figure(
-        "cpu_per_put_ratio",
-        ratio(
-            our_rounds.median_server_us(),
-            etcd_rounds.median_server_us(),
-        ),
+    let (e, s) = (
+        PutRound::medians(&etcd_rounds),
+        PutRound::medians(&our_rounds),
     );
-    report.figure(
-        "client_cpu_us_per_put_server",
-        our_rounds.median_client_us(),
-    );
-    report.figure("client_cpu_us_per_put_etcd", etcd_rounds.median_client_us());
+    report.figure("server_put_per_s", s.per_s);
+    report.figure("etcd_put_per_s", e.per_s);
+    report.figure("put_ratio", ratio(s.per_s, e.per_s));
+    report.figure("server_cpu_us_per_put", s.server_us);
+    report.figure("etcd_cpu_us_per_put", e.server_us);
+    report.figure("cpu_per_put_ratio", ratio(s.server_us, e.server_us));
+    report.figure("client_cpu_us_per_put_server", s.client_us);
+    report.figure("client_cpu_us_per_put_etcd", e.client_us);
     report.figure("server_watch_p50_us", our_watch.p50());
     report.figure("etcd_watch_p50_us", etcd_watch.p50());
     report.figure("server_watch_p99_us", our_watch.p99());
@@ -100,31 +94,16 @@ impl PutRound {
             client_us: per_put(client1.saturating_sub(client0)),
         })
     }
-}
 
-/// The rounds against one server.
-#[derive(Default)]
-struct Rounds(Vec<PutRound>);
-
-impl Rounds {
-    fn push(&mut self, round: PutRound) {
-        self.0.push(round);
-    }
-
-    fn median_of(&self, figure: impl Fn(&PutRound) -> f64) -> f64 {
-        median(&self.0.iter().map(figure).collect::<Vec<_>>())
-    }
-
-    fn median_per_s(&self) -> f64 {
-        self.median_of(|r| r.per_s)
-    }
-
-    fn median_server_us(&self) -> f64 {
-        self.median_of(|r| r.server_us)
-    }
-
-    fn median_client_us(&self) -> f64 {
-        self.median_of(|r| r.client_us)
+    /// Each figure's median over `rounds`.
+    fn medians(rounds: &[PutRound]) -> PutRound {
+        let m =
+            |figure: fn(&PutRound) -> f64| median(&rounds.iter().map(figure).collect::<Vec<_>>());
+        PutRound {
+            per_s: m(|r| r.per_s),
+            server_us: m(|r| r.server_us),
+            client_us: m(|r| r.client_us),
+        }
     }
 }
 
