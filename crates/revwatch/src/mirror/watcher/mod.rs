@@ -434,6 +434,15 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         record_server_revision(&self.status, &self.metrics, revision);
     }
 
+    /// A progress reply not (yet) trusted as a bookmark: counted in status and metrics.
+    fn count_untrusted_progress(&self) {
+        Metrics::inc_cause(&self.metrics.rejected_responses, "untrusted_progress");
+        self.status.send_if_modified(|s| {
+            s.untrusted_progress += 1;
+            false
+        });
+    }
+
     /// Publishes, updates status and metrics, and maybe writes the snapshot file.
     /// `events`: the number of events, for the batch of one applied revision.
     fn publish(
@@ -659,16 +668,23 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                                 Ok(None) => break Next::Closed,
                                 Err(e) => break Next::Failed(e),
                             };
-                            if let Some(h) = &resp.header {
+                            let header_revision = resp.header.as_ref().map(|h| h.revision);
+                            let checked = check.on_message(resp, last_message, &mut revisions);
+                            if matches!(&checked, Ok(out) if out.untrusted_progress) {
+                                // Counted before its revision is recorded: a status that
+                                // shows the revision also counts the reply.
+                                self.count_untrusted_progress();
+                            }
+                            if let Some(revision) = header_revision {
                                 if run.quiet.is_some() {
                                     // Recorded once the run is published (not under
                                     // the hub's lock).
-                                    server_revision = server_revision.max(h.revision);
+                                    server_revision = server_revision.max(revision);
                                 } else {
-                                    self.saw_server_revision(h.revision);
+                                    self.saw_server_revision(revision);
                                 }
                             }
-                            let out = match check.on_message(resp, last_message, &mut revisions) {
+                            let out = match checked {
                                 Ok(out) => out,
                                 Err(end) => break Next::End(end),
                             };
@@ -731,10 +747,6 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                         if replays && let Some(end) = self.check_boundary(applied, stall_at, &endpoint).await {
                             return end;
                         }
-                    }
-                    if out.untrusted_progress {
-                        Metrics::inc_cause(&self.metrics.rejected_responses, "untrusted_progress");
-                        self.status.send_if_modified(|s| { s.untrusted_progress += 1; false });
                     }
                     if let Some(revision) = out.bookmark {
                         let snapshot = self.writer.advance(revision);
