@@ -145,7 +145,7 @@ pub async fn load_keys_concurrently(
 }
 
 /// CPU time a process has used so far (user and system, all its threads), from
-/// /proc. Linux reports it in USER_HZ ticks: 100 per second on every architecture.
+/// /proc. Linux reports it in USER_HZ ticks: 100 per second on x86 and ARM.
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     const TICK_MS: u64 = 10;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -191,7 +191,11 @@ impl Metrics {
     }
 
     pub(crate) fn inc_cause(family: &Family<CauseLabel, Counter>, cause: &'static str) {
-        family.get_or_create(&CauseLabel { cause }).inc();
+        Self::inc_cause_by(family, cause, 1);
+    }
+
+    pub(crate) fn inc_cause_by(family: &Family<CauseLabel, Counter>, cause: &'static str, n: u64) {
+        family.get_or_create(&CauseLabel { cause }).inc_by(n);
     }
 }
 

@@ -127,6 +127,15 @@ impl<'a, T> Run<'a, T> {
     }
 }
 
+/// What the replies of a run told about the server, for status and metrics.
+#[derive(Debug, Default)]
+struct Heard {
+    /// The highest header revision.
+    server_revision: i64,
+    /// Progress replies not (yet) trusted as bookmarks.
+    untrusted_progress: u64,
+}
+
 /// What ended a run of replies.
 enum Next {
     /// Nothing: no further reply is ready, or the run is full.
@@ -434,13 +443,22 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         record_server_revision(&self.status, &self.metrics, revision);
     }
 
-    /// A progress reply not (yet) trusted as a bookmark: counted in status and metrics.
-    fn count_untrusted_progress(&self) {
-        Metrics::inc_cause(&self.metrics.rejected_responses, "untrusted_progress");
-        self.status.send_if_modified(|s| {
-            s.untrusted_progress += 1;
-            false
-        });
+    /// Records what replies told about the server. Untrusted progress replies are
+    /// counted before their revision is recorded, so that a status showing the
+    /// revision also counts the reply.
+    fn record_heard(&self, heard: Heard) {
+        if heard.untrusted_progress > 0 {
+            Metrics::inc_cause_by(
+                &self.metrics.rejected_responses,
+                "untrusted_progress",
+                heard.untrusted_progress,
+            );
+            self.status.send_if_modified(|s| {
+                s.untrusted_progress += heard.untrusted_progress;
+                false
+            });
+        }
+        self.saw_server_revision(heard.server_revision);
     }
 
     /// Publishes, updates status and metrics, and maybe writes the snapshot file.
@@ -485,9 +503,9 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         Ok(())
     }
 
-    /// Ends `run`: publishes what a quiet run applied, records the highest
-    /// server revision it saw, and updates status and metrics.
-    fn finish(&mut self, run: Run<'_, T>, server_revision: i64) {
+    /// Ends `run`: publishes what a quiet run applied, records what its replies told
+    /// about the server, and updates status and metrics.
+    fn finish(&mut self, run: Run<'_, T>, heard: Heard) {
         let Run {
             quiet,
             started,
@@ -498,12 +516,12 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         let Some(quiet) = quiet else { return };
         if revisions == 0 {
             drop(quiet);
-            self.saw_server_revision(server_revision);
+            self.record_heard(heard);
             return;
         }
         let snapshot = self.writer.current();
         quiet.publish(Arc::clone(&snapshot), || {
-            self.saw_server_revision(server_revision);
+            self.record_heard(heard);
             self.record_published(&snapshot, Some((events, revisions)));
         });
         self.persist_maybe(&snapshot);
@@ -661,28 +679,23 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                         let hub = Arc::clone(&self.hub);
                         let mut run = Run::new(&hub, last_message);
                         let mut msg = msg;
-                        let mut server_revision = 0;
+                        let mut heard = Heard::default();
                         let next = loop {
                             let resp = match msg {
                                 Ok(Some(resp)) => resp,
                                 Ok(None) => break Next::Closed,
                                 Err(e) => break Next::Failed(e),
                             };
-                            let header_revision = resp.header.as_ref().map(|h| h.revision);
+                            let header_revision = resp.header.as_ref().map_or(0, |h| h.revision);
                             let checked = check.on_message(resp, last_message, &mut revisions);
+                            heard.server_revision = heard.server_revision.max(header_revision);
                             if matches!(&checked, Ok(out) if out.untrusted_progress) {
-                                // Counted before its revision is recorded: a status that
-                                // shows the revision also counts the reply.
-                                self.count_untrusted_progress();
+                                heard.untrusted_progress += 1;
                             }
-                            if let Some(revision) = header_revision {
-                                if run.quiet.is_some() {
-                                    // Recorded once the run is published (not under
-                                    // the hub's lock).
-                                    server_revision = server_revision.max(revision);
-                                } else {
-                                    self.saw_server_revision(revision);
-                                }
+                            // In a quiet run, recorded once the run is published (not
+                            // under the hub's lock).
+                            if run.quiet.is_none() {
+                                self.record_heard(std::mem::take(&mut heard));
                             }
                             let out = match checked {
                                 Ok(out) => out,
@@ -707,7 +720,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                         };
                         // What came before a bad or final reply was valid: it is
                         // published first, as if each reply had been handled alone.
-                        self.finish(run, server_revision);
+                        self.finish(run, heard);
                         next
                     };
                     let out = match next {
