@@ -14,6 +14,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 
+/// The allocator of the `revwatch` binary, for the embedded server this binary runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Suite {
     /// Put/range latency of revwatch's client against the etcd-client crate.

@@ -18,6 +18,10 @@ struct Cli {
     command: Command,
 }
 
+/// mimalloc: about a tenth less CPU per put for the embedded server (README, Benchmarks).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Subcommand)]
 enum Command {
     Tail(tail::TailArgs),

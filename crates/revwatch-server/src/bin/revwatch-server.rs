@@ -95,6 +95,11 @@ async fn terminated() {
     }
 }
 
+/// The allocator `revwatch etcd` uses (see the README's Benchmarks).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = match parse() {
