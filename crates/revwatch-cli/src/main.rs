@@ -18,7 +18,7 @@ struct Cli {
     command: Command,
 }
 
-/// mimalloc: about a tenth less CPU per put for the embedded server (README, Benchmarks).
+/// mimalloc: 7–10% less CPU per put for the embedded server (README, Benchmarks).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -190,10 +190,35 @@ pub(crate) fn record_server_revision(
     metrics: &Metrics,
     revision: i64,
 ) {
+    record_heard(
+        status,
+        metrics,
+        Heard {
+            server_revision: revision,
+            untrusted_progress: 0,
+        },
+    );
+}
+
+/// Records what replies told about the server in one status update, so that a status
+/// showing the revision of an untrusted progress reply also counts the reply.
+fn record_heard(status: &watch::Sender<Status>, metrics: &Metrics, heard: Heard) {
+    let Heard {
+        server_revision,
+        untrusted_progress,
+    } = heard;
+    if untrusted_progress > 0 {
+        Metrics::inc_cause_by(
+            &metrics.rejected_responses,
+            "untrusted_progress",
+            untrusted_progress,
+        );
+    }
     status.send_if_modified(|s| {
-        if revision > s.server_revision {
-            s.server_revision = revision;
-            metrics.server_revision.set(revision);
+        s.untrusted_progress += untrusted_progress;
+        if server_revision > s.server_revision {
+            s.server_revision = server_revision;
+            metrics.server_revision.set(server_revision);
             metrics.lag.set(s.lag());
         }
         false
@@ -443,22 +468,8 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         record_server_revision(&self.status, &self.metrics, revision);
     }
 
-    /// Records what replies told about the server. Untrusted progress replies are
-    /// counted before their revision is recorded, so that a status showing the
-    /// revision also counts the reply.
     fn record_heard(&self, heard: Heard) {
-        if heard.untrusted_progress > 0 {
-            Metrics::inc_cause_by(
-                &self.metrics.rejected_responses,
-                "untrusted_progress",
-                heard.untrusted_progress,
-            );
-            self.status.send_if_modified(|s| {
-                s.untrusted_progress += heard.untrusted_progress;
-                false
-            });
-        }
-        self.saw_server_revision(heard.server_revision);
+        record_heard(&self.status, &self.metrics, heard);
     }
 
     /// Publishes, updates status and metrics, and maybe writes the snapshot file.
