@@ -9,20 +9,28 @@
 //! assert_eq!(req.limit, 0);
 //! # let _ = std::any::type_name::<KvClient<tonic::transport::Channel>>();
 //! ```
+//!
+//! [`key_range`] holds the one rule set for etcd's `key`/`range_end` pairs, shared by
+//! the server, the mirror and the proof.
 
-#![allow(clippy::all, missing_docs)]
+#![warn(missing_docs)]
+
+pub mod key_range;
 
 /// Key-value and event types (`mvccpb`).
+#[allow(clippy::all, missing_docs)]
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
 }
 
 /// Users, roles and permissions (`authpb`).
+#[allow(clippy::all, missing_docs)]
 pub mod authpb {
     tonic::include_proto!("authpb");
 }
 
 /// Services and request/response messages (`etcdserverpb`).
+#[allow(clippy::all, missing_docs)]
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }

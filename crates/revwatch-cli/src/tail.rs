@@ -12,8 +12,7 @@ use anyhow::Context;
 use clap::Args;
 use revwatch::{
     client::{
-        ClientConfig, Credentials, Error, Pem, RangeRequest, RangeResponse, TlsConfig,
-        WatchCreateRequest,
+        ClientConfig, Error, Pem, RangeRequest, RangeResponse, TlsConfig, WatchCreateRequest,
     },
     mirror::{ClientSource, Mirror, MirrorConfig, Source, State, Status, Subscription, Update},
 };
@@ -76,10 +75,7 @@ impl TailArgs {
         if let Some(user) = &self.user {
             let password = std::env::var("REVWATCH_PASSWORD")
                 .context("--user needs the password in REVWATCH_PASSWORD")?;
-            config.credentials = Some(Credentials {
-                user: user.clone(),
-                password,
-            });
+            config = config.with_credentials(user.clone(), password);
         }
         Ok(config)
     }
@@ -104,10 +100,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         None => args.endpoints.clone(),
     };
 
-    let config = MirrorConfig {
-        snapshot_file: args.snapshot_file.clone(),
-        ..MirrorConfig::default()
-    };
+    let config = MirrorConfig::default().with_snapshot_file(args.snapshot_file.clone());
     let (gate, source) = Gated::new(ClientSource::lazy(args.client_config(endpoints)?)?);
     let mirror = Mirror::builder(args.prefix.as_bytes())
         .config(config)
@@ -338,24 +331,12 @@ mod tests {
     use revwatch::mirror::ResyncReason;
 
     fn status(state: State, revision: i64, relists: u64) -> Status {
-        Status {
-            state,
-            revision,
-            server_revision: revision,
-            last_event_at: None,
-            last_error: None,
-            failing: None,
-            endpoint: Some("e".into()),
-            reconnects: Default::default(),
-            relists: [(ResyncReason::Compacted, relists)].into_iter().collect(),
-            rejected_responses: 0,
-            untrusted_progress: 0,
-            unanswered_progress_stalls: 0,
-            decode_failures: Vec::new(),
-            decode_failure_count: 0,
-            loaded_snapshot_written_at: None,
-            keys: 0,
-        }
+        let mut status = Status::new(state);
+        status.revision = revision;
+        status.server_revision = revision;
+        status.endpoint = Some("e".into());
+        status.relists = [(ResyncReason::Compacted, relists)].into_iter().collect();
+        status
     }
 
     #[test]

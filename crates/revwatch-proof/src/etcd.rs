@@ -90,13 +90,13 @@ pub async fn range_at(
 ) -> Result<FullSnapshot, EtcdError> {
     let mut kv = KvClient::new(channel);
     let mut state = State::default();
-    let mut start = range.start.clone();
+    let mut start = range.key().to_vec();
     let mut at = revision;
     loop {
         let resp = kv
             .range(RangeRequest {
                 key: start.clone(),
-                range_end: range.end.clone(),
+                range_end: range.range_end().to_vec(),
                 revision: at,
                 limit: PAGE,
                 ..Default::default()

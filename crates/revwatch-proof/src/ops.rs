@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn delete_of_nothing_changes_nothing() {
-        let op = WriteOp::DeleteRange(KeyRange::between(b"a", b"z"));
+        let op = WriteOp::DeleteRange(KeyRange::new(b"a", b"z"));
         assert!(op.evaluate(&State::default(), 2).changes.is_empty());
     }
 

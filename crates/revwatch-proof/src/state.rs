@@ -56,7 +56,7 @@ impl State {
     /// Entries whose keys lie in `range`, in key order.
     pub fn range<'a>(&'a self, range: &'a KeyRange) -> impl Iterator<Item = (&'a [u8], &'a Entry)> {
         self.entries
-            .range(range.start.clone()..)
+            .range(range.key().to_vec()..)
             .map(|(k, e)| (k.as_slice(), e))
             .take_while(|(k, _)| range.contains(k))
     }

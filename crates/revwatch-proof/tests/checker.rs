@@ -65,7 +65,7 @@ fn fixture() -> Truth {
         WriteOp::LeaseRevoke { lease: 7 }, // 7 deletes /p/b and /p/c
         put("/p/d", "1", 0),               // 8
         put("/p/e", "1", 0),               // 9
-        WriteOp::DeleteRange(KeyRange::between(b"/p/d", b"/p/f")), // 10 range delete
+        WriteOp::DeleteRange(KeyRange::new(b"/p/d", b"/p/f")), // 10 range delete
         put("/o/x", "2", 0),               // 11 (outside)
         put("/p/a", "3", 0),               // 12
         WriteOp::DeleteRange(KeyRange::single(b"/p/a")), // 13
@@ -417,10 +417,9 @@ fn to_ops(specs: &[Spec]) -> Vec<WriteOp> {
                 Spec::Delete { inside, key: k } => {
                     WriteOp::DeleteRange(KeyRange::single(&key(inside, k)))
                 }
-                Spec::Range { from, len } => WriteOp::DeleteRange(KeyRange::between(
-                    &key(true, from),
-                    &key(true, from + len),
-                )),
+                Spec::Range { from, len } => {
+                    WriteOp::DeleteRange(KeyRange::new(&key(true, from), &key(true, from + len)))
+                }
                 Spec::Txn { a, b, version } => {
                     let b = if a == b { (!b.0, b.1) } else { b };
                     WriteOp::Txn(Txn {

@@ -238,16 +238,14 @@ mod tests {
     fn huge_settings_do_not_overflow_the_clock() {
         let now = Instant::now();
         // The longest revision interval the configuration lets through.
-        let never = ServerConfig {
-            auto_compaction: Some(AutoCompaction::Revision {
+        let never = ServerConfig::new("unused")
+            .with_auto_compaction(Some(AutoCompaction::Revision {
                 retention: u64::MAX,
                 interval: Duration::MAX,
-            }),
-            ..ServerConfig::new("unused")
-        }
-        .with_timers_in_range()
-        .auto_compaction
-        .expect("set");
+            }))
+            .with_timers_in_range()
+            .auto_compaction
+            .expect("set");
         let mut c = Compactor::new(never, now, 1).expect("on");
         assert!(c.due() - now > Duration::from_secs(50 * 365 * 24 * 3600));
         assert_eq!(c.tick(c.due(), i64::MAX), None);

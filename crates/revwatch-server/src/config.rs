@@ -6,8 +6,15 @@ use std::time::Duration;
 /// Limits that protect the server from oversized or abusive requests.
 ///
 /// Hitting any of them yields an etcd-style error for that request only; the server keeps
-/// serving everyone else.
+/// serving everyone else. Start from [`Limits::default`] (etcd's defaults) and change the
+/// fields you need; more may be added without a breaking change.
+///
+/// ```
+/// let mut limits = revwatch_server::Limits::default();
+/// limits.max_txn_ops = 16;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest accepted request, in bytes (etcd's `--max-request-bytes`, default 1.5 MiB).
     /// Larger requests fail with InvalidArgument "etcdserver: request is too large".
@@ -164,7 +171,22 @@ pub enum AutoCompactionError {
 }
 
 /// Everything [`Server::open`](crate::Server::open) needs.
+///
+/// Start from [`ServerConfig::new`] (etcd's defaults) and change what you need with the
+/// `with_*` setters or the fields; more settings may be added without a breaking change.
+///
+/// ```
+/// use std::time::Duration;
+/// use revwatch_server::{AutoCompaction, ServerConfig};
+///
+/// let config = ServerConfig::new("/tmp/revwatch-data")
+///     .with_name("mirror-test")
+///     .with_auto_compaction(Some(AutoCompaction::revisions(1000)))
+///     .with_progress_notify_interval(Duration::from_secs(1));
+/// assert_eq!(config.min_lease_ttl, 2);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Directory holding the database file. Created if missing.
     pub data_dir: PathBuf,
@@ -201,6 +223,48 @@ impl ServerConfig {
             checkpoint_interval: Duration::from_millis(100),
             auto_compaction: None,
         }
+    }
+
+    /// Sets [`name`](Self::name).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets [`limits`](Self::limits).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets [`progress_notify_interval`](Self::progress_notify_interval).
+    pub fn with_progress_notify_interval(mut self, interval: Duration) -> Self {
+        self.progress_notify_interval = interval;
+        self
+    }
+
+    /// Sets [`min_lease_ttl`](Self::min_lease_ttl), in seconds.
+    pub fn with_min_lease_ttl(mut self, seconds: i64) -> Self {
+        self.min_lease_ttl = seconds;
+        self
+    }
+
+    /// Sets [`lease_check_interval`](Self::lease_check_interval).
+    pub fn with_lease_check_interval(mut self, interval: Duration) -> Self {
+        self.lease_check_interval = interval;
+        self
+    }
+
+    /// Sets [`checkpoint_interval`](Self::checkpoint_interval).
+    pub fn with_checkpoint_interval(mut self, interval: Duration) -> Self {
+        self.checkpoint_interval = interval;
+        self
+    }
+
+    /// Sets [`auto_compaction`](Self::auto_compaction); `None` turns it off.
+    pub fn with_auto_compaction(mut self, auto_compaction: Option<AutoCompaction>) -> Self {
+        self.auto_compaction = auto_compaction;
+        self
     }
 
     /// This configuration with every timer period where the server's timers can take it:
@@ -252,14 +316,12 @@ mod tests {
         };
         // Every timer set to `d`, then brought in range.
         let all = |d| {
-            ServerConfig {
-                progress_notify_interval: d,
-                lease_check_interval: d,
-                checkpoint_interval: d,
-                auto_compaction: revision(d),
-                ..ServerConfig::new("d")
-            }
-            .with_timers_in_range()
+            ServerConfig::new("d")
+                .with_progress_notify_interval(d)
+                .with_lease_check_interval(d)
+                .with_checkpoint_interval(d)
+                .with_auto_compaction(revision(d))
+                .with_timers_in_range()
         };
         let zero = all(Duration::ZERO);
         assert_eq!(zero.progress_notify_interval, MIN_TIMER);

@@ -33,19 +33,23 @@ mod checkpoint;
 mod compactor;
 mod config;
 mod error;
+#[cfg(feature = "fault-injection")]
+mod fault_controller;
 mod faults;
 mod hash;
 mod lease;
 mod mvcc;
 mod server;
 mod service;
+mod shared;
 mod store;
 mod validate;
 mod wal;
 mod watch;
+mod watch_hub;
 
 pub use config::{AutoCompaction, AutoCompactionError, Limits, ServerConfig};
 pub use error::{EtcdError, ServerError};
 #[cfg(feature = "fault-injection")]
-pub use faults::{FaultController, WatchStreamInfo};
+pub use fault_controller::{FaultController, WatchStreamInfo};
 pub use server::{RunningServer, Server};

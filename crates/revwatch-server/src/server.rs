@@ -10,7 +10,6 @@ use etcd_proto::etcdserverpb::kv_server::KvServer;
 use etcd_proto::etcdserverpb::lease_server::LeaseServer;
 use etcd_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use etcd_proto::etcdserverpb::watch_server::WatchServer;
-use etcd_proto::etcdserverpb::{AlarmMember, ResponseHeader};
 use futures::Stream;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
@@ -21,48 +20,12 @@ use crate::config::ServerConfig;
 use crate::error::ServerError;
 use crate::faults::Faults;
 use crate::service::{ClusterService, KvService, LeaseService, MaintenanceService, WatchService};
+use crate::shared::Core;
 use crate::store::{Store, StoreOptions};
-use crate::watch::WatchHub;
+use crate::watch_hub::WatchHub;
 
 /// Extra room etcd allows above the request limit for gRPC framing.
 const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
-
-/// State shared by every service.
-pub(crate) struct Core {
-    pub store: Store,
-    pub hub: WatchHub,
-    pub faults: Arc<Faults>,
-    pub config: ServerConfig,
-    pub alarms: Mutex<Vec<AlarmMember>>,
-    pub client_urls: Mutex<Vec<String>>,
-}
-
-impl Core {
-    /// A full response header at `revision`.
-    pub fn header(&self, revision: i64) -> Option<ResponseHeader> {
-        let id = self.store.identity();
-        Some(ResponseHeader {
-            cluster_id: id.cluster_id,
-            member_id: id.member_id,
-            revision,
-            raft_term: id.raft_term,
-        })
-    }
-
-    /// Completes a header built by the store: identity, term, and the current revision when
-    /// none was set (like etcd's `header.fill`).
-    pub fn fill(&self, header: &mut Option<ResponseHeader>) {
-        let rev = header
-            .map(|h| h.revision)
-            .filter(|r| *r != 0)
-            .unwrap_or_else(|| self.store.read_rev());
-        *header = self.header(rev);
-    }
-
-    pub fn alarms(&self) -> std::sync::MutexGuard<'_, Vec<AlarmMember>> {
-        self.alarms.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
 
 /// An embedded single-member etcd v3 server.
 ///
@@ -110,8 +73,8 @@ impl Server {
         let hub = WatchHub::new(config.limits.max_watchers);
         Ok(Self {
             core: Arc::new(Core {
-                store,
-                hub,
+                store: Arc::new(store),
+                hub: Arc::new(hub),
                 faults,
                 config,
                 alarms: Mutex::new(Vec::new()),
@@ -143,10 +106,10 @@ impl Server {
 
     /// Fault hooks for tests.
     #[cfg(feature = "fault-injection")]
-    pub fn faults(&self) -> crate::faults::FaultController {
-        crate::faults::FaultController {
-            core: self.core.clone(),
-        }
+    pub fn faults(&self) -> crate::fault_controller::FaultController {
+        let core = &self.core;
+        let (faults, store, hub) = (core.faults.clone(), core.store.clone(), core.hub.clone());
+        crate::fault_controller::FaultController::new(faults, store, hub)
     }
 
     /// Serves on `listener` until `shutdown` resolves; then open streams are ended and the
@@ -289,12 +252,6 @@ impl Drop for RunningServer {
             let _ = stop.send(());
         }
     }
-}
-
-/// Resolves once `stop` turns true (or its sender is gone).
-pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns must not live across an await in the caller.
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
 /// Accepted connections, minus those a fault refuses, each behind [`AuthorityFix`] so that

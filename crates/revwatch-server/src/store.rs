@@ -19,6 +19,7 @@ use etcd_proto::etcdserverpb::{
     LeaseGrantResponse, LeaseRevokeResponse, PutRequest, PutResponse, ResponseHeader, TxnRequest,
     TxnResponse,
 };
+use etcd_proto::key_range::KeyRange;
 use tokio::sync::{oneshot, watch};
 
 use crate::backend::{Backend, Batch, Identity};
@@ -28,7 +29,7 @@ use crate::config::AutoCompaction;
 use crate::error::{EtcdError, ServerError};
 use crate::faults::Faults;
 use crate::lease::{LeaseInfo, LeaseTable};
-use crate::mvcc::{self, KeyRange, MvccState};
+use crate::mvcc::{self, MvccState};
 use crate::wal::{self, Wal};
 
 /// The log's directory inside the data directory.
@@ -407,7 +408,7 @@ impl Apply<'_> {
             .ok_or(EtcdError::LeaseNotFound)?;
         let mut w = self.state.write();
         for key in keys {
-            w.delete_range(&KeyRange::Single(key));
+            w.delete_range(&KeyRange::single(&key));
         }
         self.batch.records.extend(w.finish());
         self.batch.lease_del.push(id);

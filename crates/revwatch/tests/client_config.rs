@@ -51,8 +51,8 @@ async fn invalid_endpoint_urls_are_rejected() {
         let err = connect_err(ClientConfig::new(Vec::<String>::new())).await;
         assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
 
-        let mut cfg = ClientConfig::new(["127.0.0.1:2379"]);
-        cfg.keepalive_interval = Duration::from_secs(2);
+        let cfg =
+            ClientConfig::new(["127.0.0.1:2379"]).with_keepalive_interval(Duration::from_secs(2));
         let err = connect_err(cfg).await;
         assert!(err.to_string().contains("keepalive_interval"), "{err}");
     })
@@ -116,10 +116,10 @@ async fn connect_timeout_bounds_an_endpoint_that_never_accepts() {
     bounded(LIMIT, async {
         let (listener, _fillers) = black_hole().await;
         let endpoint = listener.local_addr().expect("addr").to_string();
-        let mut cfg = ClientConfig::new([endpoint.clone()]);
-        cfg.connect_timeout = Duration::from_millis(500);
-        // Far above the connect timeout, so only the connect timeout can end this soon.
-        cfg.request_timeout = Duration::from_secs(30);
+        let cfg = ClientConfig::new([endpoint.clone()])
+            .with_connect_timeout(Duration::from_millis(500))
+            // Far above the connect timeout, so only the connect timeout can end this soon.
+            .with_request_timeout(Duration::from_secs(30));
 
         let started = std::time::Instant::now();
         let err = connect_err(cfg).await;
@@ -154,9 +154,9 @@ async fn endpoint_that_accepts_but_never_answers_times_out() {
                 held.push(stream);
             }
         });
-        let mut cfg = ClientConfig::new([endpoint.clone()]);
-        cfg.connect_timeout = Duration::from_millis(500);
-        cfg.request_timeout = Duration::from_secs(2);
+        let cfg = ClientConfig::new([endpoint.clone()])
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_request_timeout(Duration::from_secs(2));
 
         let started = std::time::Instant::now();
         let err = connect_err(cfg).await;

@@ -356,12 +356,12 @@ async fn watch_on_member_that_loses_its_leader_fails_with_no_leader() {
         // A new watch is refused at once: etcd checks require-leader when the stream
         // opens. A client of that member alone, with a short retry budget, gets the
         // same typed error rather than a hang.
-        let mut cfg = config_for(&cluster);
-        cfg.endpoints = vec![cluster.endpoint(survivor)];
-        cfg.retry = RetryPolicy {
-            max_elapsed: Duration::from_secs(2),
-            ..RetryPolicy::default()
-        };
+        let cfg = config_for(&cluster)
+            .with_endpoints([cluster.endpoint(survivor)])
+            .with_retry(RetryPolicy {
+                max_elapsed: Duration::from_secs(2),
+                ..RetryPolicy::default()
+            });
         let lone = Client::connect(cfg)
             .await
             .expect("connect: the member still answers Status");

@@ -11,47 +11,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_proto::etcdserverpb::request_op::Request as Op;
 use etcd_proto::mvccpb::event::EventType;
-use mirror_support::scenarios::{
-    P, WAIT, assert_converged, bounded, client_config, mirror_config, put, start, writer,
+use mirror_support::etcd::run_on_etcd;
+use mirror_support::setup::{
+    P, WAIT, assert_converged, delete_op, mirror_config, put, put_op, source, start, start_with,
+    txn,
 };
 use mirror_support::{Replay, snap_kvs, truth};
 use revwatch::client::{
-    Client, CompactionRequest, DeleteRangeRequest, Error, PutRequest, RangeRequest, RangeResponse,
-    RequestOp, TxnRequest, WatchCreateRequest, WatchStream,
+    Client, CompactionRequest, Error, RangeRequest, RangeResponse, WatchCreateRequest, WatchStream,
 };
 use revwatch::mirror::{
-    ChangeKind, ClientSource, MemoryOp, MemorySource, Mirror, MirrorConfig, ResyncReason, Source,
-    State, Subscription, Update,
+    ChangeKind, ClientSource, MemoryOp, MemorySource, Mirror, ResyncReason, Source, State,
+    Subscription, Update,
 };
-use revwatch_testkit::etcd::EtcdCluster;
 use revwatch_testkit::proxy::{Fault, FaultProxy};
 
 /// One revision that puts `{P}t` and deletes `{P}k`; returns it.
 async fn put_t_delete_k(etcd: &Client) -> i64 {
-    let resp = etcd
-        .txn(TxnRequest {
-            success: vec![
-                RequestOp {
-                    request: Some(Op::RequestPut(PutRequest {
-                        key: format!("{P}t").into(),
-                        value: b"t".to_vec(),
-                        ..Default::default()
-                    })),
-                },
-                RequestOp {
-                    request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
-                        key: format!("{P}k").into(),
-                        ..Default::default()
-                    })),
-                },
-            ],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    resp.header.unwrap().revision
+    let ops = vec![put_op(&format!("{P}t"), "t"), delete_op(&format!("{P}k"))];
+    txn(etcd, ops).await
 }
 
 async fn compact(etcd: &Client, revision: i64) {
@@ -82,9 +61,7 @@ fn events_of(resp: &etcd_proto::etcdserverpb::WatchResponse) -> Vec<(String, i32
 /// put of a txn at C without its delete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_watch_from_the_compaction_revision_misses_its_deletes() {
-    bounded(Duration::from_secs(60), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(60), async |_cluster, etcd| {
         put(&etcd, &format!("{P}k"), "1").await;
         let c = put_t_delete_k(&etcd).await;
         compact(&etcd, c).await;
@@ -196,9 +173,7 @@ async fn assert_resynced_without_k(
 /// mirror relists instead, and ends equal to etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_at_the_compaction_revision_relists() {
-    bounded(Duration::from_secs(120), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
         put(&etcd, &format!("{P}k"), "1").await;
         put(&etcd, &format!("{P}keep"), "1").await;
         let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
@@ -253,22 +228,16 @@ impl Source for CompactAfterCheck {
 /// relists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_racing_the_catch_up_relists() {
-    bounded(Duration::from_secs(120), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
         put(&etcd, &format!("{P}k"), "1").await;
         let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
         let at = Arc::new(Mutex::new(None));
         let source = CompactAfterCheck {
-            inner: ClientSource::lazy(client_config(vec![proxy.endpoint()])).unwrap(),
+            inner: source(vec![proxy.endpoint()]),
             admin: etcd.clone(),
             at: Arc::clone(&at),
         };
-        let mirror = Mirror::builder(P)
-            .config(mirror_config())
-            .start(source)
-            .await
-            .unwrap();
+        let mirror = start_with(source, mirror_config(), |b| b).await;
         mirror.wait_ready().await.unwrap();
         let mut sub = mirror.subscribe();
         let last = cut_off_in_sync(&mirror, &etcd, &proxy).await;
@@ -287,11 +256,7 @@ async fn compaction_racing_the_catch_up_relists() {
 async fn memory_resume_at_the_compaction_revision_relists() {
     let src = MemorySource::new();
     src.put(format!("{P}k").as_bytes(), b"1");
-    let mirror = Mirror::builder(P)
-        .config(mirror_config())
-        .start(src.clone())
-        .await
-        .unwrap();
+    let mirror = start_with(src.clone(), mirror_config(), |b| b).await;
     mirror.wait_ready().await.unwrap();
     let last = src.revision();
     mirror.snapshot_at_least(last, WAIT).await.unwrap();
@@ -329,16 +294,12 @@ async fn memory_resume_at_the_compaction_revision_relists() {
 /// though history was compacted up to it meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_shutdown_writes_the_final_snapshot() {
-    bounded(Duration::from_secs(120), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
         let dir = tempfile::tempdir().unwrap();
-        let config = MirrorConfig {
-            snapshot_file: Some(dir.path().join("m.snap")),
+        let config = mirror_config()
+            .with_snapshot_file(dir.path().join("m.snap"))
             // Only the first publish is written on the timer.
-            snapshot_interval: Duration::from_secs(3600),
-            ..mirror_config()
-        };
+            .with_snapshot_interval(Duration::from_secs(3600));
         put(&etcd, &format!("{P}a"), "1").await;
         let first = start(cluster.endpoints(), config.clone()).await;
         first.wait_ready().await.unwrap();
@@ -377,14 +338,8 @@ async fn clean_shutdown_writes_the_final_snapshot() {
 async fn ready_only_once_caught_up() {
     let src = MemorySource::new();
     src.put(format!("{P}a").as_bytes(), b"1");
-    let mirror = Mirror::builder(P)
-        .config(MirrorConfig {
-            catch_up_grace: Duration::from_secs(3600),
-            ..mirror_config()
-        })
-        .start(src.clone())
-        .await
-        .unwrap();
+    let config = mirror_config().with_catch_up_grace(Duration::from_secs(3600));
+    let mirror = start_with(src.clone(), config, |b| b).await;
     mirror.wait_ready().await.unwrap();
     let mut status = mirror.status_changes();
     src.set_unreachable(true);

@@ -8,74 +8,23 @@ mod mirror_support;
 
 use std::time::{Duration, Instant};
 
-use mirror_support::Replay;
-use mirror_support::embedded::Embedded;
-use mirror_support::scenarios::{
-    self, P, Target, WAIT, assert_converged, bounded, mirror_config, put, start, writer,
+use mirror_support::embedded::{Embedded, run_on_embedded};
+use mirror_support::scenarios::scenario_tests;
+use mirror_support::setup::{
+    P, Target, WAIT, assert_converged, followed_mirror, mirror_config, put,
 };
 use revwatch::mirror::{ReconnectCause, State};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn initial_list_across_pages_while_writes_continue() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        scenarios::initial_list_across_pages_while_writes_continue(&server).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn txns_and_lease_expiry_arrive_atomically() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        scenarios::txns_and_lease_expiry_arrive_atomically(&server).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_on_same_data_resumes_without_relist() {
-    bounded(Duration::from_secs(120), async {
-        let mut server = Embedded::start().await;
-        scenarios::kill_and_restart_resumes_without_relist(&mut server).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compaction_while_disconnected_relists_with_exact_diff() {
-    bounded(Duration::from_secs(120), async {
-        let server = Embedded::start().await;
-        scenarios::compaction_while_disconnected_relists_with_exact_diff(&server).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_from_persisted_snapshot_and_start_with_server_down() {
-    bounded(Duration::from_secs(150), async {
-        let mut server = Embedded::start().await;
-        scenarios::restart_from_persisted_snapshot_and_start_with_etcd_down(&mut server).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_value_is_isolated() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        scenarios::bad_value_is_isolated(&server).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_is_resynced() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        scenarios::slow_subscriber_is_resynced(&server).await;
-    })
-    .await;
+scenario_tests! {
+    target: Embedded::start().await;
+    initial_list_across_pages_while_writes_continue(90);
+    txns_and_lease_expiry_arrive_atomically(90);
+    restart_on_same_data_resumes_without_relist(120) = kill_and_restart_resumes_without_relist;
+    compaction_while_disconnected_relists_with_exact_diff(120);
+    restart_from_persisted_snapshot_and_start_with_server_down(150) =
+        restart_from_persisted_snapshot_and_start_with_etcd_down;
+    bad_value_is_isolated(90);
+    slow_subscriber_is_resynced(90);
 }
 
 /// The mirror's stream stops answering (events and progress replies held back)
@@ -83,16 +32,11 @@ async fn slow_subscriber_is_resynced() {
 /// resumes on a new stream at the next revision, losing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_watch_stream_is_detected_within_the_bound_and_resumed() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
+    run_on_embedded(Duration::from_secs(90), async |server, etcd| {
         let r0 = put(&etcd, &format!("{P}a"), "1").await;
         let config = mirror_config();
         let bound = config.stall_timeout;
-        let mirror = start(server.endpoints(), config).await;
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        let mut replay = Replay::default();
+        let (mirror, mut sub, mut replay) = followed_mirror(server.endpoints(), config).await;
         replay.follow_until(&mut sub, r0, WAIT).await;
         let stalled = server.mirror_stream(None).await;
         // Longer than the whole wait below: only a new stream can deliver.
@@ -132,13 +76,9 @@ async fn stalled_watch_stream_is_detected_within_the_bound_and_resumed() {
 /// the mirror past writes outside its prefix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_progress_replies_never_move_the_mirror_back() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
-        let mirror = start(server.endpoints(), mirror_config()).await;
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        let mut replay = Replay::default();
+    run_on_embedded(Duration::from_secs(90), async |server, etcd| {
+        let (mirror, mut sub, mut replay) =
+            followed_mirror(server.endpoints(), mirror_config()).await;
         // A third of the stall bound: replies come late, but well within it.
         server.faults().delay_progress(Some(Duration::from_secs(1)));
         for round in 0..5 {
@@ -173,13 +113,9 @@ async fn delayed_progress_replies_never_move_the_mirror_back() {
 /// the open connection, with no relist and nothing lost or repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watch_streams_resume_without_relist() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
-        let mirror = start(server.endpoints(), mirror_config()).await;
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        let mut replay = Replay::default();
+    run_on_embedded(Duration::from_secs(90), async |server, etcd| {
+        let (mirror, mut sub, mut replay) =
+            followed_mirror(server.endpoints(), mirror_config()).await;
         // The writer's connection is open before new ones are refused.
         put(&etcd, "other/x", "outside").await;
         server.faults().refuse_connections(true);

@@ -8,88 +8,36 @@
 
 mod mirror_support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mirror_support::Replay;
-use mirror_support::scenarios::{
-    self, P, Target, WAIT, assert_converged, bounded, mirror_config, put, start, writer,
+use mirror_support::etcd::{self, run_on_etcd};
+use mirror_support::scenarios::scenario_tests;
+use mirror_support::setup::{
+    P, WAIT, assert_converged, bounded, mirror_config, put, start, writer,
 };
 use revwatch::client::{Client, PutRequest};
 use revwatch::mirror::{Mirror, MirrorConfig, ReconnectCause, State};
 use revwatch_testkit::etcd::{ClusterOptions, EtcdCluster};
 use revwatch_testkit::grpc_proxy::GrpcProxy;
 
-/// A single-member cluster: stopping means `kill -9`.
-impl Target for EtcdCluster {
-    fn endpoints(&self) -> Vec<String> {
-        EtcdCluster::endpoints(self)
-    }
-
-    fn client_addr(&self) -> SocketAddr {
-        EtcdCluster::client_addr(self, 0)
-    }
-
-    async fn stop(&mut self) {
-        self.kill(0).unwrap();
-    }
-
-    async fn restart(&mut self) {
-        EtcdCluster::restart(self, 0).await.unwrap();
-    }
-
-    async fn compact(&self, revision: i64) {
-        EtcdCluster::compact(self, revision).await.unwrap();
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn initial_list_across_pages_while_writes_continue() {
-    bounded(Duration::from_secs(90), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        scenarios::initial_list_across_pages_while_writes_continue(&cluster).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn txns_and_lease_expiry_arrive_atomically() {
-    bounded(Duration::from_secs(90), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        scenarios::txns_and_lease_expiry_arrive_atomically(&cluster).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_and_restart_resumes_without_relist() {
-    bounded(Duration::from_secs(120), async {
-        let mut cluster = EtcdCluster::single().await.unwrap();
-        scenarios::kill_and_restart_resumes_without_relist(&mut cluster).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compaction_while_disconnected_relists_with_exact_diff() {
-    bounded(Duration::from_secs(120), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        scenarios::compaction_while_disconnected_relists_with_exact_diff(&cluster).await;
-    })
-    .await;
+scenario_tests! {
+    target: etcd::single().await;
+    initial_list_across_pages_while_writes_continue(90);
+    txns_and_lease_expiry_arrive_atomically(90);
+    kill_and_restart_resumes_without_relist(120);
+    compaction_while_disconnected_relists_with_exact_diff(120);
+    restart_from_persisted_snapshot_and_start_with_etcd_down(150);
+    bad_value_is_isolated(90);
+    slow_subscriber_is_resynced(90);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_member_is_detected_within_the_bound() {
-    bounded(Duration::from_secs(120), async {
-        let mut cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
         put(&etcd, &format!("{P}a"), "1").await;
         // Default stall bound (10 s).
-        let config = MirrorConfig {
-            retry_backoff: mirror_config().retry_backoff,
-            ..MirrorConfig::default()
-        };
+        let config = MirrorConfig::default().with_retry_backoff(mirror_config().retry_backoff);
         let mirror = start(cluster.endpoints(), config).await;
         mirror.wait_ready().await.unwrap();
         cluster.freeze(0).unwrap();
@@ -157,33 +105,6 @@ async fn three_member_cluster_losing_its_leader() {
         assert!(mirror.status().relists.is_empty());
         assert_converged(&mirror, &etcd).await;
         cluster.restart(leader).await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_from_persisted_snapshot_and_start_with_etcd_down() {
-    bounded(Duration::from_secs(150), async {
-        let mut cluster = EtcdCluster::single().await.unwrap();
-        scenarios::restart_from_persisted_snapshot_and_start_with_etcd_down(&mut cluster).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_value_is_isolated() {
-    bounded(Duration::from_secs(90), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        scenarios::bad_value_is_isolated(&cluster).await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_is_resynced() {
-    bounded(Duration::from_secs(90), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        scenarios::slow_subscriber_is_resynced(&cluster).await;
     })
     .await;
 }

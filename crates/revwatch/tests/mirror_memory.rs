@@ -7,6 +7,7 @@ mod mirror_support;
 use std::time::Duration;
 
 use bytes::Bytes;
+use mirror_support::setup::assert_not_ready;
 use mirror_support::{Replay, snap_kvs, truth};
 use revwatch::client::{Backoff, ResponseHeader, WatchResponse};
 use revwatch::mirror::{
@@ -18,17 +19,15 @@ const P: &[u8] = b"p/";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn fast_config() -> MirrorConfig {
-    MirrorConfig {
-        page_size: 3,
-        progress_interval: Duration::from_millis(50),
-        stall_timeout: Duration::from_millis(300),
-        retry_backoff: Backoff {
+    MirrorConfig::default()
+        .with_page_size(3)
+        .with_progress_interval(Duration::from_millis(50))
+        .with_stall_timeout(Duration::from_millis(300))
+        .with_retry_backoff(Backoff {
             base: Duration::from_millis(2),
             max: Duration::from_millis(20),
-        },
-        progress_trust: ProgressTrust::Immediate,
-        ..MirrorConfig::default()
-    }
+        })
+        .with_progress_trust(ProgressTrust::Immediate)
 }
 
 async fn start(src: &MemorySource, config: MirrorConfig) -> Mirror {
@@ -98,6 +97,17 @@ async fn resumes_after_disconnect_without_relist() {
     assert_converged(&mirror, &src).await;
 }
 
+/// Cuts the mirror off, makes the changes `change` returns the last revision of,
+/// compacts history up to it, and lets the mirror back in; returns that revision.
+fn compacted_while_cut_off(src: &MemorySource, change: impl FnOnce(&MemorySource) -> i64) -> i64 {
+    src.set_unreachable(true);
+    src.disconnect_watches();
+    let last = change(src);
+    src.compact(last);
+    src.set_unreachable(false);
+    last
+}
+
 #[tokio::test]
 async fn compaction_while_disconnected_relists_with_an_exact_diff() {
     let src = MemorySource::new();
@@ -107,13 +117,11 @@ async fn compaction_while_disconnected_relists_with_an_exact_diff() {
     let mirror = start(&src, fast_config()).await;
     mirror.wait_ready().await.unwrap();
     let mut sub = mirror.subscribe();
-    src.set_unreachable(true);
-    src.disconnect_watches();
-    src.put(b"p/change", b"2");
-    src.delete(b"p/gone");
-    let last = src.put(b"p/added", b"3");
-    src.compact(last);
-    src.set_unreachable(false);
+    let last = compacted_while_cut_off(&src, |src| {
+        src.put(b"p/change", b"2");
+        src.delete(b"p/gone");
+        src.put(b"p/added", b"3")
+    });
     let mut replay = Replay::default();
     replay.follow_until(&mut sub, last, WAIT).await;
     assert_eq!(replay.batches, vec![(last, true)]);
@@ -131,13 +139,11 @@ async fn relist_batch_holds_exactly_the_difference() {
     mirror.wait_ready().await.unwrap();
     let mut sub = mirror.subscribe();
     assert!(matches!(sub.recv().await, Some(Update::Snapshot(_))));
-    src.set_unreachable(true);
-    src.disconnect_watches();
-    src.put(b"p/b", b"2");
-    src.delete(b"p/c");
-    let last = src.put(b"p/e", b"1");
-    src.compact(last);
-    src.set_unreachable(false);
+    compacted_while_cut_off(&src, |src| {
+        src.put(b"p/b", b"2");
+        src.delete(b"p/c");
+        src.put(b"p/e", b"1")
+    });
     let Some(Update::Batch(b)) = tokio::time::timeout(WAIT, sub.recv()).await.unwrap() else {
         panic!("expected a batch");
     };
@@ -191,13 +197,10 @@ async fn frozen_stream_is_detected_and_resumed() {
 #[tokio::test]
 async fn streams_failing_right_after_creation_back_off() {
     let src = MemorySource::new();
-    let config = MirrorConfig {
-        retry_backoff: Backoff {
-            base: Duration::from_millis(10),
-            max: Duration::from_millis(100),
-        },
-        ..fast_config()
-    };
+    let config = fast_config().with_retry_backoff(Backoff {
+        base: Duration::from_millis(10),
+        max: Duration::from_millis(100),
+    });
     let mirror = start(&src, config).await;
     mirror.wait_ready().await.unwrap();
     src.set_fail_after_created(true);
@@ -297,10 +300,7 @@ async fn late_subscriber_gets_current_snapshot_then_every_batch() {
 #[tokio::test]
 async fn slow_subscriber_is_resynced_with_bounded_buffer() {
     let src = MemorySource::new();
-    let config = MirrorConfig {
-        subscriber_buffer: 4,
-        ..fast_config()
-    };
+    let config = fast_config().with_subscriber_buffer(4);
     let mirror = start(&src, config).await;
     mirror.wait_ready().await.unwrap();
     let mut slow = mirror.subscribe();
@@ -347,10 +347,7 @@ async fn bad_values_are_isolated_by_policy() {
         let src = MemorySource::new();
         src.put(b"p/n", b"1");
         let mirror = Mirror::builder(P)
-            .config(MirrorConfig {
-                decode_policy: policy,
-                ..fast_config()
-            })
+            .config(fast_config().with_decode_policy(policy))
             .decoder(
                 |_k: &[u8], v: &[u8]| -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
                     Ok(std::str::from_utf8(v)?.parse::<u64>()?)
@@ -384,32 +381,12 @@ async fn wait_ready_reports_the_cause() {
     let src = MemorySource::new();
     src.set_permission_denied(true);
     let mirror = start(&src, fast_config()).await;
-    let err = mirror.wait_ready().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            MirrorError::NotReady {
-                kind: FailureKind::PermissionDenied,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_not_ready(&mirror, FailureKind::PermissionDenied).await;
     assert_eq!(mirror.status().state, State::Degraded);
     src.set_permission_denied(false);
     src.set_unreachable(true);
     let mirror = start(&src, fast_config()).await;
-    let err = mirror.wait_ready().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            MirrorError::NotReady {
-                kind: FailureKind::Unreachable,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_not_ready(&mirror, FailureKind::Unreachable).await;
     src.set_unreachable(false);
     // It keeps retrying and gets ready once the source is back.
     tokio::time::timeout(WAIT, async {
@@ -431,7 +408,13 @@ async fn snapshot_at_least_times_out_clearly() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, MirrorError::Timeout { wanted: 1000, .. }),
+        matches!(
+            err,
+            MirrorError::Timeout {
+                wanted: Some(1000),
+                ..
+            }
+        ),
         "{err}"
     );
     // A revision with no change in the prefix is reached through a bookmark.
@@ -446,10 +429,7 @@ async fn confirmed_progress_trust_reaches_quiet_revisions() {
     src.put(b"p/a", b"1");
     let mirror = start(
         &src,
-        MirrorConfig {
-            progress_trust: ProgressTrust::Confirmed,
-            ..fast_config()
-        },
+        fast_config().with_progress_trust(ProgressTrust::Confirmed),
     )
     .await;
     mirror.wait_ready().await.unwrap();
@@ -483,11 +463,9 @@ async fn fragmented_replies_are_applied_whole() {
 async fn persisted_snapshot_is_resumed_and_served_stale() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mirror.snap");
-    let config = MirrorConfig {
-        snapshot_file: Some(file.clone()),
-        snapshot_interval: Duration::from_millis(10),
-        ..fast_config()
-    };
+    let config = fast_config()
+        .with_snapshot_file(file.clone())
+        .with_snapshot_interval(Duration::from_millis(10));
     let src = MemorySource::new();
     for i in 0..5 {
         src.put(format!("p/{i}").as_bytes(), b"v");
@@ -502,10 +480,9 @@ async fn persisted_snapshot_is_resumed_and_served_stale() {
             loop {
                 let m = start(
                     &MemorySource::new(),
-                    MirrorConfig {
-                        snapshot_interval: Duration::from_secs(3600),
-                        ..config.clone()
-                    },
+                    config
+                        .clone()
+                        .with_snapshot_interval(Duration::from_secs(3600)),
                 )
                 .await;
                 if m.snapshot().revision() == rev {
@@ -548,14 +525,7 @@ async fn corrupt_snapshot_file_is_reported_and_ignored() {
     std::fs::write(&file, b"RWSNAP01 definitely not a snapshot").unwrap();
     let src = MemorySource::new();
     src.put(b"p/a", b"1");
-    let mirror = start(
-        &src,
-        MirrorConfig {
-            snapshot_file: Some(file),
-            ..fast_config()
-        },
-    )
-    .await;
+    let mirror = start(&src, fast_config().with_snapshot_file(file)).await;
     let err = mirror.status().last_error.expect("reported");
     assert!(err.message.contains("corrupt"), "{}", err.message);
     mirror.wait_ready().await.unwrap();
@@ -616,11 +586,9 @@ async fn backlog_without_subscribers_is_published_exactly() {
     for i in 0..30 {
         src.put(format!("p/{i:02}").as_bytes(), b"v");
     }
-    let config = MirrorConfig {
-        progress_interval: Duration::from_secs(10),
-        stall_timeout: Duration::from_secs(30),
-        ..fast_config()
-    };
+    let config = fast_config()
+        .with_progress_interval(Duration::from_secs(10))
+        .with_stall_timeout(Duration::from_secs(30));
     let mut registry = prometheus_client::registry::Registry::default();
     let mirror = Mirror::builder(P)
         .config(config)
@@ -681,13 +649,11 @@ async fn backlog_without_subscribers_is_published_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_made_while_a_backlog_drains_miss_nothing() {
     let src = MemorySource::new();
-    let config = MirrorConfig {
-        progress_interval: Duration::from_secs(10),
-        stall_timeout: Duration::from_secs(30),
+    let config = fast_config()
+        .with_progress_interval(Duration::from_secs(10))
+        .with_stall_timeout(Duration::from_secs(30))
         // Nobody reads until the end: no subscriber may lag.
-        subscriber_buffer: 10_000,
-        ..fast_config()
-    };
+        .with_subscriber_buffer(10_000);
     let mirror = start(&src, config).await;
     mirror.wait_ready().await.unwrap();
     // Only the first subscription of a round can meet a run (the others turn

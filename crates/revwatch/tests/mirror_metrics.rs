@@ -9,115 +9,26 @@ mod mirror_support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use etcd_proto::etcdserverpb::request_op::Request as Op;
-use mirror_support::scenarios::{P, WAIT, bounded, client_config, mirror_config, put, writer};
-use mirror_support::{snap_kvs, truth};
-use prometheus_client::encoding::text::encode;
+use mirror_support::etcd::run_on_etcd;
+use mirror_support::eventually;
+use mirror_support::metrics::{Scrape, scrape};
+use mirror_support::setup::{
+    P, WAIT, assert_converged_utf8, delete, mirror_config, put, put_bytes, put_op, source,
+    start_with, txn,
+};
 use prometheus_client::registry::Registry;
-use revwatch::client::{Client, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest};
-use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, ResyncReason, State, Update};
-use revwatch_testkit::etcd::EtcdCluster;
+use revwatch::mirror::{ResyncReason, State, Update};
 use revwatch_testkit::proxy::{Fault, FaultProxy};
 
-/// One scrape: the text, and every sample by name (with labels).
-struct Scrape {
-    text: String,
-    samples: BTreeMap<String, f64>,
-}
-
-fn scrape(registry: &Registry) -> Scrape {
-    let mut text = String::new();
-    encode(&mut text, registry).unwrap();
-    let samples = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').unwrap();
-            (name.to_string(), value.parse().unwrap())
-        })
-        .collect();
-    Scrape { text, samples }
-}
-
-impl Scrape {
-    /// The value of `revwatch_mirror_<name>`, which must be present.
-    fn get(&self, name: &str) -> f64 {
-        let full = format!("revwatch_mirror_{name}");
-        *self
-            .samples
-            .get(&full)
-            .unwrap_or_else(|| panic!("metric {full} missing from\n{}", self.text))
-    }
-
-    fn int(&self, name: &str) -> i64 {
-        self.get(name) as i64
-    }
-
-    /// The value of a by-cause counter, 0 if that cause never happened.
-    fn by_cause(&self, name: &str, cause: &str) -> u64 {
-        let full = format!("revwatch_mirror_{name}_total{{cause=\"{cause}\"}}");
-        self.samples.get(&full).map_or(0, |v| *v as u64)
-    }
-
-    /// Every cause of a by-cause counter that happened, with its count.
-    fn happened(&self, name: &str) -> BTreeMap<String, u64> {
-        let mut causes = self.causes(name);
-        causes.retain(|_, n| *n > 0);
-        causes
-    }
-
-    /// Every cause of a by-cause counter, with its value.
-    fn causes(&self, name: &str) -> BTreeMap<String, u64> {
-        let head = format!("revwatch_mirror_{name}_total{{cause=\"");
-        self.samples
-            .iter()
-            .filter_map(|(k, v)| {
-                let cause = k.strip_prefix(&head)?.strip_suffix("\"}")?;
-                Some((cause.to_string(), *v as u64))
-            })
-            .collect()
-    }
-
-    /// Every metric is described, whether or not it has a sample yet.
-    fn assert_described(&self) {
-        for (name, kind) in [
-            ("watch_streams_opened", "counter"),
-            ("reconnects", "counter"),
-            ("relists", "counter"),
-            ("events_applied", "counter"),
-            ("revisions_applied", "counter"),
-            ("revision", "gauge"),
-            ("server_revision", "gauge"),
-            ("lag_revisions", "gauge"),
-            ("apply_seconds", "histogram"),
-            ("decode_errors", "counter"),
-            ("rejected_responses", "counter"),
-            ("subscribers", "gauge"),
-            ("subscriber_lagged", "counter"),
-            ("subscriber_resyncs", "counter"),
-            ("snapshot_file_writes", "counter"),
-        ] {
-            let line = format!("# TYPE revwatch_mirror_{name} {kind}");
-            assert!(
-                self.text.lines().any(|l| l == line),
-                "{line:?} missing from\n{}",
-                self.text
-            );
-        }
-    }
-}
-
-async fn put_bytes(c: &Client, key: &str, value: &[u8]) -> i64 {
-    c.put(PutRequest {
-        key: key.into(),
-        value: value.to_vec(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .header
-    .unwrap()
-    .revision
+/// A status count by cause, keyed by the cause's metric label.
+fn by_label<C>(
+    counts: &BTreeMap<C, u64>,
+    label: impl Fn(&C) -> &'static str,
+) -> BTreeMap<String, u64> {
+    counts
+        .iter()
+        .map(|(c, n)| (label(c).to_string(), *n))
+        .collect()
 }
 
 /// Scrapes once the mirror's metrics account for publishing `revision`: they are
@@ -141,39 +52,29 @@ async fn scrape_at(registry: &Registry, revision: i64) -> Scrape {
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(what, || done().then_some(())).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_real_traffic() {
-    bounded(Duration::from_secs(150), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(150), async |cluster, etcd| {
         for k in ["a", "b", "c", "d", "e"] {
             put(&etcd, &format!("{P}{k}"), "v0").await;
         }
         // The mirror reaches etcd through a proxy, to reset and cut it off.
         let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
         let mut registry = Registry::default();
-        let source = ClientSource::lazy(client_config(vec![proxy.endpoint()])).unwrap();
-        let mirror = Mirror::builder(P)
-            .config(MirrorConfig {
-                subscriber_buffer: 4,
-                // Wide enough to watch the lag a progress reply reveals before a
-                // second one confirms it as a bookmark.
-                progress_interval: Duration::from_secs(1),
-                stall_timeout: Duration::from_secs(4),
-                ..mirror_config()
-            })
-            .register_metrics(&mut registry)
-            .decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
-            .start(source)
-            .await
-            .unwrap();
+        let config = mirror_config()
+            .with_subscriber_buffer(4)
+            // Wide enough to watch the lag a progress reply reveals before a
+            // second one confirms it as a bookmark.
+            .with_progress_interval(Duration::from_secs(1))
+            .with_stall_timeout(Duration::from_secs(4));
+        let mirror = start_with(source(vec![proxy.endpoint()]), config, |b| {
+            b.register_metrics(&mut registry)
+                .decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
+        })
+        .await;
         mirror.wait_ready().await.unwrap();
 
         // After the initial list: one stream, nothing applied from the watch yet,
@@ -223,24 +124,16 @@ async fn metrics_follow_real_traffic() {
         for i in 0..10 {
             put(&etcd, &format!("{P}k{i}"), "v").await;
         }
-        let put_op = |k: String| RequestOp {
-            request: Some(Op::RequestPut(PutRequest {
-                key: k.into_bytes(),
-                value: b"t".to_vec(),
-                ..Default::default()
-            })),
-        };
-        etcd.txn(TxnRequest {
-            success: vec![
-                put_op(format!("{P}t/1")),
-                put_op(format!("{P}t/2")),
-                put_op(format!("{P}t/3")),
-                put_op("other/t".into()),
+        txn(
+            &etcd,
+            vec![
+                put_op(&format!("{P}t/1"), "t"),
+                put_op(&format!("{P}t/2"), "t"),
+                put_op(&format!("{P}t/3"), "t"),
+                put_op("other/t", "t"),
             ],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        )
+        .await;
         let bad_rev = put_bytes(&etcd, &format!("{P}bad"), &[0xff, 0xfe]).await;
         let r1 = put(&etcd, &format!("{P}after"), "x").await;
         mirror.snapshot_at_least(r1, WAIT).await.unwrap();
@@ -320,15 +213,11 @@ async fn metrics_follow_real_traffic() {
         // (lag 1) before a second one confirms it as a bookmark (lag 0).
         let h = put(&etcd, "other/lag", "x").await;
         assert_eq!(h, r2 + 1);
-        let deadline = Instant::now() + WAIT;
-        let lagging = loop {
+        let lagging = eventually("the server revision", || {
             let m = scrape(&registry);
-            if m.int("server_revision") == h {
-                break m;
-            }
-            assert!(Instant::now() < deadline, "server revision never seen");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+            (m.int("server_revision") == h).then_some(m)
+        })
+        .await;
         // Not yet a bookmark: a second reply, a progress interval later, confirms it.
         assert_eq!(lagging.int("revision"), r2, "{}", lagging.text);
         assert_eq!(lagging.int("lag_revisions"), 1, "{}", lagging.text);
@@ -349,12 +238,7 @@ async fn metrics_follow_real_traffic() {
         proxy.set(Fault::Blackhole);
         proxy.reset_all();
         put(&etcd, &format!("{P}a"), "v1").await;
-        etcd.delete_range(DeleteRangeRequest {
-            key: format!("{P}b").into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        delete(&etcd, &format!("{P}b")).await;
         put(&etcd, &format!("{P}new"), "n").await;
         let compacted = put(&etcd, "other/compact", "x").await;
         cluster.compact(compacted).await.unwrap();
@@ -379,24 +263,10 @@ async fn metrics_follow_real_traffic() {
         assert_eq!(m.int("decode_errors_total"), 1);
         let reconnects = m.happened("reconnects");
         let relists = m.happened("relists");
-        assert_eq!(
-            reconnects,
-            st.reconnects
-                .iter()
-                .map(|(c, n)| (c.as_str().to_string(), *n))
-                .collect::<BTreeMap<_, _>>(),
-            "{}",
-            m.text
-        );
-        assert_eq!(
-            relists,
-            st.relists
-                .iter()
-                .map(|(c, n)| (c.as_str().to_string(), *n))
-                .collect::<BTreeMap<_, _>>(),
-            "{}",
-            m.text
-        );
+        let reported = by_label(&st.reconnects, |c| c.as_str());
+        assert_eq!(reconnects, reported, "{}", m.text);
+        let reported = by_label(&st.relists, |c| c.as_str());
+        assert_eq!(relists, reported, "{}", m.text);
         assert!(m.by_cause("relists", "compacted") >= 1, "{}", m.text);
         assert_eq!(m.by_cause("relists", "validation"), 0, "{}", m.text);
         // Cut off and reset twice: at least two resumes.
@@ -437,18 +307,8 @@ async fn metrics_follow_real_traffic() {
         );
         assert_eq!(st.rejected_responses, 0);
 
-        // And the mirror equals etcd.
-        let snap = mirror.snapshot();
-        let expected = truth(
-            &ClientSource::new(etcd.clone()),
-            P.as_bytes(),
-            snap.revision(),
-        )
-        .await;
-        assert_eq!(snap_kvs(&snap), expected);
-        for (k, e) in snap.iter() {
-            assert_eq!(e.value.as_bytes(), &e.raw[..], "{k:?}");
-        }
+        // And the mirror equals etcd, every value decoded from its bytes.
+        assert_converged_utf8(&mirror, &etcd, &[]).await;
     })
     .await;
 }

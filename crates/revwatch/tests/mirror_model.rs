@@ -8,7 +8,7 @@ mod mirror_support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use mirror_support::{Kvs, Replay, snap_kvs};
+use mirror_support::{Kvs, Replay, kvs_of, snap_kvs};
 use proptest::prelude::*;
 use revwatch::client::{Backoff, RangeRequest};
 use revwatch::mirror::{MemoryOp, MemorySource, Mirror, MirrorConfig, ProgressTrust};
@@ -62,22 +62,7 @@ fn record(src: &MemorySource, truth: &mut Truth) {
             ..Default::default()
         })
         .unwrap();
-    let state: Kvs = resp
-        .kvs
-        .into_iter()
-        .map(|kv| {
-            (
-                kv.key,
-                (
-                    kv.value,
-                    kv.create_revision,
-                    kv.mod_revision,
-                    kv.version,
-                    kv.lease,
-                ),
-            )
-        })
-        .collect();
+    let state = kvs_of(resp.kvs);
     let prev = truth.at(rev).clone();
     let mut changed: Vec<Vec<u8>> = state
         .iter()
@@ -101,23 +86,21 @@ fn run_case(steps: Vec<Step>, buffer: usize, confirmed: bool) -> Result<(), Test
         let src = MemorySource::new();
         let mut truth = Truth::default();
         truth.states.insert(1, Kvs::new());
-        let config = MirrorConfig {
-            page_size: 2,
-            progress_interval: Duration::from_millis(20),
-            stall_timeout: Duration::from_millis(200),
-            subscriber_buffer: buffer,
-            retry_backoff: Backoff {
+        let config = MirrorConfig::default()
+            .with_page_size(2)
+            .with_progress_interval(Duration::from_millis(20))
+            .with_stall_timeout(Duration::from_millis(200))
+            .with_subscriber_buffer(buffer)
+            .with_retry_backoff(Backoff {
                 base: Duration::from_millis(1),
                 max: Duration::from_millis(5),
-            },
-            progress_trust: if confirmed {
+            })
+            .with_progress_trust(if confirmed {
                 ProgressTrust::Confirmed
             } else {
                 ProgressTrust::Immediate
-            },
-            catch_up_grace: Duration::from_millis(10),
-            ..MirrorConfig::default()
-        };
+            })
+            .with_catch_up_grace(Duration::from_millis(10));
         let mirror = Mirror::builder("p/")
             .config(config)
             .start(src.clone())

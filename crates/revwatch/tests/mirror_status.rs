@@ -9,12 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use mirror_support::Replay;
-use mirror_support::embedded::Embedded;
-use mirror_support::scenarios::{
-    P, Target, WAIT, assert_converged, bounded, client_config, mirror_config, put, start, writer,
+use mirror_support::embedded::{Embedded, run_on_embedded};
+use mirror_support::etcd::run_on_etcd;
+use mirror_support::eventually;
+use mirror_support::metrics::scrape;
+use mirror_support::setup::{
+    P, Target, WAIT, assert_converged, assert_not_ready, followed_mirror, followed_mirror_with,
+    mirror_config, put, put_bytes, source, start, start_with,
 };
-use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
 use revwatch::client::{
     Client, Error, RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse, WatchStream,
@@ -23,21 +25,8 @@ use revwatch::mirror::{
     ClientSource, FailureKind, Mirror, MirrorConfig, MirrorError, ReconnectCause, ResyncReason,
     Source, State, Status, WatchHandle,
 };
-use revwatch_testkit::etcd::EtcdCluster;
 use revwatch_testkit::proxy::{Fault, FaultProxy};
 use tokio::sync::watch;
-
-/// Polls `f` until it returns `Some`, for at most [`WAIT`].
-async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 /// The status once it reports `revision`.
 async fn status_at<T: Send + Sync + 'static>(mirror: &Mirror<T>, revision: i64) -> Status {
@@ -46,6 +35,16 @@ async fn status_at<T: Send + Sync + 'static>(mirror: &Mirror<T>, revision: i64) 
         (st.revision == revision).then_some(st)
     })
     .await
+}
+
+/// The error of `consistent_snapshot(timeout)`, which must fail within a second
+/// of its bound.
+async fn consistent_snapshot_error(mirror: &Mirror, timeout: Duration) -> MirrorError {
+    let started = Instant::now();
+    let err = mirror.consistent_snapshot(timeout).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(took < timeout + Duration::from_secs(1), "took {took:?}");
+    err
 }
 
 /// Records every revision the mirror's snapshot shows, until stopped; the
@@ -90,21 +89,13 @@ impl RevisionRecorder {
 
 /// The value of one `revwatch_mirror_*` sample, 0 when absent.
 fn metric(registry: &Registry, sample: &str) -> i64 {
-    let mut text = String::new();
-    encode(&mut text, registry).unwrap();
-    let full = format!("revwatch_mirror_{sample}");
-    text.lines()
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(name, _)| *name == full)
-        .map_or(0, |(_, v)| v.parse::<f64>().unwrap() as i64)
+    scrape(registry).int_or_zero(sample)
 }
 
 fn embedded_config() -> MirrorConfig {
-    MirrorConfig {
+    mirror_config()
         // Generous, so that nothing here is taken for a stall.
-        stall_timeout: Duration::from_secs(10),
-        ..mirror_config()
-    }
+        .with_stall_timeout(Duration::from_secs(10))
 }
 
 // ---------------------------------------------------------------------------
@@ -116,33 +107,19 @@ fn embedded_config() -> MirrorConfig {
 /// also counts as activity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_follows_revisions_lag_and_event_time_against_etcd() {
-    bounded(Duration::from_secs(120), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
         put(&etcd, &format!("{P}a"), "1").await;
         let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
         proxy.set(Fault::Blackhole);
         let mirror = start(
             vec![proxy.endpoint()],
-            MirrorConfig {
-                progress_interval: Duration::from_secs(1),
-                stall_timeout: Duration::from_secs(4),
-                ..mirror_config()
-            },
+            mirror_config()
+                .with_progress_interval(Duration::from_secs(1))
+                .with_stall_timeout(Duration::from_secs(4)),
         )
         .await;
         // etcd unreachable: Syncing, nothing served, and wait_ready says why.
-        let err = mirror.wait_ready().await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                MirrorError::NotReady {
-                    kind: FailureKind::Unreachable,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_not_ready(&mirror, FailureKind::Unreachable).await;
         let st = mirror.status();
         assert_eq!(st.state, State::Syncing, "{st:?}");
         assert_eq!((st.revision, st.server_revision, st.lag()), (0, 0, 0));
@@ -204,9 +181,7 @@ async fn status_follows_revisions_lag_and_event_time_against_etcd() {
 /// on from the last snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_snapshot_times_out_when_etcd_is_cut_off() {
-    bounded(Duration::from_secs(90), async {
-        let cluster = EtcdCluster::single().await.unwrap();
-        let etcd = writer(cluster.endpoints()).await;
+    run_on_etcd(Duration::from_secs(90), async |cluster, etcd| {
         let r = put(&etcd, &format!("{P}a"), "1").await;
         let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
         let mirror = start(vec![proxy.endpoint()], mirror_config()).await;
@@ -215,13 +190,7 @@ async fn consistent_snapshot_times_out_when_etcd_is_cut_off() {
         proxy.set(Fault::Blackhole);
         proxy.reset_all();
         let timeout = Duration::from_millis(800);
-        let started = Instant::now();
-        let err = mirror.consistent_snapshot(timeout).await.unwrap_err();
-        assert!(
-            started.elapsed() < timeout + Duration::from_secs(1),
-            "took {:?}",
-            started.elapsed()
-        );
+        let err = consistent_snapshot_error(&mirror, timeout).await;
         match &err {
             MirrorError::Timeout { reached, after, .. } => {
                 assert_eq!((*reached, *after), (r, timeout), "{err}");
@@ -255,26 +224,14 @@ async fn ready<T: Send + Sync + 'static>(mirror: &Mirror<T>) {
 /// the first list's revision, server revision and event time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syncing_until_the_first_list_succeeds() {
-    bounded(Duration::from_secs(60), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
         let mut r = 0;
         for i in 0..3 {
             r = put(&etcd, &format!("{P}{i}"), "v").await;
         }
         server.faults().refuse_connections(true);
         let mirror = start(server.endpoints(), embedded_config()).await;
-        let err = mirror.wait_ready().await.unwrap_err();
-        assert!(
-            matches!(
-                err,
-                MirrorError::NotReady {
-                    kind: FailureKind::Unreachable,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert_not_ready(&mirror, FailureKind::Unreachable).await;
         let st = mirror.status();
         assert_eq!(st.state, State::Syncing, "{st:?}");
         assert_eq!((st.revision, st.server_revision, st.lag()), (0, 0, 0));
@@ -307,22 +264,12 @@ async fn syncing_until_the_first_list_succeeds() {
 /// closes the gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_is_reported_while_a_resumed_watch_catches_up() {
-    bounded(Duration::from_secs(60), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
-        let mirror = start(
-            server.endpoints(),
-            MirrorConfig {
-                progress_interval: Duration::from_secs(1),
-                stall_timeout: Duration::from_secs(5),
-                catch_up_grace: Duration::from_secs(3),
-                ..mirror_config()
-            },
-        )
-        .await;
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        let mut replay = Replay::default();
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
+        let config = mirror_config()
+            .with_progress_interval(Duration::from_secs(1))
+            .with_stall_timeout(Duration::from_secs(5))
+            .with_catch_up_grace(Duration::from_secs(3));
+        let (mirror, mut sub, mut replay) = followed_mirror(server.endpoints(), config).await;
         let r = put(&etcd, &format!("{P}a"), "1").await;
         replay.follow_until(&mut sub, r, WAIT).await;
         let t0 = status_at(&mirror, r).await.last_event_at.unwrap();
@@ -361,19 +308,15 @@ async fn lag_is_reported_while_a_resumed_watch_catches_up() {
 /// `{P}a` written at revision `r`, then its stream stalled for 3 s while five more
 /// puts take the server to revision `h`.
 struct Stalled {
-    server: Embedded,
-    etcd: Client,
     mirror: Mirror,
     r: i64,
     h: i64,
 }
 
-async fn stalled_mirror() -> Stalled {
-    let server = Embedded::start().await;
-    let etcd = writer(server.endpoints()).await;
+async fn stalled_mirror(server: &Embedded, etcd: &Client) -> Stalled {
     let mirror = start(server.endpoints(), embedded_config()).await;
     mirror.wait_ready().await.unwrap();
-    let r = put(&etcd, &format!("{P}a"), "1").await;
+    let r = put(etcd, &format!("{P}a"), "1").await;
     mirror.snapshot_at_least(r, WAIT).await.unwrap();
     status_at(&mirror, r).await;
     let stream = server.mirror_stream(None).await;
@@ -382,15 +325,9 @@ async fn stalled_mirror() -> Stalled {
         .stall_watch_stream(stream, Duration::from_secs(3));
     let mut h = 0;
     for i in 0..5 {
-        h = put(&etcd, &format!("{P}during/{i}"), "v").await;
+        h = put(etcd, &format!("{P}during/{i}"), "v").await;
     }
-    Stalled {
-        server,
-        etcd,
-        mirror,
-        r,
-        h,
-    }
+    Stalled { mirror, r, h }
 }
 
 /// The mirror's stream is stalled (held back, connection up) while writes go on:
@@ -400,23 +337,14 @@ async fn stalled_mirror() -> Stalled {
 /// on the same stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_snapshot_times_out_while_the_stream_is_stalled() {
-    bounded(Duration::from_secs(60), async {
-        let Stalled {
-            server: _server,
-            etcd,
-            mirror,
-            r,
-            h,
-        } = stalled_mirror().await;
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
+        let Stalled { mirror, r, h } = stalled_mirror(server, &etcd).await;
 
         let timeout = Duration::from_millis(500);
-        let started = Instant::now();
-        let err = mirror.consistent_snapshot(timeout).await.unwrap_err();
-        let took = started.elapsed();
-        assert!(took < timeout + Duration::from_secs(1), "took {took:?}");
+        let err = consistent_snapshot_error(&mirror, timeout).await;
         assert!(
             matches!(err, MirrorError::Timeout { wanted, reached, after }
-                if wanted == h && reached == r && after == timeout),
+                if wanted == Some(h) && reached == r && after == timeout),
             "{err:?}"
         );
         assert_eq!(
@@ -428,7 +356,7 @@ async fn consistent_snapshot_times_out_while_the_stream_is_stalled() {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, MirrorError::Timeout { wanted, reached, .. } if wanted == h && reached == r),
+            matches!(err, MirrorError::Timeout { wanted, reached, .. } if wanted == Some(h) && reached == r),
             "{err:?}"
         );
         let st = mirror.status();
@@ -451,14 +379,8 @@ async fn consistent_snapshot_times_out_while_the_stream_is_stalled() {
 /// revision, lag > 0), not as caught up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_stream_shows_lag_once_the_server_revision_is_known() {
-    bounded(Duration::from_secs(60), async {
-        let Stalled {
-            server: _server,
-            etcd: _,
-            mirror,
-            r,
-            h,
-        } = stalled_mirror().await;
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
+        let Stalled { mirror, r, h } = stalled_mirror(server, &etcd).await;
         let err = mirror
             .consistent_snapshot(Duration::from_millis(300))
             .await
@@ -477,21 +399,13 @@ async fn stalled_stream_shows_lag_once_the_server_revision_is_known() {
 /// etcd's revision and fails with a timeout within its bound, not a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consistent_snapshot_times_out_when_the_server_is_gone() {
-    bounded(Duration::from_secs(60), async {
-        let mut server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
         let r = put(&etcd, &format!("{P}a"), "1").await;
         let mirror = start(server.endpoints(), embedded_config()).await;
         mirror.wait_ready().await.unwrap();
         server.stop().await;
         let timeout = Duration::from_secs(1);
-        let started = Instant::now();
-        let err = mirror.consistent_snapshot(timeout).await.unwrap_err();
-        assert!(
-            started.elapsed() < timeout + Duration::from_secs(1),
-            "took {:?}",
-            started.elapsed()
-        );
+        let err = consistent_snapshot_error(&mirror, timeout).await;
         assert!(
             matches!(err, MirrorError::Timeout { reached, after, .. } if reached == r && after == timeout),
             "{err:?}"
@@ -510,20 +424,13 @@ async fn consistent_snapshot_times_out_when_the_server_is_gone() {
 /// serves; once it catches up, the mirror does too, without a relist.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_member_watch_is_rejected_and_counted() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
+    run_on_embedded(Duration::from_secs(90), async |server, etcd| {
         let mut registry = Registry::default();
-        let source = ClientSource::lazy(client_config(server.endpoints())).unwrap();
-        let mirror = Mirror::builder(P)
-            .config(embedded_config())
-            .register_metrics(&mut registry)
-            .start(source)
-            .await
-            .unwrap();
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        let mut replay = Replay::default();
+        let (mirror, mut sub, mut replay) =
+            followed_mirror_with(source(server.endpoints()), embedded_config(), |b| {
+                b.register_metrics(&mut registry)
+            })
+            .await;
         let mut r = 0;
         for i in 0..5 {
             r = put(&etcd, &format!("{P}{i}"), "v").await;
@@ -654,26 +561,20 @@ impl WatchHandle for ReplayingWatch {
 /// the published revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relist_against_a_lagging_member_is_rejected_until_it_catches_up() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
+    run_on_embedded(Duration::from_secs(90), async |server, etcd| {
         for i in 0..5 {
             put(&etcd, &format!("{P}{i}"), "v").await;
         }
         let source = Replaying {
-            inner: ClientSource::lazy(client_config(server.endpoints())).unwrap(),
+            inner: source(server.endpoints()),
             replay: Arc::new(watch::channel(0).0),
         };
         let mut registry = Registry::default();
-        let mirror = Mirror::builder(P)
-            .config(embedded_config())
-            .register_metrics(&mut registry)
-            .start(source.clone())
-            .await
-            .unwrap();
-        mirror.wait_ready().await.unwrap();
-        let mut sub = mirror.subscribe();
-        let mut replay = Replay::default();
+        let (mirror, mut sub, mut replay) =
+            followed_mirror_with(source.clone(), embedded_config(), |b| {
+                b.register_metrics(&mut registry)
+            })
+            .await;
         let r = put(&etcd, &format!("{P}x"), "1").await;
         replay.follow_until(&mut sub, r, WAIT).await;
         let recorder = RevisionRecorder::start(&mirror);
@@ -732,27 +633,20 @@ async fn relist_against_a_lagging_member_is_rejected_until_it_catches_up() {
 /// on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panicking_decoder_is_isolated() {
-    bounded(Duration::from_secs(60), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
         put(&etcd, &format!("{P}good"), "1").await;
         let listed_rev = put(&etcd, &format!("{P}listed"), "panic:list").await;
-        let source = ClientSource::lazy(client_config(server.endpoints())).unwrap();
         let mut registry = Registry::default();
-        let mirror = Mirror::builder(P)
-            .config(embedded_config())
-            .register_metrics(&mut registry)
-            .decoder(
-                |_k: &[u8], v: &[u8]| -> Result<String, std::string::FromUtf8Error> {
-                    if let Some(rest) = v.strip_prefix(b"panic:") {
-                        panic!("decoder bug on {}", String::from_utf8_lossy(rest));
-                    }
-                    String::from_utf8(v.to_vec())
-                },
-            )
-            .start(source)
-            .await
-            .unwrap();
+        let decoder = |_k: &[u8], v: &[u8]| -> Result<String, std::string::FromUtf8Error> {
+            if let Some(rest) = v.strip_prefix(b"panic:") {
+                panic!("decoder bug on {}", String::from_utf8_lossy(rest));
+            }
+            String::from_utf8(v.to_vec())
+        };
+        let mirror = start_with(source(server.endpoints()), embedded_config(), |b| {
+            b.register_metrics(&mut registry).decoder(decoder)
+        })
+        .await;
         mirror.wait_ready().await.unwrap();
         let snap = mirror.snapshot();
         assert!(snap.get(format!("{P}listed").as_bytes()).is_none());
@@ -804,34 +698,14 @@ async fn panicking_decoder_is_isolated() {
 /// only the other (`decode_failures` is "keys whose current value failed").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_failures_shrink_when_one_of_several_keys_recovers() {
-    bounded(Duration::from_secs(60), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
-        let source = ClientSource::lazy(client_config(server.endpoints())).unwrap();
-        let mirror = Mirror::builder(P)
-            .config(embedded_config())
-            .decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
-            .start(source)
-            .await
-            .unwrap();
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
+        let mirror = start_with(source(server.endpoints()), embedded_config(), |b| {
+            b.decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
+        })
+        .await;
         mirror.wait_ready().await.unwrap();
-        let bad = |k: &'static str| {
-            let etcd = etcd.clone();
-            async move {
-                etcd.put(revwatch::client::PutRequest {
-                    key: format!("{P}{k}").into(),
-                    value: vec![0xff],
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .header
-                .unwrap()
-                .revision
-            }
-        };
-        bad("a").await;
-        let rb = bad("b").await;
+        put_bytes(&etcd, &format!("{P}a"), &[0xff]).await;
+        let rb = put_bytes(&etcd, &format!("{P}b"), &[0xff]).await;
         mirror.snapshot_at_least(rb, WAIT).await.unwrap();
         assert_eq!(status_at(&mirror, rb).await.decode_failure_count, 2);
         let fixed = put(&etcd, &format!("{P}a"), "ok").await;
@@ -851,9 +725,7 @@ async fn decode_failures_shrink_when_one_of_several_keys_recovers() {
 /// a live subscriber (one publication per revision) and without one (runs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_is_never_behind_what_was_published() {
-    bounded(Duration::from_secs(90), async {
-        let server = Embedded::start().await;
-        let etcd = writer(server.endpoints()).await;
+    run_on_embedded(Duration::from_secs(90), async |server, etcd| {
         let mirror = start(server.endpoints(), embedded_config()).await;
         mirror.wait_ready().await.unwrap();
         // A reader comparing the other way round, all along.

@@ -134,13 +134,11 @@ impl RunConfig {
     }
 
     fn mirror(&self) -> MirrorConfig {
-        MirrorConfig {
-            progress_interval: self.stall_timeout / 3,
-            stall_timeout: self.stall_timeout,
-            subscriber_buffer: SUBSCRIBER_BUFFER,
-            snapshot_interval: Duration::from_millis(200),
-            ..MirrorConfig::default()
-        }
+        MirrorConfig::default()
+            .with_progress_interval(self.stall_timeout / 3)
+            .with_stall_timeout(self.stall_timeout)
+            .with_subscriber_buffer(SUBSCRIBER_BUFFER)
+            .with_snapshot_interval(Duration::from_millis(200))
     }
 }
 

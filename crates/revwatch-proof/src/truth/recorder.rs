@@ -172,8 +172,8 @@ async fn watch_once(
     let next = lock().last + 1;
     let (tx, rx) = mpsc::channel(4);
     let create = RequestUnion::CreateRequest(WatchCreateRequest {
-        key: range.start.clone(),
-        range_end: range.end.clone(),
+        key: range.key().to_vec(),
+        range_end: range.range_end().to_vec(),
         start_revision: next,
         ..Default::default()
     });

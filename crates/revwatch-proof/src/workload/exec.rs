@@ -116,8 +116,8 @@ fn put_request(p: &Put) -> PutRequest {
 
 fn delete_request(r: &KeyRange) -> DeleteRangeRequest {
     DeleteRangeRequest {
-        key: r.start.clone(),
-        range_end: r.end.clone(),
+        key: r.key().to_vec(),
+        range_end: r.range_end().to_vec(),
         prev_kv: false,
     }
 }

@@ -108,7 +108,7 @@ impl Planner {
                 let a = self.rng.random_range(0..self.keys);
                 let b = (a + self.rng.random_range(1..=4)).min(self.keys);
                 let space = self.prefix.clone();
-                Planned::Write(WriteOp::DeleteRange(KeyRange::between(
+                Planned::Write(WriteOp::DeleteRange(KeyRange::new(
                     &self.key_in(&space, a),
                     &self.key_in(&space, b),
                 )))
@@ -197,10 +197,10 @@ mod tests {
         let has = |f: &dyn Fn(&Planned) -> bool| steps.iter().any(f);
         assert!(has(&|s| matches!(s, Planned::Write(WriteOp::Put(_)))));
         assert!(has(
-            &|s| matches!(s, Planned::Write(WriteOp::DeleteRange(r)) if r.end.is_empty())
+            &|s| matches!(s, Planned::Write(WriteOp::DeleteRange(r)) if r.range_end().is_empty())
         ));
         assert!(has(
-            &|s| matches!(s, Planned::Write(WriteOp::DeleteRange(r)) if !r.end.is_empty())
+            &|s| matches!(s, Planned::Write(WriteOp::DeleteRange(r)) if !r.range_end().is_empty())
         ));
         assert!(has(
             &|s| matches!(s, Planned::Write(WriteOp::Txn(t)) if t.failure.is_empty())

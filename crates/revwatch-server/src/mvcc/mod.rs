@@ -4,19 +4,25 @@
 //! write request, sub-revision per change inside it); a key index keeps each key's history
 //! (create/mod revision, version, tombstones), and a revision log keeps the changes in
 //! revision order for watchers. Durability is the backend's job: this module does no I/O.
+//!
+//! Reads and compaction are here; a write request's staging is in [`write`], and etcd's
+//! requests on top of both in `ops` (Put, DeleteRange), `range` and `txn`. Key ranges
+//! follow etcd's rules through [`KeyRange`], shared with the rest of the workspace.
 
 mod ops;
 mod range;
 mod txn;
+mod write;
 
 pub(crate) use ops::{apply_delete, apply_put};
 pub(crate) use range::range;
 pub(crate) use txn::{apply_txn, check_txn, is_read_only, read_only_txn};
+pub(crate) use write::WriteTxn;
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::sync::Arc;
 
+use etcd_proto::key_range::KeyRange;
 use etcd_proto::mvccpb::{Event, KeyValue, event::EventType};
 
 use crate::error::EtcdError;
@@ -74,49 +80,6 @@ impl Record {
             r#type: ty as i32,
             kv: Some(self.to_kv()),
             prev_kv: None,
-        }
-    }
-}
-
-/// Index bounds of a [`KeyRange`]; `None` from [`KeyRange::bounds`] means empty.
-type KeyBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
-
-/// The keys a request covers, decoded from etcd's `(key, range_end)` convention.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum KeyRange {
-    /// `range_end` empty: exactly `key`.
-    Single(Vec<u8>),
-    /// `range_end == "\0"`: every key `>= key`.
-    From(Vec<u8>),
-    /// Every key in `[key, end)`; empty when `key >= end`.
-    Between(Vec<u8>, Vec<u8>),
-}
-
-impl KeyRange {
-    pub fn new(key: &[u8], range_end: &[u8]) -> Self {
-        match range_end {
-            [] => Self::Single(key.to_vec()),
-            [0] => Self::From(key.to_vec()),
-            end => Self::Between(key.to_vec(), end.to_vec()),
-        }
-    }
-
-    pub fn contains(&self, k: &[u8]) -> bool {
-        match self {
-            Self::Single(key) => k == key.as_slice(),
-            Self::From(key) => k >= key.as_slice(),
-            Self::Between(key, end) => k >= key.as_slice() && k < end.as_slice(),
-        }
-    }
-
-    fn bounds(&self) -> Option<KeyBounds<'_>> {
-        match self {
-            Self::Single(key) => Some((Bound::Included(key), Bound::Included(key))),
-            Self::From(key) => Some((Bound::Included(key), Bound::Unbounded)),
-            Self::Between(key, end) if key < end => {
-                Some((Bound::Included(key), Bound::Excluded(end)))
-            }
-            Self::Between(..) => None,
         }
     }
 }
@@ -230,16 +193,6 @@ impl MvccState {
             .map(|recs| (recs[0].rev.main, recs))
     }
 
-    /// Starts a write request at revision `current + 1`.
-    pub fn write(&mut self) -> WriteTxn<'_> {
-        let rev = self.current + 1;
-        WriteTxn {
-            state: self,
-            rev,
-            records: Vec::new(),
-        }
-    }
-
     /// Compacts history at `rev` like etcd: per key, everything older than the last record at
     /// or below `rev` is dropped, and so is that record when it is a tombstone. `rev` may not
     /// exceed `newest`, the newest revision readers may be using.
@@ -334,143 +287,6 @@ fn latest_at(hist: &[Arc<Record>], at: i64) -> Option<&Arc<Record>> {
         }
     };
     (!rec.tombstone).then_some(rec)
-}
-
-/// One write request in progress. Changes are visible to ranges inside the same request at
-/// [`WriteTxn::read_rev`]; [`WriteTxn::finish`] assigns the revision only if something changed.
-pub(crate) struct WriteTxn<'a> {
-    state: &'a mut MvccState,
-    rev: i64,
-    records: Vec<Arc<Record>>,
-}
-
-impl WriteTxn<'_> {
-    pub fn state(&self) -> &MvccState {
-        self.state
-    }
-
-    /// The revision reads inside this request see: the new one once something changed.
-    pub fn read_rev(&self) -> i64 {
-        if self.records.is_empty() {
-            self.rev - 1
-        } else {
-            self.rev
-        }
-    }
-
-    /// The revision this request's changes get.
-    pub fn rev(&self) -> i64 {
-        self.rev
-    }
-
-    fn next_rev(&self) -> Revision {
-        Revision {
-            main: self.rev,
-            sub: self.records.len() as i64,
-        }
-    }
-
-    /// Puts `key`, returning the new record. Lease bookkeeping follows the key.
-    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> Arc<Record> {
-        let rev = self.next_rev();
-        // One lookup for both the live record and the key's shared allocation.
-        let hist = self.state.index.get(key);
-        let prev = hist.and_then(|h| latest_at(h, self.rev)).cloned();
-        let shared = shared_key(hist, key);
-        let (create_revision, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
-            None => (rev.main, 1),
-        };
-        if let Some(p) = &prev
-            && p.lease != 0
-            && p.lease != lease
-        {
-            self.state.leases.detach(p.lease, key);
-        }
-        if lease != 0 {
-            self.state.leases.attach(lease, key.to_vec());
-        }
-        self.push(Record {
-            key: shared,
-            rev,
-            create_revision,
-            version,
-            lease,
-            value,
-            tombstone: false,
-        })
-    }
-
-    /// Deletes every live key in `range`; returns how many.
-    pub fn delete_range(&mut self, range: &KeyRange) -> i64 {
-        let victims: Vec<(Arc<[u8]>, i64)> = self
-            .state
-            .visit_at(range, self.rev)
-            .map(|r| (r.key.clone(), r.lease))
-            .collect();
-        let n = victims.len() as i64;
-        for (key, lease) in victims {
-            self.delete(key, lease);
-        }
-        n
-    }
-
-    /// Deletes `key`, already shared (it comes from the key's own records).
-    fn delete(&mut self, key: Arc<[u8]>, lease: i64) {
-        if lease != 0 {
-            self.state.leases.detach(lease, &key);
-        }
-        let rev = self.next_rev();
-        self.push(Record {
-            key,
-            rev,
-            create_revision: 0,
-            version: 0,
-            lease: 0,
-            value: Vec::new(),
-            tombstone: true,
-        });
-    }
-
-    fn push(&mut self, rec: Record) -> Arc<Record> {
-        let rec = Arc::new(rec);
-        push_history(&mut self.state.index, rec.clone());
-        self.records.push(rec.clone());
-        rec
-    }
-
-    /// Undoes every change of this request, lease attachments included.
-    pub fn abort(self) {
-        let before = self.rev - 1;
-        for rec in self.records.iter().rev() {
-            if let Some(hist) = self.state.index.get_mut(&rec.key) {
-                hist.pop();
-                if hist.is_empty() {
-                    self.state.index.remove(&rec.key);
-                }
-            }
-            if !rec.tombstone && rec.lease != 0 {
-                self.state.leases.detach(rec.lease, &rec.key);
-            }
-            if let Some(lease) = self
-                .state
-                .get_at(&rec.key, before)
-                .map(|p| p.lease)
-                .filter(|l| *l != 0)
-            {
-                self.state.leases.attach(lease, rec.key.to_vec());
-            }
-        }
-    }
-
-    /// Ends the request; the changes, if any, become revision `rev()`.
-    pub fn finish(self) -> Vec<Arc<Record>> {
-        if !self.records.is_empty() {
-            self.state.current = self.rev;
-            self.state.log.extend(self.records.iter().cloned());
-        }
-        self.records
-    }
 }
 
 #[cfg(test)]
@@ -603,13 +419,5 @@ mod tests {
             ..Record::clone(r)
         });
         shared_once(&MvccState::restore(loaded, 4, -1, LeaseTable::default()));
-    }
-
-    #[test]
-    fn key_ranges() {
-        assert!(KeyRange::new(b"a", b"\0").contains(b"zzz"));
-        assert!(!KeyRange::new(b"b", b"a").contains(b"b"));
-        assert!(KeyRange::new(b"a", b"").contains(b"a"));
-        assert!(!KeyRange::new(b"a", b"").contains(b"ab"));
     }
 }

@@ -3,8 +3,9 @@
 use etcd_proto::etcdserverpb::{
     DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, ResponseHeader,
 };
+use etcd_proto::key_range::KeyRange;
 
-use super::{KeyRange, WriteTxn};
+use super::WriteTxn;
 use crate::error::EtcdError;
 
 fn header(revision: i64) -> Option<ResponseHeader> {

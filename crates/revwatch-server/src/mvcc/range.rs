@@ -5,9 +5,10 @@ use std::cmp::Ordering;
 
 use etcd_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use etcd_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use etcd_proto::key_range::KeyRange;
 use etcd_proto::mvccpb::KeyValue;
 
-use super::{KeyRange, MvccState};
+use super::MvccState;
 use crate::error::EtcdError;
 
 /// Serves `req` with `cur` as the current revision. The header carries only the revision.

@@ -7,10 +7,11 @@ use etcd_proto::etcdserverpb::response_op::Response;
 use etcd_proto::etcdserverpb::{
     Compare, RangeRequest, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
+use etcd_proto::key_range::KeyRange;
 use etcd_proto::mvccpb::KeyValue;
 
 use super::ops::{apply_delete, apply_put, check_put_against};
-use super::{KeyRange, MvccState, WriteTxn, range};
+use super::{MvccState, WriteTxn, range};
 use crate::error::EtcdError;
 
 /// True when no branch, at any depth, puts or deletes.

@@ -10,7 +10,7 @@ use etcd_proto::etcdserverpb::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::server::Core;
+use crate::shared::Core;
 
 const SINGLE_NODE: &str = "single-member server: membership cannot change";
 

@@ -10,7 +10,7 @@ use etcd_proto::etcdserverpb::{
 use tonic::{Request, Response, Status};
 
 use crate::mvcc;
-use crate::server::Core;
+use crate::shared::Core;
 use crate::validate;
 
 pub(crate) struct KvService {

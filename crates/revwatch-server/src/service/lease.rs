@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::server::Core;
+use crate::shared::Core;
 use crate::validate;
 
 pub(crate) struct LeaseService {
@@ -64,7 +64,7 @@ impl Lease for LeaseService {
             loop {
                 let msg = tokio::select! {
                     msg = inbound.message() => msg,
-                    () = crate::server::stopped(&mut stop) => break,
+                    () = crate::shared::stopped(&mut stop) => break,
                 };
                 let Ok(Some(req)) = msg else { break };
                 // An unknown (or expired) lease is answered with TTL 0, as etcd does.

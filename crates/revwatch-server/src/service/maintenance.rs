@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 use super::COMPAT_VERSION;
 use crate::error::EtcdError;
 use crate::hash::Crc32c;
-use crate::server::Core;
+use crate::shared::Core;
 
 pub(crate) struct MaintenanceService {
     core: Arc<Core>,

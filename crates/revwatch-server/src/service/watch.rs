@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::server::Core;
+use crate::shared::Core;
 use crate::watch::stream::{Reply, WatchStream};
 
 /// Replies buffered per stream before the stream task waits for the client.

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use etcd_proto::etcdserverpb::watch_create_request::FilterType;
 use etcd_proto::etcdserverpb::watch_request::RequestUnion;
 use etcd_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use etcd_proto::key_range::KeyRange;
 use etcd_proto::mvccpb::{Event, event::EventType};
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
 use super::fragment::fragments;
-use crate::mvcc::{KeyRange, MvccState, Record};
-use crate::server::Core;
+use crate::mvcc::{MvccState, Record};
+use crate::shared::Core;
 
 /// Most revisions per catch-up reply (etcd's `watchBatchMaxRevs`).
 const MAX_REVS_PER_REPLY: usize = 1000;
@@ -95,7 +96,7 @@ impl WatchStream {
                     let _ = self.out.send(Err(status)).await;
                     break;
                 }
-                () = crate::server::stopped(&mut stop) => break,
+                () = crate::shared::stopped(&mut stop) => break,
                 () = self.out.closed() => break,
             };
             if step.is_err() {
@@ -146,7 +147,7 @@ impl WatchStream {
             ..Default::default()
         };
         let range = KeyRange::new(&req.key, &req.range_end);
-        if matches!(&range, KeyRange::Between(k, e) if k >= e) {
+        if range.is_empty() {
             return self.send(refuse("mvcc: watcher range is empty")).await;
         }
         // 0 asks for an automatic id: the next one not in use on this stream.

@@ -4,6 +4,7 @@
 //! `token` metadata. Tokens expire (simple tokens after `--auth-token-ttl` idle), so a
 //! request answered with "invalid auth token" re-authenticates once and is retried.
 
+use std::fmt;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -11,13 +12,30 @@ use etcd_proto::etcdserverpb::AuthenticateRequest;
 use etcd_proto::etcdserverpb::auth_client::AuthClient;
 use tonic::metadata::MetadataValue;
 
-use super::config::Credentials;
 use super::endpoints::Endpoint;
 use super::error::Error;
-use super::retry::{Failure, classify};
+use super::failure::{Failure, classify, connection_error};
 
 /// The metadata key etcd reads the token from.
 const TOKEN_KEY: &str = "token";
+
+/// Username and password for etcd's `Authenticate` RPC.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The etcd user.
+    pub user: String,
+    /// The user's password.
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the password.
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
 
 #[derive(Debug)]
 pub(crate) struct Auth {
@@ -95,11 +113,10 @@ impl Auth {
                 });
             }
         };
-        match classify(&status, &endpoint.name) {
-            Failure::Transport { reason, .. } => Err(Error::Connection {
-                endpoint: endpoint.name.clone(),
-                reason,
-            }),
+        match classify(status, &endpoint.name) {
+            Failure::Transport { reason, status, .. } => {
+                Err(connection_error(&endpoint.name, reason, status))
+            }
             Failure::Unavailable(e) => Err(e),
             Failure::InvalidToken(e) | Failure::Fatal(e) => Err(Error::Auth(format!(
                 "user {:?} on {}: {}",

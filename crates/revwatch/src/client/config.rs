@@ -1,11 +1,13 @@
 //! Client configuration and its validation.
 
-use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use super::error::Error;
+use super::auth::Credentials;
+use super::backoff::Backoff;
+use super::endpoint_url::parse_endpoint;
+use super::error::{ConfigError, Error};
 use super::retry::RetryPolicy;
+use super::tls::TlsConfig;
 
 /// etcd kills connections that ping more often than its `--grpc-keepalive-min-time`
 /// (5 s by default), so shorter intervals are rejected.
@@ -18,9 +20,11 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Settings for [`Client::connect`](super::Client::connect).
 ///
-/// Start from [`ClientConfig::new`] and adjust fields; [`ClientConfig::validate`] is
-/// called by `connect`.
+/// Start from [`ClientConfig::new`] and adjust it with the `with_*` setters (or the
+/// public fields); [`ClientConfig::validate`] is called by `connect`. New fields may
+/// be added in any release, so the struct cannot be built with a literal.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// etcd client URLs: `http://host:port`, `https://host:port`, or bare `host:port`
     /// (which uses `https` when [`tls`](Self::tls) is set).
@@ -75,48 +79,97 @@ impl ClientConfig {
         self
     }
 
+    /// Sets [`endpoints`](Self::endpoints).
+    pub fn with_endpoints<I, S>(mut self, endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.endpoints = endpoints.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`request_timeout`](Self::request_timeout).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`keepalive_interval`](Self::keepalive_interval).
+    pub fn with_keepalive_interval(mut self, interval: Duration) -> Self {
+        self.keepalive_interval = interval;
+        self
+    }
+
+    /// Sets [`keepalive_timeout`](Self::keepalive_timeout).
+    pub fn with_keepalive_timeout(mut self, timeout: Duration) -> Self {
+        self.keepalive_timeout = timeout;
+        self
+    }
+
+    /// Sets [`retry`](Self::retry).
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Sets [`probe_backoff`](Self::probe_backoff).
+    pub fn with_probe_backoff(mut self, backoff: Backoff) -> Self {
+        self.probe_backoff = backoff;
+        self
+    }
+
     /// Checks the settings that can be checked without touching the network or disk.
     pub fn validate(&self) -> Result<(), Error> {
+        self.check().map_err(Error::InvalidConfig)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
         if self.endpoints.is_empty() {
-            return Err(Error::InvalidConfig("no endpoints given".into()));
+            return Err(ConfigError::NoEndpoints);
         }
         // Parse every endpoint now, so a bad URL fails here and never reaches a
         // retry loop (a lazily connecting mirror would retry it forever).
         let mut names = std::collections::HashSet::new();
         for raw in &self.endpoints {
-            let parsed = super::endpoints::parse_endpoint(raw, self.tls.is_some())?;
+            let parsed = parse_endpoint(raw, self.tls.is_some())?;
             if !names.insert(parsed.name.clone()) {
-                return Err(Error::InvalidConfig(format!(
-                    "duplicate endpoint {}",
-                    parsed.name
-                )));
+                return Err(ConfigError::DuplicateEndpoint(parsed.name));
             }
         }
         if self.keepalive_interval < MIN_KEEPALIVE_INTERVAL {
-            return Err(Error::InvalidConfig(format!(
-                "keepalive_interval {:?} is below {:?}: etcd closes connections that ping this often",
-                self.keepalive_interval, MIN_KEEPALIVE_INTERVAL
-            )));
+            return Err(ConfigError::KeepaliveTooFrequent {
+                interval: self.keepalive_interval,
+                min: MIN_KEEPALIVE_INTERVAL,
+            });
         }
-        for (name, d) in [
+        for (setting, d) in [
             ("connect_timeout", self.connect_timeout),
             ("request_timeout", self.request_timeout),
             ("keepalive_timeout", self.keepalive_timeout),
         ] {
             if d.is_zero() {
-                return Err(Error::InvalidConfig(format!("{name} must be positive")));
+                return Err(ConfigError::NotPositive { setting });
             }
         }
-        for (name, d) in [
+        for (setting, value) in [
             ("connect_timeout", self.connect_timeout),
             ("request_timeout", self.request_timeout),
             ("keepalive_interval", self.keepalive_interval),
             ("keepalive_timeout", self.keepalive_timeout),
         ] {
-            if d > MAX_TIMEOUT {
-                return Err(Error::InvalidConfig(format!(
-                    "{name} {d:?} is above the maximum of {MAX_TIMEOUT:?}"
-                )));
+            if value > MAX_TIMEOUT {
+                return Err(ConfigError::TooLong {
+                    setting,
+                    value,
+                    max: MAX_TIMEOUT,
+                });
             }
         }
         self.retry.validate()?;
@@ -124,9 +177,7 @@ impl ClientConfig {
         if let Some(c) = &self.credentials
             && c.user.is_empty()
         {
-            return Err(Error::InvalidConfig(
-                "credentials have an empty user name".into(),
-            ));
+            return Err(ConfigError::EmptyUser);
         }
         Ok(())
     }
@@ -151,121 +202,22 @@ impl Default for ClientConfig {
     }
 }
 
-/// Exponential backoff bounds; each delay gets up to 50% random jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// The first delay.
-    pub base: Duration,
-    /// The cap on any delay.
-    pub max: Duration,
-}
-
-impl Backoff {
-    /// The largest accepted [`max`](Self::max): one hour. Longer pauses are never
-    /// useful, and the bound keeps `Instant::now() + delay` far from overflowing.
-    pub const MAX_DELAY: Duration = Duration::from_secs(3600);
-
-    pub(crate) fn validate(&self, name: &str) -> Result<(), Error> {
-        if self.base.is_zero() || self.max < self.base {
-            return Err(Error::InvalidConfig(format!(
-                "{name}: need 0 < base <= max, got base {:?}, max {:?}",
-                self.base, self.max
-            )));
-        }
-        if self.max > Self::MAX_DELAY {
-            return Err(Error::InvalidConfig(format!(
-                "{name}: max {:?} is above the limit of {:?}",
-                self.max,
-                Self::MAX_DELAY
-            )));
-        }
-        Ok(())
-    }
-}
-
-/// Username and password for etcd's `Authenticate` RPC.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    /// The etcd user.
-    pub user: String,
-    /// The user's password.
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never print the password.
-        f.debug_struct("Credentials")
-            .field("user", &self.user)
-            .finish_non_exhaustive()
-    }
-}
-
-/// PEM data, given inline or as a file to read at connect time.
-#[derive(Clone, PartialEq, Eq)]
-pub enum Pem {
-    /// A file holding PEM text.
-    Path(PathBuf),
-    /// PEM text.
-    Bytes(Vec<u8>),
-}
-
-impl fmt::Debug for Pem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Pem::Path(p) => f.debug_tuple("Path").field(p).finish(),
-            // Key material stays out of logs.
-            Pem::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
-        }
-    }
-}
-
-/// TLS settings: the CA that signed the servers' certificates, and optionally a
-/// client certificate and key for mutual TLS.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsConfig {
-    /// CA certificate(s) trusted to sign the etcd server certificates.
-    pub ca: Pem,
-    /// Client certificate chain and private key, for servers that require client certs.
-    pub identity: Option<(Pem, Pem)>,
-    /// Name to verify the server certificate against; defaults to the endpoint host.
-    pub domain_name: Option<String>,
-}
-
-impl TlsConfig {
-    /// Server verification only, with the CA read from `ca_path`.
-    pub fn with_ca_file(ca_path: impl Into<PathBuf>) -> Self {
-        TlsConfig {
-            ca: Pem::Path(ca_path.into()),
-            identity: None,
-            domain_name: None,
-        }
-    }
-
-    /// Mutual TLS with all three PEM files.
-    pub fn from_files(
-        ca_path: impl Into<PathBuf>,
-        cert_path: impl Into<PathBuf>,
-        key_path: impl Into<PathBuf>,
-    ) -> Self {
-        TlsConfig {
-            ca: Pem::Path(ca_path.into()),
-            identity: Some((Pem::Path(cert_path.into()), Pem::Path(key_path.into()))),
-            domain_name: None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn short_keepalive_is_rejected() {
-        let mut cfg = ClientConfig::new(["127.0.0.1:2379"]);
-        cfg.keepalive_interval = Duration::from_secs(1);
+        let cfg =
+            ClientConfig::new(["127.0.0.1:2379"]).with_keepalive_interval(Duration::from_secs(1));
         let err = cfg.validate().unwrap_err();
-        assert!(matches!(err, Error::InvalidConfig(_)));
+        assert!(
+            matches!(
+                err,
+                Error::InvalidConfig(ConfigError::KeepaliveTooFrequent { .. })
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("keepalive_interval"), "{err}");
     }
 
@@ -279,7 +231,10 @@ mod tests {
     #[test]
     fn empty_endpoints_are_rejected() {
         let cfg = ClientConfig::new(Vec::<String>::new());
-        assert!(matches!(cfg.validate(), Err(Error::InvalidConfig(_))));
+        assert!(matches!(
+            cfg.validate(),
+            Err(Error::InvalidConfig(ConfigError::NoEndpoints))
+        ));
     }
 
     #[test]
@@ -314,9 +269,60 @@ mod tests {
             cfg.validate().unwrap();
             set(&mut cfg, Duration::MAX);
             let err = cfg.validate().unwrap_err();
-            assert!(matches!(err, Error::InvalidConfig(_)), "{field}: {err}");
+            assert!(
+                matches!(err, Error::InvalidConfig(ConfigError::TooLong { setting, .. }) if setting == field),
+                "{field}: {err}"
+            );
             assert!(err.to_string().contains(field), "{field}: {err}");
         }
+    }
+
+    #[test]
+    fn bad_and_duplicate_endpoints_are_rejected() {
+        let err = ClientConfig::new(["ftp://a:1"]).validate().unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidConfig(ConfigError::Endpoint(e)) if e.raw == "ftp://a:1"),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "invalid client configuration: invalid endpoint \"ftp://a:1\": scheme must be http or https"
+        );
+        let err = ClientConfig::new(["a:1", "http://a:1"])
+            .validate()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid client configuration: duplicate endpoint a:1"
+        );
+    }
+
+    #[test]
+    fn setters_set_their_fields() {
+        let retry = RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        };
+        let backoff = Backoff {
+            base: Duration::from_millis(1),
+            max: Duration::from_millis(2),
+        };
+        let cfg = ClientConfig::new(["a:1"])
+            .with_endpoints(["b:2", "c:3"])
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_request_timeout(Duration::from_secs(2))
+            .with_keepalive_interval(Duration::from_secs(30))
+            .with_keepalive_timeout(Duration::from_secs(4))
+            .with_retry(retry)
+            .with_probe_backoff(backoff);
+        assert_eq!(cfg.endpoints, ["b:2", "c:3"]);
+        assert_eq!(cfg.connect_timeout, Duration::from_secs(1));
+        assert_eq!(cfg.request_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.keepalive_interval, Duration::from_secs(30));
+        assert_eq!(cfg.keepalive_timeout, Duration::from_secs(4));
+        assert_eq!(cfg.retry, retry);
+        assert_eq!(cfg.probe_backoff, backoff);
+        cfg.validate().unwrap();
     }
 
     #[test]

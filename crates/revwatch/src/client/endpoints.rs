@@ -1,4 +1,4 @@
-//! Endpoints: URL parsing, one gRPC channel per endpoint, and health tracking.
+//! Endpoints: one gRPC channel per endpoint, and health tracking.
 //!
 //! An endpoint that fails at the transport level (or answers `Unavailable`) leaves the
 //! rotation at once. A background prober re-checks it with exponential backoff using
@@ -11,69 +11,11 @@ use std::time::{Duration, Instant};
 
 use etcd_proto::etcdserverpb::StatusRequest;
 use etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::transport::Channel;
 
-use super::config::{Backoff, ClientConfig};
+use super::backoff::Backoff;
 use super::error::Error;
-use super::retry::short_reason;
-
-/// etcd's default client port, used when an endpoint omits the port.
-const DEFAULT_PORT: u16 = 2379;
-
-/// A validated endpoint URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ParsedEndpoint {
-    /// `scheme://host:port`.
-    pub uri: String,
-    /// `host:port`, used in errors and health reports.
-    pub name: String,
-}
-
-/// Parses `http://h:p`, `https://h:p` or bare `h:p`. Bare endpoints use https when
-/// TLS is configured. A scheme that contradicts the TLS setting is an error rather
-/// than a silent downgrade or a handshake failure later.
-pub(crate) fn parse_endpoint(raw: &str, tls: bool) -> Result<ParsedEndpoint, Error> {
-    let bad = |why: &str| Error::InvalidConfig(format!("invalid endpoint {raw:?}: {why}"));
-    let trimmed = raw.trim();
-    let with_scheme = if trimmed.contains("://") {
-        trimmed.to_string()
-    } else {
-        format!("{}://{trimmed}", if tls { "https" } else { "http" })
-    };
-    let uri: http::Uri = with_scheme.parse().map_err(|e| bad(&format!("{e}")))?;
-    let scheme = uri.scheme_str().unwrap_or_default();
-    match (scheme, tls) {
-        ("http", false) | ("https", true) => {}
-        ("https", false) => return Err(bad("https endpoint but no TLS configuration given")),
-        ("http", true) => return Err(bad("http endpoint but TLS is configured; use https://")),
-        _ => return Err(bad("scheme must be http or https")),
-    }
-    let host = uri
-        .host()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| bad("missing host"))?;
-    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
-        return Err(bad("must not have a path"));
-    }
-    // `http::Uri` accepts a non-numeric port, so check it here.
-    let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
-    if authority.contains('@') {
-        return Err(bad("must not contain user info"));
-    }
-    let port = match authority.rsplit_once(':') {
-        Some((_, p)) if !authority.ends_with(']') => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| bad("port must be a number from 1 to 65535"))?,
-        _ => DEFAULT_PORT,
-    };
-    let name = format!("{host}:{port}");
-    Ok(ParsedEndpoint {
-        uri: format!("{scheme}://{name}"),
-        name,
-    })
-}
+use super::failure::{Failure, classify, connection_error, short_reason};
 
 /// A snapshot of one endpoint's health, for status pages and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +94,16 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
+    /// An endpoint that starts out healthy; `channel` connects lazily.
+    pub(crate) fn new(name: String, channel: Channel, probe_backoff: Backoff) -> Endpoint {
+        Endpoint {
+            name,
+            channel,
+            health: Mutex::new(Health::new()),
+            probe_backoff,
+        }
+    }
+
     fn health(&self) -> MutexGuard<'_, Health> {
         // A poisoned lock only means another thread panicked mid-update of plain data.
         self.health.lock().unwrap_or_else(|p| p.into_inner())
@@ -175,6 +127,23 @@ impl Endpoint {
             tracing::warn!(endpoint = %self.name, %reason, "endpoint left rotation");
         }
         h.on_failure(reason.to_string(), Instant::now(), &self.probe_backoff);
+    }
+
+    /// The error for a call on this endpoint that failed outside the retry loop
+    /// (single-endpoint calls and streams). A transport failure or `Unavailable`
+    /// takes the endpoint out of the rotation.
+    pub(crate) fn failed(&self, status: tonic::Status) -> Error {
+        match classify(status, &self.name) {
+            Failure::Transport { reason, status, .. } => {
+                self.mark_failure(&reason);
+                connection_error(&self.name, reason, status)
+            }
+            Failure::Unavailable(e) => {
+                self.mark_failure(&e.to_string());
+                e
+            }
+            Failure::InvalidToken(e) | Failure::Fatal(e) => e,
+        }
     }
 
     pub(crate) fn snapshot(&self) -> EndpointHealth {
@@ -249,41 +218,11 @@ pub(crate) struct EndpointSet {
 }
 
 impl EndpointSet {
-    /// Builds one lazily connecting channel per endpoint. Nothing touches the network yet.
-    pub(crate) fn new(
-        config: &ClientConfig,
-        tls: Option<&ClientTlsConfig>,
-    ) -> Result<EndpointSet, Error> {
-        let mut endpoints = Vec::with_capacity(config.endpoints.len());
-        for raw in &config.endpoints {
-            // Duplicates were rejected by `ClientConfig::validate`.
-            let parsed = parse_endpoint(raw, tls.is_some())?;
-            let mut ep = tonic::transport::Endpoint::from_shared(parsed.uri.clone())
-                .map_err(|e| Error::InvalidConfig(format!("invalid endpoint {raw:?}: {e}")))?
-                .connect_timeout(config.connect_timeout)
-                .http2_keep_alive_interval(config.keepalive_interval)
-                .keep_alive_timeout(config.keepalive_timeout)
-                // etcd enforces PermitWithoutStream=false: pinging idle connections
-                // gets them closed with "too many pings". Idle connections need no
-                // pings: every request has its own timeout.
-                .keep_alive_while_idle(false)
-                .tcp_nodelay(true);
-            if let Some(tls) = tls {
-                ep = ep
-                    .tls_config(tls.clone())
-                    .map_err(|e| Error::Tls(format!("{}: {}", parsed.name, error_chain(&e))))?;
-            }
-            endpoints.push(Arc::new(Endpoint {
-                name: parsed.name,
-                channel: ep.connect_lazy(),
-                health: Mutex::new(Health::new()),
-                probe_backoff: config.probe_backoff,
-            }));
-        }
-        Ok(EndpointSet {
+    pub(crate) fn new(endpoints: Vec<Arc<Endpoint>>) -> EndpointSet {
+        EndpointSet {
             endpoints,
             next: AtomicUsize::new(0),
-        })
+        }
     }
 
     pub(crate) fn all(&self) -> &[Arc<Endpoint>] {
@@ -329,56 +268,9 @@ pub(crate) fn choose(healthy: &[bool], tried: &[bool], start: usize) -> Option<u
         .find(|i| healthy[*i] || !any_healthy)
 }
 
-/// Formats an error with its sources: `a: b: c`.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        cur = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn endpoints_parse_with_defaults() {
-        let p = parse_endpoint("127.0.0.1:2379", false).unwrap();
-        assert_eq!(p.uri, "http://127.0.0.1:2379");
-        assert_eq!(p.name, "127.0.0.1:2379");
-        let p = parse_endpoint("https://localhost", true).unwrap();
-        assert_eq!(p.uri, "https://localhost:2379");
-        let p = parse_endpoint("localhost:2400", true).unwrap();
-        assert_eq!(p.uri, "https://localhost:2400");
-        let p = parse_endpoint("http://[::1]:2400", false).unwrap();
-        assert_eq!(p.name, "[::1]:2400");
-        let p = parse_endpoint("http://[::1]", false).unwrap();
-        assert_eq!(p.name, "[::1]:2379");
-    }
-
-    #[test]
-    fn bad_endpoints_are_rejected_clearly() {
-        for (raw, tls) in [
-            ("", false),
-            ("http://", false),
-            ("ftp://127.0.0.1:2379", false),
-            ("http://127.0.0.1:notaport", false),
-            ("http://127.0.0.1:2379/v3", false),
-            ("https://127.0.0.1:2379", false),
-            ("http://127.0.0.1:2379", true),
-            ("not a url at all", false),
-            ("http://127.0.0.1:0", false),
-            ("http://user@127.0.0.1:2379", false),
-        ] {
-            let err = parse_endpoint(raw, tls).expect_err(raw);
-            assert!(matches!(err, Error::InvalidConfig(_)), "{raw}: {err}");
-            assert!(err.to_string().contains("invalid endpoint"), "{raw}: {err}");
-        }
-    }
 
     fn backoff() -> Backoff {
         Backoff {

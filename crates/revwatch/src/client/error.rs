@@ -1,7 +1,11 @@
 //! Typed client errors.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::endpoint_url::InvalidEndpoint;
+use super::tls::TlsError;
 
 /// etcd's message for a read or watch below the compacted revision.
 const COMPACTED_MSG: &str = "required revision has been compacted";
@@ -38,11 +42,11 @@ fn join_failures(failures: &[EndpointFailure]) -> String {
 pub enum Error {
     /// The configuration is unusable (bad endpoint URL, too-short keepalive, ...).
     #[error("invalid client configuration: {0}")]
-    InvalidConfig(String),
+    InvalidConfig(#[from] ConfigError),
 
     /// TLS material could not be loaded or parsed.
     #[error("TLS configuration error: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
 
     /// The server rejected the credentials, or authentication is misconfigured.
     #[error("authentication failed: {0}")]
@@ -58,8 +62,12 @@ pub enum Error {
     Connection {
         /// The endpoint as `host:port`.
         endpoint: String,
-        /// A short human-readable reason.
+        /// A short human-readable reason, e.g. `connection refused`.
         reason: String,
+        /// The transport's error, when there was one (a stream that simply ended
+        /// has none).
+        #[source]
+        source: Option<Arc<tonic::Status>>,
     },
 
     /// An endpoint did not answer within the request timeout.
@@ -104,6 +112,73 @@ pub enum Error {
         /// The endpoint as `host:port`.
         endpoint: String,
     },
+}
+
+/// What is wrong with a [`ClientConfig`](super::ClientConfig).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The endpoint list is empty.
+    #[error("no endpoints given")]
+    NoEndpoints,
+    /// An endpoint URL is unusable.
+    #[error(transparent)]
+    Endpoint(#[from] InvalidEndpoint),
+    /// Two endpoints name the same `host:port`.
+    #[error("duplicate endpoint {0}")]
+    DuplicateEndpoint(String),
+    /// The keepalive interval is below what etcd tolerates.
+    #[error(
+        "keepalive_interval {interval:?} is below {min:?}: etcd closes connections that ping this often"
+    )]
+    KeepaliveTooFrequent {
+        /// The configured interval.
+        interval: Duration,
+        /// The shortest accepted interval.
+        min: Duration,
+    },
+    /// A timeout is zero.
+    #[error("{setting} must be positive")]
+    NotPositive {
+        /// The setting's field name.
+        setting: &'static str,
+    },
+    /// A timeout or interval is longer than any useful value.
+    #[error("{setting} {value:?} is above the maximum of {max:?}")]
+    TooLong {
+        /// The setting's field name.
+        setting: &'static str,
+        /// The configured value.
+        value: Duration,
+        /// The longest accepted value.
+        max: Duration,
+    },
+    /// Backoff bounds that are zero or inverted.
+    #[error("{setting}: need 0 < base <= max, got base {base:?}, max {max:?}")]
+    BackoffBounds {
+        /// The setting's field name, e.g. `retry.backoff`.
+        setting: &'static str,
+        /// The configured first delay.
+        base: Duration,
+        /// The configured cap.
+        max: Duration,
+    },
+    /// A backoff cap above [`Backoff::MAX_DELAY`](super::Backoff::MAX_DELAY).
+    #[error("{setting}: max {max:?} is above the limit of {limit:?}")]
+    BackoffTooLong {
+        /// The setting's field name, e.g. `retry.backoff`.
+        setting: &'static str,
+        /// The configured cap.
+        max: Duration,
+        /// The largest accepted cap.
+        limit: Duration,
+    },
+    /// `retry.max_attempts` is zero.
+    #[error("retry.max_attempts must be at least 1")]
+    NoAttempts,
+    /// Credentials with an empty user name.
+    #[error("credentials have an empty user name")]
+    EmptyUser,
 }
 
 fn fmt_compact_rev(rev: Option<i64>) -> String {
@@ -220,6 +295,26 @@ mod tests {
             "all 2 endpoints unreachable: 127.0.0.1:2379 (connection refused), 127.0.0.1:2380 (timed out)"
         );
         assert!(err.is_retryable());
+    }
+
+    #[test]
+    fn tls_errors_keep_their_cause() {
+        use crate::client::tls::{TlsConfig, load};
+        let cfg = TlsConfig::with_ca_file("/nonexistent/ca.pem");
+        let err = Error::from(load(&cfg).unwrap_err());
+        assert!(
+            err.to_string().starts_with(
+                "TLS configuration error: cannot read CA certificate file /nonexistent/ca.pem: "
+            ),
+            "{err}"
+        );
+        let mut cur = std::error::Error::source(&err);
+        let mut io = None;
+        while let Some(e) = cur {
+            io = io.or(e.downcast_ref::<std::io::Error>().map(|e| e.kind()));
+            cur = e.source();
+        }
+        assert_eq!(io, Some(std::io::ErrorKind::NotFound), "{err:?}");
     }
 
     #[test]

@@ -12,8 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 
 use super::endpoints::Endpoint;
-use super::retry::classify;
-use super::{Client, Error, Retry, failure_error};
+use super::error::Error;
+use super::handle::Client;
+use super::retry::Retry;
 
 /// Shortest pause between keepalives, whatever the TTL.
 const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(500);
@@ -87,12 +88,12 @@ impl LeaseKeeper {
     /// Grants a lease of `ttl_secs` and starts keeping it alive.
     pub async fn start(client: &Client, ttl_secs: i64) -> Result<LeaseKeeper, Error> {
         let granted_at = Instant::now();
-        let grant = client.lease_grant(ttl_secs).await?;
+        let (grant, endpoint) = client.lease_grant_on(ttl_secs).await?;
         if !grant.error.is_empty() {
             return Err(Error::Grpc {
                 code: tonic::Code::Unknown,
                 message: grant.error,
-                endpoint: String::new(),
+                endpoint: endpoint.name.clone(),
             });
         }
         let (tx, state) = watch::channel(LeaseState::Alive { ttl: grant.ttl });
@@ -247,10 +248,7 @@ async fn renew(
     match s.inbound.message().await {
         Ok(Some(reply)) => Ok(reply.ttl),
         Ok(None) => Err(stream_closed(&s.endpoint)),
-        Err(status) => Err(failure_error(
-            classify(&status, &s.endpoint.name),
-            &s.endpoint,
-        )),
+        Err(status) => Err(s.endpoint.failed(status)),
     }
 }
 
@@ -258,6 +256,7 @@ fn stream_closed(endpoint: &Endpoint) -> Error {
     Error::Connection {
         endpoint: endpoint.name.clone(),
         reason: "lease keepalive stream closed".into(),
+        source: None,
     }
 }
 
@@ -265,18 +264,21 @@ fn stream_closed(endpoint: &Endpoint) -> Error {
 /// It must be queued before the call: etcd sends no response headers until it has
 /// a request to answer.
 async fn open(client: &Client, id: i64) -> Result<KeepAliveStream, Error> {
-    let ((tx, inbound), endpoint) = client
-        .execute_on(
+    let (tx, inbound, endpoint) = client
+        .retrier()
+        .execute(
             "lease_keep_alive",
             Retry::Idempotent,
             (),
-            |ch, r| async move {
+            |ep, r| async move {
                 let (tx, rx) = mpsc::channel(1);
                 // Cannot fail: the receiver is alive and the buffer is empty.
                 let _ = tx.try_send(LeaseKeepAliveRequest { id });
                 let request = r.map(|()| ReceiverStream::new(rx));
-                let resp = LeaseClient::new(ch).lease_keep_alive(request).await?;
-                Ok(resp.map(|inbound| (tx, inbound)))
+                let resp = LeaseClient::new(ep.channel.clone())
+                    .lease_keep_alive(request)
+                    .await?;
+                Ok(resp.map(|inbound| (tx, inbound, ep)))
             },
         )
         .await?;

@@ -2,36 +2,41 @@
 
 use etcd_proto::etcdserverpb::kv_client::KvClient;
 use etcd_proto::etcdserverpb::request_op::Request as Op;
+use etcd_proto::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
 use tonic::transport::Channel;
 
-use super::{
-    Client, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, Error,
-    MAX_RESPONSE_BYTES, PutRequest, PutResponse, RangeRequest, RangeResponse, Retry, TxnRequest,
-    TxnResponse,
-};
+use super::endpoints::Endpoint;
+use super::error::Error;
+use super::handle::{Client, MAX_RESPONSE_BYTES};
+use super::retry::Retry;
 
-fn kv(ch: Channel) -> KvClient<Channel> {
-    KvClient::new(ch).max_decoding_message_size(MAX_RESPONSE_BYTES)
+fn kv(ep: &Endpoint) -> KvClient<Channel> {
+    KvClient::new(ep.channel.clone()).max_decoding_message_size(MAX_RESPONSE_BYTES)
 }
 
 impl Client {
     /// KV.Range. Idempotent, so retried across endpoints on transport errors,
     /// timeouts and `Unavailable`.
     pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
-        self.execute("range", Retry::Idempotent, req, |ch, r| async move {
-            kv(ch).range(r).await
-        })
-        .await
+        self.retrier()
+            .execute("range", Retry::Idempotent, req, |ep, r| async move {
+                kv(&ep).range(r).await
+            })
+            .await
     }
 
     /// KV.Put. Not replayed once it may have reached a server: a failure after that
     /// point is returned ([`Error::Connection`] or [`Error::Timeout`]), and the put
     /// may or may not have been applied.
     pub async fn put(&self, req: PutRequest) -> Result<PutResponse, Error> {
-        self.execute("put", Retry::Once, req, |ch, r| async move {
-            kv(ch).put(r).await
-        })
-        .await
+        self.retrier()
+            .execute("put", Retry::Once, req, |ep, r| async move {
+                kv(&ep).put(r).await
+            })
+            .await
     }
 
     /// KV.DeleteRange. Not replayed once it may have reached a server (a replay
@@ -40,10 +45,11 @@ impl Client {
         &self,
         req: DeleteRangeRequest,
     ) -> Result<DeleteRangeResponse, Error> {
-        self.execute("delete_range", Retry::Once, req, |ch, r| async move {
-            kv(ch).delete_range(r).await
-        })
-        .await
+        self.retrier()
+            .execute("delete_range", Retry::Once, req, |ep, r| async move {
+                kv(&ep).delete_range(r).await
+            })
+            .await
     }
 
     /// KV.Txn. Retried like [`range`](Self::range) when every operation, in both
@@ -54,22 +60,24 @@ impl Client {
         } else {
             Retry::Once
         };
-        self.execute(
-            "txn",
-            retry,
-            req,
-            |ch, r| async move { kv(ch).txn(r).await },
-        )
-        .await
+        self.retrier()
+            .execute(
+                "txn",
+                retry,
+                req,
+                |ep, r| async move { kv(&ep).txn(r).await },
+            )
+            .await
     }
 
     /// KV.Compact. Not replayed once sent: a replay of a successful compaction
     /// fails with "compacted", which would hide the success.
     pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse, Error> {
-        self.execute("compact", Retry::Once, req, |ch, r| async move {
-            kv(ch).compact(r).await
-        })
-        .await
+        self.retrier()
+            .execute("compact", Retry::Once, req, |ep, r| async move {
+                kv(&ep).compact(r).await
+            })
+            .await
     }
 }
 

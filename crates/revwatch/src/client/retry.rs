@@ -1,12 +1,15 @@
-//! Retry policy, backoff with jitter, and the classification of failed attempts.
+//! Retries: the policy, and the engine that runs one call across endpoints with
+//! failover, backoff between rounds, and one re-authentication on a rejected token.
 
-use std::error::Error as StdError;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use rand::Rng;
-
-use super::config::Backoff;
-use super::error::Error;
+use super::auth::Auth;
+use super::backoff::Backoff;
+use super::endpoints::{Endpoint, EndpointSet};
+use super::error::{ConfigError, EndpointFailure, Error};
+use super::failure::{Failure, classify, connection_error};
 
 /// How idempotent requests are retried.
 ///
@@ -38,174 +41,172 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    pub(crate) fn validate(&self) -> Result<(), Error> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.backoff.validate("retry.backoff")?;
         if self.max_attempts == 0 {
-            return Err(Error::InvalidConfig(
-                "retry.max_attempts must be at least 1".into(),
-            ));
+            return Err(ConfigError::NoAttempts);
         }
         Ok(())
     }
 }
 
-impl Backoff {
-    /// The delay before retry number `round` (0-based): `min(max, base * 2^round)`,
-    /// then scaled by a random factor in `[0.5, 1.0]` so that clients that failed
-    /// together do not retry together.
-    ///
-    /// Never panics, whatever the bounds: a delay that does not fit a `Duration`
-    /// after jitter is the ceiling itself. (Validated configurations keep `max` at
-    /// or below [`Backoff::MAX_DELAY`].)
-    pub fn delay(&self, round: u32, rng: &mut impl Rng) -> Duration {
-        let ceiling = self.ceiling(round);
-        let factor: f64 = rng.random_range(0.5..=1.0);
-        // `Duration::mul_f64` panics when rounding pushes the result past
-        // `Duration::MAX`; the fallible conversion does not.
-        Duration::try_from_secs_f64(ceiling.as_secs_f64() * factor)
-            .map_or(ceiling, |d| d.min(ceiling))
-    }
-
-    /// The delay before jitter.
-    fn ceiling(&self, round: u32) -> Duration {
-        let factor = 2u32.saturating_pow(round.min(31));
-        self.base.saturating_mul(factor).min(self.max)
-    }
+/// Whether a failed attempt may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    /// Safe to replay (reads, revoke, ...).
+    Idempotent,
+    /// Replayed only if it provably never left the client.
+    Once,
 }
 
-/// What a failed attempt means for the endpoint and for retrying.
-#[derive(Debug)]
-pub(crate) enum Failure {
-    /// The connection failed or broke: the endpoint is suspect. `maybe_sent` is false
-    /// only when the request provably never left the client (connect failed).
-    Transport { reason: String, maybe_sent: bool },
-    /// The server answered `Unavailable` (no leader, leader changed, stopping, ...).
-    Unavailable(Error),
-    /// The server rejected our auth token; re-authenticate and try again.
-    InvalidToken(Error),
-    /// A definitive answer: return it.
-    Fatal(Error),
+/// What the retry engine needs from a client.
+pub(crate) struct Retrier<'a> {
+    pub endpoints: &'a EndpointSet,
+    pub auth: &'a Auth,
+    pub policy: &'a RetryPolicy,
+    /// The limit on each attempt.
+    pub timeout: Duration,
 }
 
-/// Classifies a failed call. Statuses created by the client library carry a source
-/// error (transport, h2, connect); statuses sent by the server do not.
-pub(crate) fn classify(status: &tonic::Status, endpoint: &str) -> Failure {
-    // The generated stubs turn a failed readiness check into a source-less Unknown.
-    let not_ready = status.message().starts_with("Service was not ready");
-    if status.source().is_some() || not_ready {
-        let maybe_sent = !not_ready && !source_chain_has::<tonic::ConnectError>(status);
-        return Failure::Transport {
-            reason: short_reason(status),
-            maybe_sent,
-        };
-    }
-    match status.code() {
-        tonic::Code::Unavailable => {
-            Failure::Unavailable(Error::from_server_status(status, endpoint))
-        }
-        tonic::Code::Unauthenticated if status.message().contains("invalid auth token") => {
-            Failure::InvalidToken(Error::from_server_status(status, endpoint))
-        }
-        _ => Failure::Fatal(Error::from_server_status(status, endpoint)),
-    }
-}
+impl Retrier<'_> {
+    /// Runs one unary call with failover and retries (see [`Retry`]). `call` gets
+    /// the endpoint picked for each attempt; a caller that needs to know which one
+    /// answered (a stream's owner) returns it in its reply.
+    pub(crate) async fn execute<Req, Resp, F, Fut>(
+        &self,
+        op: &'static str,
+        retry: Retry,
+        req: Req,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(Arc<Endpoint>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let Retrier {
+            endpoints,
+            auth,
+            policy,
+            timeout,
+        } = *self;
+        let all = endpoints.all();
+        let started = Instant::now();
+        let mut tried = vec![false; all.len()];
+        // The latest transport failure per endpoint, for AllEndpointsUnreachable.
+        let mut unreachable: Vec<Option<String>> = vec![None; all.len()];
+        let mut last_err: Option<Error> = None;
+        let mut attempts = 0u32;
+        let mut round = 0u32;
+        let mut reauthenticated = false;
 
-fn source_chain_has<E: StdError + 'static>(status: &tonic::Status) -> bool {
-    let mut cur = status.source();
-    while let Some(e) = cur {
-        if e.is::<E>() {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
-}
-
-/// A short reason for an endpoint failure: the innermost I/O error when there is
-/// one ("connection refused"), else the deepest error message in the chain.
-pub(crate) fn short_reason(status: &tonic::Status) -> String {
-    let mut deepest = status.message().to_string();
-    let mut cur = status.source();
-    while let Some(e) = cur {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            // The connect timeout surfaces as a TimedOut wrapping tokio's "deadline
-            // has elapsed", which does not say what timed out.
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                let what = if source_chain_has::<tonic::ConnectError>(status) {
-                    "connect timed out"
-                } else {
-                    "timed out"
-                };
-                return what.to_string();
-            }
-            // OS errors read best as their kind ("connection refused"); wrapped
-            // errors (e.g. rustls's "invalid peer certificate") by their message.
-            return match io.get_ref() {
-                Some(inner) => inner.to_string(),
-                None => io.kind().to_string(),
+        loop {
+            let Some(i) = endpoints.pick(&tried) else {
+                let delay = policy.backoff.delay(round, &mut rand::rng());
+                round += 1;
+                if started.elapsed() + delay > policy.max_elapsed {
+                    return Err(give_up(all.iter().map(|e| &*e.name), unreachable, last_err));
+                }
+                tokio::time::sleep(delay).await;
+                tried.fill(false);
+                continue;
             };
+            tried[i] = true;
+            attempts += 1;
+            let ep = &all[i];
+            let token = auth.token();
+            let mut request = tonic::Request::new(req.clone());
+            auth.apply(&mut request)?;
+
+            let outcome = tokio::time::timeout(timeout, call(Arc::clone(ep), request)).await;
+            let (err, transport_reason, replayable) = match outcome {
+                Ok(Ok(resp)) => {
+                    ep.mark_success();
+                    return Ok(resp.into_inner());
+                }
+                Err(_) => {
+                    let reason = format!("timed out after {timeout:?}");
+                    let err = Error::Timeout {
+                        endpoint: ep.name.clone(),
+                        after: timeout,
+                    };
+                    (err, Some(reason), retry == Retry::Idempotent)
+                }
+                Ok(Err(status)) => match classify(status, &ep.name) {
+                    Failure::Transport {
+                        reason,
+                        maybe_sent,
+                        status,
+                    } => {
+                        let err = connection_error(&ep.name, reason.clone(), status);
+                        (err, Some(reason), retry == Retry::Idempotent || !maybe_sent)
+                    }
+                    Failure::Unavailable(err) => {
+                        ep.mark_failure(&err.to_string());
+                        (err, None, retry == Retry::Idempotent)
+                    }
+                    Failure::InvalidToken(err) => {
+                        if reauthenticated || !auth.enabled() {
+                            return Err(err);
+                        }
+                        // The server rejected the request before running it, so a
+                        // replay is safe whatever the request is.
+                        reauthenticated = true;
+                        auth.refresh(ep, token.as_ref(), timeout).await?;
+                        tried[i] = false;
+                        continue;
+                    }
+                    Failure::Fatal(err) => return Err(err),
+                },
+            };
+            if let Some(reason) = transport_reason {
+                ep.mark_failure(&reason);
+                unreachable[i] = Some(reason);
+            }
+            tracing::debug!(op, endpoint = %ep.name, attempt = attempts, error = %err, "attempt failed");
+            if !replayable {
+                return Err(err);
+            }
+            last_err = Some(err);
+            if attempts >= policy.max_attempts || started.elapsed() >= policy.max_elapsed {
+                return Err(give_up(all.iter().map(|e| &*e.name), unreachable, last_err));
+            }
         }
-        deepest = e.to_string();
-        cur = e.source();
     }
-    deepest
+}
+
+/// The error for a call that ran out of attempts: every endpoint's transport failure
+/// when none could be reached, otherwise the last error.
+fn give_up<'a>(
+    names: impl Iterator<Item = &'a str>,
+    unreachable: Vec<Option<String>>,
+    last: Option<Error>,
+) -> Error {
+    let last_was_transport = matches!(
+        last,
+        None | Some(Error::Connection { .. } | Error::Timeout { .. })
+    );
+    // `Some` only when every endpoint failed at the transport level.
+    let reasons: Option<Vec<String>> = unreachable.into_iter().collect();
+    match (last, reasons) {
+        (_, Some(reasons)) if last_was_transport => {
+            let failures = names
+                .zip(reasons)
+                .map(|(endpoint, reason)| EndpointFailure {
+                    endpoint: endpoint.to_string(),
+                    reason,
+                })
+                .collect();
+            Error::AllEndpointsUnreachable(failures)
+        }
+        (Some(last), _) => last,
+        (None, _) => Error::AllEndpointsUnreachable(Vec::new()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::SeedableRng;
-    use rand::rngs::StdRng;
-
-    fn backoff() -> Backoff {
-        Backoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        }
-    }
-
-    #[test]
-    fn backoff_grows_exponentially_then_caps() {
-        let b = backoff();
-        let ceilings: Vec<_> = (0..8).map(|r| b.ceiling(r).as_millis()).collect();
-        assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
-        // Huge round numbers must not overflow.
-        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(2));
-    }
-
-    #[test]
-    fn jitter_stays_within_half_to_full_ceiling_and_varies() {
-        let b = backoff();
-        let mut rng = StdRng::seed_from_u64(7);
-        for round in 0..10 {
-            let ceiling = b.ceiling(round);
-            let delays: Vec<_> = (0..200).map(|_| b.delay(round, &mut rng)).collect();
-            for d in &delays {
-                assert!(*d >= ceiling / 2 && *d <= ceiling, "round {round}: {d:?}");
-            }
-            let distinct: std::collections::HashSet<_> = delays.iter().collect();
-            assert!(
-                distinct.len() > 50,
-                "jitter should spread delays, got {}",
-                distinct.len()
-            );
-        }
-    }
-
-    #[test]
-    fn huge_backoff_bounds_do_not_panic() {
-        let b = Backoff {
-            base: Duration::MAX,
-            max: Duration::MAX,
-        };
-        let mut rng = StdRng::seed_from_u64(1);
-        for round in [0, 1, 31, u32::MAX] {
-            for _ in 0..100 {
-                let d = b.delay(round, &mut rng);
-                assert!(d >= Duration::MAX / 2, "{d:?}");
-            }
-        }
-    }
 
     #[test]
     fn backoff_above_the_ceiling_is_invalid() {
@@ -217,7 +218,7 @@ mod tests {
             ..RetryPolicy::default()
         };
         let err = p.validate().unwrap_err();
-        assert!(matches!(err, Error::InvalidConfig(_)), "{err}");
+        assert!(matches!(err, ConfigError::BackoffTooLong { .. }), "{err}");
         assert!(err.to_string().contains("retry.backoff"), "{err}");
         let ok = RetryPolicy {
             backoff: Backoff {
@@ -229,72 +230,37 @@ mod tests {
         ok.validate().unwrap();
     }
 
-    #[test]
-    fn server_statuses_are_classified() {
-        let s = tonic::Status::unavailable("etcdserver: no leader");
-        assert!(matches!(classify(&s, "e:1"), Failure::Unavailable(_)));
-        let s = tonic::Status::unauthenticated("etcdserver: invalid auth token");
-        assert!(matches!(classify(&s, "e:1"), Failure::InvalidToken(_)));
-        let s = tonic::Status::invalid_argument("etcdserver: key is not provided");
-        assert!(matches!(
-            classify(&s, "e:1"),
-            Failure::Fatal(Error::Grpc { .. })
-        ));
-    }
-
-    #[test]
-    fn not_ready_counts_as_not_sent() {
-        let s = tonic::Status::unknown("Service was not ready: transport error");
-        assert!(matches!(
-            classify(&s, "e:1"),
-            Failure::Transport {
-                maybe_sent: false,
-                ..
-            }
-        ));
-    }
-
-    #[test]
-    fn connect_failures_are_known_unsent() {
-        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        let s = tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(refused))));
-        match classify(&s, "e:1") {
-            Failure::Transport { reason, maybe_sent } => {
-                assert_eq!(reason, "connection refused");
-                assert!(!maybe_sent);
-            }
-            other => panic!("{other:?}"),
+    fn timeout(endpoint: &str) -> Error {
+        Error::Timeout {
+            endpoint: endpoint.into(),
+            after: Duration::from_secs(1),
         }
     }
 
     #[test]
-    fn connect_timeouts_say_so() {
-        // What hyper-util's connector returns when its connect timeout fires.
-        let elapsed = std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline has elapsed");
-        let s = tonic::Status::from_error(Box::new(tonic::ConnectError(Box::new(elapsed))));
-        match classify(&s, "e:1") {
-            Failure::Transport { reason, maybe_sent } => {
-                assert_eq!(reason, "connect timed out");
-                assert!(!maybe_sent);
-            }
-            other => panic!("{other:?}"),
-        }
-        let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
-        let s = tonic::Status::from_error(Box::new(timed_out));
-        assert_eq!(short_reason(&s), "timed out");
+    fn giving_up_lists_every_endpoint_when_none_could_be_reached() {
+        let reasons = vec![Some("connection refused".into()), Some("timed out".into())];
+        let err = give_up(["a:1", "b:2"].into_iter(), reasons, Some(timeout("b:2")));
+        assert_eq!(
+            err.to_string(),
+            "all 2 endpoints unreachable: a:1 (connection refused), b:2 (timed out)"
+        );
     }
 
     #[test]
-    fn broken_connections_may_have_sent_the_request() {
-        let broken = std::io::Error::from(std::io::ErrorKind::BrokenPipe);
-        let s = tonic::Status::from_error(Box::new(broken));
-        assert!(matches!(
-            classify(&s, "e:1"),
-            Failure::Transport {
-                maybe_sent: true,
-                ..
-            }
-        ));
+    fn giving_up_returns_the_last_error_otherwise() {
+        // One endpoint answered (e.g. "no leader"): no transport reason for it.
+        let reasons = vec![Some("connection refused".into()), None];
+        let err = give_up(["a:1", "b:2"].into_iter(), reasons, Some(timeout("a:1")));
+        assert!(err.is_timeout(), "{err}");
+
+        // Every endpoint failed at the transport level, but the last answer was the
+        // server's: that answer says more.
+        let reasons = vec![Some("connection refused".into())];
+        let unavailable =
+            Error::from_server_status(&tonic::Status::unavailable("etcdserver: no leader"), "a:1");
+        let err = give_up(["a:1"].into_iter(), reasons, Some(unavailable));
+        assert_eq!(err.grpc_code(), Some(tonic::Code::Unavailable), "{err}");
     }
 
     #[test]
@@ -303,6 +269,6 @@ mod tests {
             max_attempts: 0,
             ..RetryPolicy::default()
         };
-        assert!(p.validate().is_err());
+        assert!(matches!(p.validate(), Err(ConfigError::NoAttempts)));
     }
 }

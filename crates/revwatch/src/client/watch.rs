@@ -4,17 +4,18 @@ use std::sync::Arc;
 
 use etcd_proto::etcdserverpb::watch_client::WatchClient;
 use etcd_proto::etcdserverpb::watch_request::RequestUnion;
-use etcd_proto::etcdserverpb::{WatchCancelRequest, WatchProgressRequest, WatchRequest};
+use etcd_proto::etcdserverpb::{
+    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::metadata::MetadataValue;
 
 use super::endpoints::Endpoint;
-use super::retry::classify;
-use super::{
-    Client, Error, MAX_RESPONSE_BYTES, Retry, WatchCreateRequest, WatchResponse, failure_error,
-};
+use super::error::Error;
+use super::handle::{Client, MAX_RESPONSE_BYTES};
+use super::retry::Retry;
 
 /// Requests queued for the server before `send` waits.
 const REQUEST_BUFFER: usize = 64;
@@ -30,8 +31,9 @@ impl Client {
     /// The stream carries `hasleader=true` metadata, and is subject to the HTTP/2
     /// keepalive, so a partitioned or frozen member ends it with an error.
     pub async fn watch(&self, req: WatchCreateRequest) -> Result<WatchStream, Error> {
-        let ((tx, inbound), endpoint) = self
-            .execute_on("watch", Retry::Idempotent, req, |ch, r| async move {
+        let (tx, inbound, endpoint) = self
+            .retrier()
+            .execute("watch", Retry::Idempotent, req, |ep, r| async move {
                 let (metadata, extensions, create) = r.into_parts();
                 let (tx, rx) = mpsc::channel(REQUEST_BUFFER);
                 let first = WatchRequest {
@@ -44,11 +46,11 @@ impl Client {
                 request
                     .metadata_mut()
                     .insert(REQUIRE_LEADER_KEY, MetadataValue::from_static("true"));
-                let resp = WatchClient::new(ch)
+                let resp = WatchClient::new(ep.channel.clone())
                     .max_decoding_message_size(MAX_RESPONSE_BYTES)
                     .watch(request)
                     .await?;
-                Ok(resp.map(|inbound| (tx, inbound)))
+                Ok(resp.map(|inbound| (tx, inbound, ep)))
             })
             .await?;
         Ok(WatchStream {
@@ -94,10 +96,7 @@ impl WatchStream {
     pub async fn message(&mut self) -> Result<Option<WatchResponse>, Error> {
         match self.inbound.message().await {
             Ok(msg) => Ok(msg),
-            Err(status) => Err(failure_error(
-                classify(&status, &self.endpoint.name),
-                &self.endpoint,
-            )),
+            Err(status) => Err(self.endpoint.failed(status)),
         }
     }
 }

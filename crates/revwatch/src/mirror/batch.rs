@@ -1,4 +1,5 @@
-//! What subscribers receive.
+//! What subscribers receive, and the diff between two snapshots that a resync
+//! delivers.
 
 use std::sync::Arc;
 
@@ -140,4 +141,36 @@ impl<T> Update<T> {
             Update::Progress(r) => *r,
         }
     }
+}
+
+/// The changes that turn `old` into `new`: puts for new and changed keys (changed
+/// meaning another etcd key version), deletes for vanished keys, in key order.
+/// Shared subtrees are skipped, so the cost follows the difference, not the size.
+pub fn diff<T>(old: &Snapshot<T>, new: &Snapshot<T>) -> Vec<Change<T>> {
+    use imbl::ordmap::DiffItem;
+    old.entries
+        .diff(&new.entries)
+        .map(|item| match item {
+            DiffItem::Add(k, v) => Change {
+                key: k.clone(),
+                kind: ChangeKind::Put {
+                    entry: Arc::clone(&v.0),
+                    prev: None,
+                },
+            },
+            DiffItem::Update { old, new } => Change {
+                key: new.0.clone(),
+                kind: ChangeKind::Put {
+                    entry: Arc::clone(&new.1.0),
+                    prev: Some(Arc::clone(&old.1.0)),
+                },
+            },
+            DiffItem::Remove(k, v) => Change {
+                key: k.clone(),
+                kind: ChangeKind::Delete {
+                    prev: Some(Arc::clone(&v.0)),
+                },
+            },
+        })
+        .collect()
 }

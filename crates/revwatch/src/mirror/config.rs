@@ -24,8 +24,22 @@ pub enum ProgressTrust {
     Immediate,
 }
 
-/// Settings of a [`Mirror`](super::Mirror). Start from `MirrorConfig::default()`.
+/// Settings of a [`Mirror`](super::Mirror). Start from `MirrorConfig::default()`
+/// and change what you need with the `with_*` setters; the fields stay readable
+/// and assignable, and new ones can be added without breaking callers.
+///
+/// ```
+/// use std::time::Duration;
+/// use revwatch::mirror::MirrorConfig;
+///
+/// let config = MirrorConfig::default()
+///     .with_page_size(500)
+///     .with_stall_timeout(Duration::from_secs(5));
+/// assert_eq!(config.page_size, 500);
+/// assert!(config.validate().is_ok());
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MirrorConfig {
     /// Keys per page of the initial list and of relists. Default 1000.
     pub page_size: i64,
@@ -82,6 +96,75 @@ impl Default for MirrorConfig {
 }
 
 impl MirrorConfig {
+    /// Sets [`page_size`](Self::page_size).
+    pub fn with_page_size(mut self, page_size: i64) -> Self {
+        self.page_size = page_size;
+        self
+    }
+
+    /// Sets [`progress_interval`](Self::progress_interval).
+    pub fn with_progress_interval(mut self, progress_interval: Duration) -> Self {
+        self.progress_interval = progress_interval;
+        self
+    }
+
+    /// Sets [`stall_timeout`](Self::stall_timeout).
+    pub fn with_stall_timeout(mut self, stall_timeout: Duration) -> Self {
+        self.stall_timeout = stall_timeout;
+        self
+    }
+
+    /// Sets [`subscriber_buffer`](Self::subscriber_buffer).
+    pub fn with_subscriber_buffer(mut self, subscriber_buffer: usize) -> Self {
+        self.subscriber_buffer = subscriber_buffer;
+        self
+    }
+
+    /// Sets [`decode_policy`](Self::decode_policy).
+    pub fn with_decode_policy(mut self, decode_policy: DecodePolicy) -> Self {
+        self.decode_policy = decode_policy;
+        self
+    }
+
+    /// Sets [`retry_backoff`](Self::retry_backoff).
+    pub fn with_retry_backoff(mut self, retry_backoff: Backoff) -> Self {
+        self.retry_backoff = retry_backoff;
+        self
+    }
+
+    /// Sets [`progress_trust`](Self::progress_trust).
+    pub fn with_progress_trust(mut self, progress_trust: ProgressTrust) -> Self {
+        self.progress_trust = progress_trust;
+        self
+    }
+
+    /// Sets [`catch_up_grace`](Self::catch_up_grace).
+    pub fn with_catch_up_grace(mut self, catch_up_grace: Duration) -> Self {
+        self.catch_up_grace = catch_up_grace;
+        self
+    }
+
+    /// Sets [`snapshot_file`](Self::snapshot_file): a path, or `None` for no file.
+    pub fn with_snapshot_file(mut self, path: impl Into<Option<PathBuf>>) -> Self {
+        self.snapshot_file = path.into();
+        self
+    }
+
+    /// Sets [`snapshot_interval`](Self::snapshot_interval).
+    pub fn with_snapshot_interval(mut self, snapshot_interval: Duration) -> Self {
+        self.snapshot_interval = snapshot_interval;
+        self
+    }
+
+    /// Sets [`max_reported_decode_failures`](Self::max_reported_decode_failures).
+    pub fn with_max_reported_decode_failures(
+        mut self,
+        max_reported_decode_failures: usize,
+    ) -> Self {
+        self.max_reported_decode_failures = max_reported_decode_failures;
+        self
+    }
+
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), MirrorError> {
         let bad = |msg: String| Err(MirrorError::InvalidConfig(msg));
@@ -103,9 +186,6 @@ impl MirrorConfig {
         // The client's own check: the same bounds, and the same message.
         self.retry_backoff
             .validate("retry_backoff")
-            .map_err(|e| match e {
-                crate::client::Error::InvalidConfig(msg) => MirrorError::InvalidConfig(msg),
-                other => MirrorError::InvalidConfig(other.to_string()),
-            })
+            .map_err(|e| MirrorError::InvalidConfig(e.to_string()))
     }
 }

@@ -1,6 +1,9 @@
 //! Mirror errors.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use super::persist::PersistError;
 
 /// Errors returned by [`Mirror`](super::Mirror) calls.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -23,9 +26,9 @@ pub enum MirrorError {
     /// The mirror did not reach the revision in time.
     #[error("timed out after {after:?} waiting for {} (mirror at {reached})", wanted_text(*.wanted))]
     Timeout {
-        /// The revision waited for; 0 when etcd's current revision could not be read
-        /// in time (by [`Mirror::consistent_snapshot`](super::Mirror::consistent_snapshot)).
-        wanted: i64,
+        /// The revision waited for; `None` when etcd's current revision could not
+        /// be read in time (by [`Mirror::consistent_snapshot`](super::Mirror::consistent_snapshot)).
+        wanted: Option<i64>,
         /// The mirror's revision when the wait ended.
         reached: i64,
         /// The time waited.
@@ -34,11 +37,11 @@ pub enum MirrorError {
 
     /// Asking etcd for its current revision failed.
     #[error("could not read the current revision from etcd: {0}")]
-    Source(String),
+    Source(#[source] Arc<crate::client::Error>),
 
     /// Writing the snapshot file at shutdown failed.
     #[error("could not write the final snapshot file: {0}")]
-    Persist(String),
+    Persist(#[source] Arc<PersistError>),
 
     /// The mirror has shut down.
     #[error("the mirror has shut down")]
@@ -87,10 +90,66 @@ impl FailureKind {
     }
 }
 
-fn wanted_text(wanted: i64) -> String {
-    if wanted == 0 {
-        "etcd's current revision".into()
-    } else {
-        format!("revision {wanted}")
+fn wanted_text(wanted: Option<i64>) -> String {
+    match wanted {
+        Some(revision) => format!("revision {revision}"),
+        None => "etcd's current revision".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    #[test]
+    fn errors_keep_their_sources() {
+        let io = std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full");
+        let err = MirrorError::Persist(Arc::new(PersistError::Io {
+            path: "snap".into(),
+            source: io,
+        }));
+        assert_eq!(
+            err.to_string(),
+            "could not write the final snapshot file: snapshot file snap: disk full"
+        );
+        let persist = err.source().expect("the persist error");
+        assert!(persist.is::<Arc<PersistError>>(), "{persist:?}");
+        let io = persist
+            .source()
+            .and_then(|e| e.downcast_ref::<std::io::Error>())
+            .expect("the I/O error");
+        assert_eq!(io.kind(), std::io::ErrorKind::StorageFull);
+
+        let err = MirrorError::Source(Arc::new(crate::client::Error::Compacted {
+            compact_revision: None,
+            endpoint: "e:1".into(),
+        }));
+        let source = err.source().expect("the client error");
+        assert!(source.to_string().contains("compacted"), "{source}");
+    }
+
+    #[test]
+    fn a_timeout_names_what_it_waited_for() {
+        let after = Duration::from_millis(500);
+        let unknown = MirrorError::Timeout {
+            wanted: None,
+            reached: 3,
+            after,
+        };
+        assert_eq!(
+            unknown.to_string(),
+            "timed out after 500ms waiting for etcd's current revision (mirror at 3)"
+        );
+        let known = MirrorError::Timeout {
+            wanted: Some(9),
+            reached: 3,
+            after,
+        };
+        assert_eq!(
+            known.to_string(),
+            "timed out after 500ms waiting for revision 9 (mirror at 3)"
+        );
     }
 }

@@ -14,14 +14,18 @@
 //! waits and starts from the published state.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use tokio::sync::{Notify, watch};
+use futures::Stream;
+use futures::task::AtomicWaker;
+use tokio::sync::watch;
 
-use super::batch::{Batch, ResyncReason, Update};
+use super::batch::{Batch, ResyncReason, Update, diff};
 use super::metrics::Metrics;
-use super::snapshot::{Snapshot, diff};
+use super::snapshot::Snapshot;
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the data
 /// consistent at each step, so a panic elsewhere cannot leave it half-updated.
@@ -44,7 +48,9 @@ struct Subscribers<T> {
 
 struct Slot<T> {
     state: Mutex<SlotState<T>>,
-    notify: Notify,
+    /// The waiting consumer. A subscription is received from through `&mut`, so
+    /// there is at most one.
+    waker: AtomicWaker,
 }
 
 struct SlotState<T> {
@@ -110,7 +116,7 @@ impl<T> Hub<T> {
                 self.metrics.subscriber_lagged.inc();
             }
             drop(st);
-            slot.notify.notify_one();
+            slot.waker.wake();
             true
         });
         self.metrics.subscribers.set(subs.slots.len() as i64);
@@ -154,7 +160,7 @@ impl<T> Hub<T> {
                 closed: subs.closed,
                 dropped: false,
             }),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
         });
         subs.slots.push(Arc::clone(&slot));
         self.metrics.subscribers.set(subs.slots.len() as i64);
@@ -170,7 +176,7 @@ impl<T> Hub<T> {
         subs.closed = true;
         for slot in subs.slots.drain(..) {
             lock(&slot.state).closed = true;
-            slot.notify.notify_one();
+            slot.waker.wake();
         }
         self.metrics.subscribers.set(0);
     }
@@ -208,6 +214,30 @@ impl<T> Quiet<'_, T> {
 /// [`recv`](Self::recv) yields one resync batch
 /// ([`ResyncReason::SubscriberLagged`]) from the last state it received to the
 /// current one.
+///
+/// It is also a [`Stream`], which ends when the mirror has shut down and
+/// everything queued was received, so stream combinators apply:
+///
+/// ```no_run
+/// use futures::{StreamExt, future};
+/// use revwatch::client::ClientConfig;
+/// use revwatch::mirror::{ClientSource, Mirror, Update};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let source = ClientSource::lazy(ClientConfig::new(["http://127.0.0.1:2379"]))?;
+/// let mirror = Mirror::builder("config/").start(source).await?;
+/// // The batches only: no first snapshot, no bookmarks.
+/// let mut batches = mirror.subscribe().filter_map(|update| {
+///     future::ready(match update {
+///         Update::Batch(batch) => Some(batch),
+///         Update::Snapshot(_) | Update::Progress(_) => None,
+///     })
+/// });
+/// while let Some(batch) = batches.next().await {
+///     println!("revision {}: {} changes", batch.revision, batch.changes.len());
+/// }
+/// # Ok(()) }
+/// ```
 pub struct Subscription<T> {
     slot: Arc<Slot<T>>,
     metrics: Metrics,
@@ -227,13 +257,7 @@ impl<T> Subscription<T> {
     /// The next update; `None` once the mirror has shut down and everything queued
     /// was received. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Update<T>> {
-        loop {
-            match self.try_next() {
-                Next::Ready(u) => return Some(u),
-                Next::Closed => return None,
-                Next::Empty => self.slot.notify.notified().await,
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_update(cx)).await
     }
 
     /// The next update if one is ready now, without waiting.
@@ -247,6 +271,20 @@ impl<T> Subscription<T> {
     /// True while updates are being skipped for this subscriber (a resync follows).
     pub fn is_lagging(&self) -> bool {
         lock(&self.slot.state).lagging.is_some()
+    }
+
+    /// [`recv`](Self::recv) and [`Stream::poll_next`]: all state is in the slot,
+    /// so dropping a pending call loses nothing.
+    fn poll_update(&mut self, cx: &mut Context<'_>) -> Poll<Option<Update<T>>> {
+        if let Some(ready) = self.try_next().ready() {
+            return Poll::Ready(ready);
+        }
+        self.slot.waker.register(cx.waker());
+        // Checked again once registered: an update queued in between woke nobody.
+        match self.try_next().ready() {
+            Some(ready) => Poll::Ready(ready),
+            None => Poll::Pending,
+        }
     }
 
     fn try_next(&mut self) -> Next<T> {
@@ -277,11 +315,121 @@ enum Next<T> {
     Closed,
 }
 
+impl<T> Next<T> {
+    /// What a receive returns, if it need not wait.
+    fn ready(self) -> Option<Option<Update<T>>> {
+        match self {
+            Next::Ready(u) => Some(Some(u)),
+            Next::Closed => Some(None),
+            Next::Empty => None,
+        }
+    }
+}
+
+impl<T> Stream for Subscription<T> {
+    type Item = Update<T>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Update<T>>> {
+        self.get_mut().poll_update(cx)
+    }
+}
+
 impl<T> Drop for Subscription<T> {
     fn drop(&mut self) {
         let mut st = lock(&self.slot.state);
         st.dropped = true;
         st.queue.clear();
         st.lagging = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use futures::StreamExt;
+    use futures::task::{ArcWake, waker};
+
+    use super::*;
+
+    fn at(revision: i64) -> Arc<Snapshot<()>> {
+        Arc::new(Snapshot::empty(revision))
+    }
+
+    fn hub(capacity: usize) -> Arc<Hub<()>> {
+        Arc::new(Hub::new(at(1), capacity, Metrics::new()))
+    }
+
+    /// A waker that records being woken.
+    #[derive(Default)]
+    struct Woken(AtomicBool);
+
+    impl ArcWake for Woken {
+        fn wake_by_ref(this: &Arc<Self>) {
+            this.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    impl Woken {
+        fn take(&self) -> bool {
+            self.0.swap(false, Ordering::SeqCst)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscription_streams_every_update_then_ends_on_close() {
+        let hub = hub(8);
+        let sub = hub.subscribe();
+        hub.publish(at(2), Update::Progress(2), || {});
+        hub.publish(at(3), Update::Progress(3), || {});
+        hub.close();
+        let revisions: Vec<i64> = sub.map(|u| u.revision()).collect().await;
+        assert_eq!(revisions, [1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_lagging_stream_yields_one_resync_to_the_newest_state() {
+        // The first snapshot fills the queue: both publications are skipped.
+        let hub = hub(1);
+        let mut sub = hub.subscribe();
+        hub.publish(at(2), Update::Progress(2), || {});
+        hub.publish(at(3), Update::Progress(3), || {});
+        assert!(matches!(sub.next().await, Some(Update::Snapshot(s)) if s.revision() == 1));
+        match sub.next().await {
+            Some(Update::Batch(b)) => {
+                assert_eq!(b.revision, 3);
+                assert_eq!(b.resync, Some(ResyncReason::SubscriberLagged));
+            }
+            other => panic!("expected a resync batch, got {other:?}"),
+        }
+        hub.close();
+        assert!(sub.next().await.is_none());
+    }
+
+    #[test]
+    fn a_waiting_stream_is_woken_by_publication_and_by_close() {
+        let hub = hub(8);
+        let mut sub = hub.subscribe();
+        let woken = Arc::new(Woken::default());
+        let waker = waker(Arc::clone(&woken));
+        let mut cx = Context::from_waker(&waker);
+        let mut poll = |sub: &mut Subscription<()>| Pin::new(sub).poll_next(&mut cx);
+
+        assert!(matches!(
+            poll(&mut sub),
+            Poll::Ready(Some(Update::Snapshot(_)))
+        ));
+        assert!(poll(&mut sub).is_pending());
+        hub.publish(at(2), Update::Progress(2), || {});
+        assert!(woken.take());
+        assert!(matches!(
+            poll(&mut sub),
+            Poll::Ready(Some(Update::Progress(2)))
+        ));
+
+        assert!(poll(&mut sub).is_pending());
+        hub.close();
+        assert!(woken.take());
+        assert!(matches!(poll(&mut sub), Poll::Ready(None)));
     }
 }

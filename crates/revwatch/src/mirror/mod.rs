@@ -133,6 +133,7 @@ mod hub;
 mod key;
 mod metrics;
 mod persist;
+mod report;
 pub mod snapshot;
 pub mod source;
 mod status;
@@ -140,28 +141,32 @@ mod store;
 mod watcher;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::registry::Registry;
 use tokio::sync::{Notify, watch};
 
-pub use batch::{Batch, Change, ChangeKind, ResyncReason, Update};
+pub use batch::{Batch, Change, ChangeKind, ResyncReason, Update, diff};
 pub use config::{MirrorConfig, ProgressTrust};
 pub use decode::{DecodeError, DecodeFailure, DecodePolicy, Decoder, RawBytes};
 pub use error::{FailureKind, MirrorError};
 pub use hub::Subscription;
 pub use key::Key;
 pub use persist::PersistError;
-pub use snapshot::{Entry, Snapshot, diff};
-pub use source::{ClientSource, MemoryOp, MemorySource, Source, WatchHandle};
+pub use snapshot::{Entry, Snapshot};
+pub use source::{ClientSource, Source, WatchHandle};
+#[cfg(feature = "test-util")]
+pub use source::{MemoryOp, MemorySource};
 pub use status::{LastError, ReconnectCause, State, Status};
 
 use crate::client::{Error, RangeRequest};
 use hub::Hub;
 use metrics::Metrics;
+use persist::{Persister, Restored};
+use report::Reporter;
 use store::Writer;
-use watcher::{KeyRange, Persister, Runner};
+use watcher::{KeyRange, Publisher, Runner};
 
 /// How often waiters re-request progress while waiting for a revision.
 const WAIT_PROGRESS_INTERVAL: Duration = Duration::from_millis(25);
@@ -211,63 +216,39 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
     /// corrupt snapshot file is logged, reported in status and ignored.
     pub async fn start<S: Source>(self, source: S) -> Result<Mirror<T>, MirrorError> {
         self.config.validate()?;
-        let range = KeyRange::of_prefix(&self.prefix);
-        let mut writer = Writer::new(
+        let empty = Writer::new(
             &Snapshot::empty(0),
             Arc::clone(&self.decoder),
             self.config.decode_policy,
         );
-        let mut status = Status::new(State::Syncing);
-        let mut loaded = false;
-        let mut persister = None;
-        if let Some(path) = &self.config.snapshot_file {
-            let (p, prefix) = (path.clone(), self.prefix.clone());
-            let load = tokio::task::spawn_blocking(move || persist::load(&p, &prefix)).await;
-            let mut written_revision = 0;
-            match load {
-                Ok(Ok(Some(file))) => {
-                    let mut relist = writer.relist(file.revision, ResyncReason::InitialList);
-                    match relist.page(file.kvs) {
-                        Ok(()) => {
-                            let applied = relist.finish();
-                            tracing::info!(path = %path.display(), revision = file.revision, keys = applied.snapshot.len(), "loaded snapshot file");
-                            loaded = true;
-                            written_revision = file.revision;
-                            status.state = State::Stale;
-                            status.revision = file.revision;
-                            status.keys = applied.snapshot.len();
-                            status.loaded_snapshot_written_at = Some(file.written_at);
-                        }
-                        Err(e) => {
-                            writer = Writer::new(
-                                &Snapshot::empty(0),
-                                Arc::clone(&self.decoder),
-                                self.config.decode_policy,
-                            );
-                            report_bad_file(&mut status, e.to_string());
-                        }
-                    }
-                }
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => report_bad_file(&mut status, e.to_string()),
-                Err(e) => report_bad_file(&mut status, e.to_string()),
-            }
-            persister = Some(Persister {
-                path: path.clone(),
-                interval: self.config.snapshot_interval,
-                last_write: None,
-                written_revision,
-                in_flight: None,
-            });
-        }
-        let initial = writer.advance(writer.revision());
-        self.metrics.revision.set(initial.revision());
+        let restored =
+            persist::restore(empty, self.config.snapshot_file.as_deref(), &self.prefix).await;
+        Ok(self.spawn(source, restored))
+    }
+
+    /// Starts the mirror's task from the `restored` state.
+    fn spawn<S: Source>(self, source: S, restored: Restored<T>) -> Mirror<T> {
+        let Restored {
+            writer,
+            status,
+            loaded,
+        } = restored;
+        let reporter = Reporter::new(status, self.metrics);
         let hub = Arc::new(Hub::new(
-            initial,
+            writer.current(),
             self.config.subscriber_buffer,
-            self.metrics.clone(),
+            reporter.metrics().clone(),
         ));
-        let status = Arc::new(watch::channel(status).0);
+        let persister = self.config.snapshot_file.clone().map(|path| {
+            Persister::new(
+                path,
+                self.prefix.clone(),
+                self.config.snapshot_interval,
+                loaded,
+                reporter.clone(),
+            )
+        });
+        let range = KeyRange::prefix(&self.prefix);
         let progress_wanted = Arc::new(Notify::new());
         let current_revision = current_revision_fn(source.clone(), range.clone());
         let (stop, stop_rx) = watch::channel(false);
@@ -275,40 +256,32 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
         let runner = Runner {
             source,
             range,
+            out: Publisher {
+                writer,
+                hub: Arc::clone(&hub),
+                reporter: reporter.clone(),
+                persister,
+                max_reported_decode_failures: self.config.max_reported_decode_failures,
+            },
             config: self.config,
-            writer,
-            hub: Arc::clone(&hub),
-            status: Arc::clone(&status),
-            metrics: self.metrics.clone(),
             progress_wanted: Arc::clone(&progress_wanted),
-            loaded,
-            persist: persister,
+            loaded: loaded.is_some(),
             stop: stop_rx,
             stopped: stopped_tx,
         };
         let task = tokio::spawn(runner.run());
-        Ok(Mirror {
+        Mirror {
             shared: Arc::new(Shared {
                 hub,
-                status,
+                reporter,
                 progress_wanted,
                 current_revision,
-                metrics: self.metrics,
                 task,
                 stop,
                 stopped,
             }),
-        })
+        }
     }
-}
-
-fn report_bad_file(status: &mut Status, message: String) {
-    tracing::error!(error = %message, "ignoring the snapshot file");
-    status.last_error = Some(LastError {
-        kind: FailureKind::Other,
-        message,
-        at: SystemTime::now(),
-    });
 }
 
 type RevisionFuture = futures::future::BoxFuture<'static, Result<i64, Error>>;
@@ -319,8 +292,8 @@ fn current_revision_fn<S: Source>(source: S, range: KeyRange) -> RevisionFn {
     Box::new(move || {
         let source = source.clone();
         let req = RangeRequest {
-            key: range.key.clone(),
-            range_end: range.range_end.clone(),
+            key: range.key().to_vec(),
+            range_end: range.range_end().to_vec(),
             count_only: true,
             ..RangeRequest::default()
         };
@@ -348,17 +321,16 @@ impl<T> Clone for Mirror<T> {
 impl<T> std::fmt::Debug for Mirror<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mirror")
-            .field("status", &*self.shared.status.borrow())
+            .field("status", &self.shared.reporter.status())
             .finish_non_exhaustive()
     }
 }
 
 struct Shared<T> {
     hub: Arc<Hub<T>>,
-    status: Arc<watch::Sender<Status>>,
+    reporter: Reporter,
     progress_wanted: Arc<Notify>,
     current_revision: RevisionFn,
-    metrics: Metrics,
     task: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
     stopped: watch::Receiver<Option<Result<(), MirrorError>>>,
@@ -422,13 +394,13 @@ impl<T: Send + Sync + 'static> Mirror<T> {
 
     /// The current status.
     pub fn status(&self) -> Status {
-        self.shared.status.borrow().clone()
+        self.shared.reporter.status()
     }
 
     /// A receiver notified on state changes, relists, reconnects and errors (not on
     /// every revision; [`status`](Self::status) has the live figures).
     pub fn status_changes(&self) -> watch::Receiver<Status> {
-        self.shared.status.subscribe()
+        self.shared.reporter.subscribe()
     }
 
     /// Waits until the mirror watches etcd and has caught up with it (state
@@ -437,7 +409,7 @@ impl<T: Send + Sync + 'static> Mirror<T> {
     /// watch fails (the mirror keeps retrying; call again to wait for the next
     /// outcome). Wrap in `tokio::time::timeout` to bound the wait.
     pub async fn wait_ready(&self) -> Result<(), MirrorError> {
-        let mut rx = self.shared.status.subscribe();
+        let mut rx = self.shared.reporter.subscribe();
         loop {
             {
                 let s = rx.borrow_and_update();
@@ -479,7 +451,7 @@ impl<T: Send + Sync + 'static> Mirror<T> {
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 return Err(MirrorError::Timeout {
-                    wanted: revision,
+                    wanted: Some(revision),
                     reached: self.snapshot().revision(),
                     after: timeout,
                 });
@@ -502,13 +474,13 @@ impl<T: Send + Sync + 'static> Mirror<T> {
         let revision = tokio::time::timeout(timeout, (self.shared.current_revision)())
             .await
             .map_err(|_| MirrorError::Timeout {
-                wanted: 0,
+                wanted: None,
                 reached: self.snapshot().revision(),
                 after: timeout,
             })?
-            .map_err(|e| MirrorError::Source(e.to_string()))?;
+            .map_err(|e| MirrorError::Source(Arc::new(e)))?;
         // What etcd just said counts as seen: a stalled mirror now shows its lag.
-        watcher::record_server_revision(&self.shared.status, &self.shared.metrics, revision);
+        self.shared.reporter.server_revision(revision);
         self.snapshot_at_least(revision, timeout.saturating_sub(started.elapsed()))
             .await
             .map_err(|e| match e {

@@ -1,11 +1,10 @@
-//! Immutable snapshots of the mirrored prefix, and the diff between two of them.
+//! Immutable snapshots of the mirrored prefix.
 
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
 use imbl::OrdMap;
 
-use super::batch::{Change, ChangeKind};
 use super::key::Key;
 
 /// One key's state at a snapshot's revision, as etcd reports it.
@@ -128,36 +127,4 @@ impl<T> Snapshot<T> {
             .take_while(move |(k, _)| k.starts_with(prefix))
             .map(|(k, s)| (k, &*s.0))
     }
-}
-
-/// The changes that turn `old` into `new`: puts for new and changed keys (changed
-/// meaning another etcd key version), deletes for vanished keys, in key order.
-/// Shared subtrees are skipped, so the cost follows the difference, not the size.
-pub fn diff<T>(old: &Snapshot<T>, new: &Snapshot<T>) -> Vec<Change<T>> {
-    use imbl::ordmap::DiffItem;
-    old.entries
-        .diff(&new.entries)
-        .map(|item| match item {
-            DiffItem::Add(k, v) => Change {
-                key: k.clone(),
-                kind: ChangeKind::Put {
-                    entry: Arc::clone(&v.0),
-                    prev: None,
-                },
-            },
-            DiffItem::Update { old, new } => Change {
-                key: new.0.clone(),
-                kind: ChangeKind::Put {
-                    entry: Arc::clone(&new.1.0),
-                    prev: Some(Arc::clone(&old.1.0)),
-                },
-            },
-            DiffItem::Remove(k, v) => Change {
-                key: k.clone(),
-                kind: ChangeKind::Delete {
-                    prev: Some(Arc::clone(&v.0)),
-                },
-            },
-        })
-        .collect()
 }

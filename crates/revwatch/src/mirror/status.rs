@@ -80,6 +80,7 @@ pub struct LastError {
 
 /// A point-in-time report, from [`Mirror::status`](super::Mirror::status).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Status {
     /// The state.
     pub state: State,
@@ -123,7 +124,9 @@ pub struct Status {
 }
 
 impl Status {
-    pub(crate) fn new(state: State) -> Self {
+    /// A report in `state` with nothing recorded yet (revision 0, no counts): how a
+    /// mirror starts, and a base for tests of code that reads statuses.
+    pub fn new(state: State) -> Self {
         Status {
             state,
             revision: 0,

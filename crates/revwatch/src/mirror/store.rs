@@ -12,7 +12,7 @@ use bytes::Bytes;
 use etcd_proto::mvccpb::{self, event::EventType};
 
 use super::batch::{Batch, Change, ChangeKind, ResyncReason};
-use super::decode::{DecodeFailure, DecodePolicy, Decoder, guard};
+use super::decode::{DecodeError, DecodeFailure, DecodePolicy, Decoder, guard};
 use super::key::Key;
 use super::snapshot::{Entry, Map, Slot, Snapshot};
 
@@ -217,9 +217,13 @@ impl<T: Send + Sync + 'static> Writer<T> {
 
     /// Decodes `key`'s value, taken out of `kv`, into its entry. Guarded: a
     /// panicking decoder is one more bad value.
-    fn decode_entry(&self, key: &[u8], kv: &mut mvccpb::KeyValue) -> Result<Arc<Entry<T>>, String> {
+    fn decode_entry(
+        &self,
+        key: &[u8],
+        kv: &mut mvccpb::KeyValue,
+    ) -> Result<Arc<Entry<T>>, DecodeError> {
         let raw = Bytes::from(std::mem::take(&mut kv.value));
-        let value = guard(|| self.decoder.decode(key, &raw)).map_err(|e| e.to_string())?;
+        let value = guard(|| self.decoder.decode(key, &raw))?;
         Ok(Arc::new(Entry {
             value,
             raw,
@@ -232,7 +236,7 @@ impl<T: Send + Sync + 'static> Writer<T> {
 
     /// Records a decode failure and applies the policy; returns the change
     /// subscribers must see, if any.
-    fn decode_failed(&mut self, key: Key, revision: i64, error: String) -> Option<Change<T>> {
+    fn decode_failed(&mut self, key: Key, revision: i64, error: DecodeError) -> Option<Change<T>> {
         note_failure(
             &mut self.failures,
             &mut self.new_failures,
@@ -267,14 +271,16 @@ impl<T: Send + Sync + 'static> Writer<T> {
     }
 }
 
-/// Records that `key`'s value at `revision` failed to decode, and counts it.
+/// Records that `key`'s value at `revision` failed to decode, and counts it. The
+/// report keeps the error's text.
 fn note_failure(
     failures: &mut BTreeMap<Key, DecodeFailure>,
     new_failures: &mut u64,
     key: &Key,
     revision: i64,
-    error: String,
+    error: DecodeError,
 ) {
+    let error = error.to_string();
     tracing::warn!(key = %String::from_utf8_lossy(key), revision, error, "value failed to decode");
     *new_failures += 1;
     let failure = DecodeFailure {

@@ -2,11 +2,12 @@
 
 #![allow(dead_code)] // Each test binary uses a different subset.
 
-use std::future::Future;
-use std::time::Duration;
-
 use revwatch::client::{Client, ClientConfig, PutRequest, RangeRequest, TlsConfig};
 use revwatch_testkit::etcd::EtcdCluster;
+
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::bounded;
 
 /// A configuration matching the cluster's endpoints, TLS files and root credentials.
 pub fn config_for(cluster: &EtcdCluster) -> ClientConfig {
@@ -22,24 +23,6 @@ pub fn config_for(cluster: &EtcdCluster) -> ClientConfig {
 
 pub async fn connect(cluster: &EtcdCluster) -> Client {
     Client::connect(config_for(cluster)).await.expect("connect")
-}
-
-/// Runs a test body with an overall limit, so a hang fails instead of blocking CI.
-pub async fn bounded<F: Future<Output = ()>>(limit: Duration, body: F) {
-    init_tracing();
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"));
-}
-
-pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "revwatch=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
 }
 
 pub async fn put(client: &Client, key: &str, value: &str) -> i64 {

@@ -3,10 +3,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use revwatch::client::Client;
 use revwatch_server::{FaultController, RunningServer, Server, ServerConfig};
 use tempfile::TempDir;
 
-use super::scenarios::{P, Target, WAIT};
+use super::setup::{P, Target, WAIT, run_on};
 
 /// The embedded server on a fixed loopback address, restartable on its data dir.
 pub struct Embedded {
@@ -56,6 +57,11 @@ impl Embedded {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Runs `body` on a fresh server and a writer connected to it (see [`run_on`]).
+pub async fn run_on_embedded(limit: Duration, body: impl AsyncFnOnce(&mut Embedded, Client)) {
+    run_on(limit, Embedded::start(), body).await;
 }
 
 impl Target for Embedded {

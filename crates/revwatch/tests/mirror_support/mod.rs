@@ -4,13 +4,19 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/mod.rs"]
+mod common;
 pub mod embedded;
+pub mod etcd;
+pub mod metrics;
 pub mod scenarios;
+pub mod setup;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use etcd_proto::mvccpb::KeyValue;
 use revwatch::client::RangeRequest;
 use revwatch::mirror::source::prefix_range_end;
 use revwatch::mirror::{ChangeKind, Snapshot, Source, Subscription, Update};
@@ -36,6 +42,18 @@ pub fn snap_kvs<T>(s: &Snapshot<T>) -> Kvs {
         .collect()
 }
 
+/// Polls `f` until it returns `Some`, for at most [`setup::WAIT`].
+pub async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + setup::WAIT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The source's own view of the prefix at `revision`.
 pub async fn truth<S: Source>(src: &S, prefix: &[u8], revision: i64) -> Kvs {
     let resp = src
@@ -47,8 +65,12 @@ pub async fn truth<S: Source>(src: &S, prefix: &[u8], revision: i64) -> Kvs {
         })
         .await
         .expect("ground-truth range");
-    resp.kvs
-        .into_iter()
+    kvs_of(resp.kvs)
+}
+
+/// The raw state of a range response's key-values.
+pub fn kvs_of(kvs: Vec<KeyValue>) -> Kvs {
+    kvs.into_iter()
         .map(|kv| {
             (
                 kv.key,

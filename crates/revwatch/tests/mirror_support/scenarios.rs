@@ -3,121 +3,47 @@
 //! mirror's snapshot with the server's own range at the same revision, and checks
 //! every subscriber update it collected (order, atomic batches, replay = snapshot).
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use etcd_proto::etcdserverpb::request_op::Request as Op;
-use revwatch::client::{
-    Backoff, Client, ClientConfig, DeleteRangeRequest, PutRequest, RequestOp, TxnRequest,
-};
-use revwatch::mirror::{
-    ClientSource, DecodePolicy, FailureKind, Mirror, MirrorConfig, MirrorError, ResyncReason, State,
-};
+use revwatch::mirror::{ClientSource, DecodePolicy, FailureKind, ResyncReason, State};
 use revwatch_testkit::proxy::{Fault, FaultProxy};
 
-use super::{Replay, snap_kvs, truth};
+use super::setup::{
+    P, Target, WAIT, assert_converged, assert_converged_utf8, assert_not_ready, delete, delete_op,
+    mirror_config, put, put_bytes, put_lease, put_op, source, start, start_with, txn, writer,
+};
+use super::{Replay, truth};
 
-/// The mirrored prefix.
-pub const P: &str = "m/";
-/// How long any single wait in a scenario may take.
-pub const WAIT: Duration = Duration::from_secs(30);
-
-/// The server a scenario runs against.
-pub trait Target {
-    /// Client endpoints of every member.
-    fn endpoints(&self) -> Vec<String>;
-    /// The first member's client address, to put a fault proxy in front of it.
-    fn client_addr(&self) -> SocketAddr;
-    /// Stops the (first) member; its connections drop.
-    fn stop(&mut self) -> impl Future<Output = ()>;
-    /// Starts it again on the same address and data.
-    fn restart(&mut self) -> impl Future<Output = ()>;
-    /// Compacts history up to `revision` (physically: done when this returns).
-    fn compact(&self, revision: i64) -> impl Future<Output = ()>;
+/// One `#[tokio::test]` per scenario, each on a fresh target made by `target:`
+/// and bounded by its limit in seconds. `name(secs);` runs the scenario `name`;
+/// `name(secs) = scenario;` runs `scenario` under the test name `name`.
+#[allow(unused_macros)] // Only the test crates that run scenarios use it.
+macro_rules! scenario_tests {
+    (target: $target:expr; $($name:ident($secs:literal) $(= $scenario:ident)?;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let limit = std::time::Duration::from_secs($secs);
+                $crate::mirror_support::setup::bounded(limit, async {
+                    #[allow(unused_mut)]
+                    let mut target = $target;
+                    $crate::mirror_support::scenarios::scenario_tests!(
+                        @run target, $name $(, $scenario)?
+                    );
+                })
+                .await;
+            }
+        )*
+    };
+    (@run $target:ident, $name:ident) => {
+        $crate::mirror_support::scenarios::$name(&mut $target).await
+    };
+    (@run $target:ident, $name:ident, $scenario:ident) => {
+        $crate::mirror_support::scenarios::$scenario(&mut $target).await
+    };
 }
-
-pub fn client_config(endpoints: Vec<String>) -> ClientConfig {
-    let mut cfg = ClientConfig::new(endpoints);
-    cfg.request_timeout = Duration::from_secs(3);
-    cfg.connect_timeout = Duration::from_secs(2);
-    cfg
-}
-
-pub fn mirror_config() -> MirrorConfig {
-    MirrorConfig {
-        page_size: 7,
-        progress_interval: Duration::from_millis(500),
-        stall_timeout: Duration::from_secs(3),
-        retry_backoff: Backoff {
-            base: Duration::from_millis(50),
-            max: Duration::from_millis(500),
-        },
-        ..MirrorConfig::default()
-    }
-}
-
-pub async fn start(endpoints: Vec<String>, config: MirrorConfig) -> Mirror {
-    let source = ClientSource::lazy(client_config(endpoints)).unwrap();
-    Mirror::builder(P)
-        .config(config)
-        .start(source)
-        .await
-        .unwrap()
-}
-
-pub async fn writer(endpoints: Vec<String>) -> Client {
-    Client::connect(client_config(endpoints)).await.unwrap()
-}
-
-pub async fn put(c: &Client, key: &str, value: &str) -> i64 {
-    put_lease(c, key, value, 0).await
-}
-
-pub async fn put_lease(c: &Client, key: &str, value: &str, lease: i64) -> i64 {
-    c.put(PutRequest {
-        key: key.into(),
-        value: value.into(),
-        lease,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .header
-    .unwrap()
-    .revision
-}
-
-/// The mirror's consistent snapshot equals the server's range at its revision.
-pub async fn assert_converged(mirror: &Mirror, etcd: &Client) {
-    let snap = mirror.consistent_snapshot(WAIT).await.unwrap();
-    let expected = truth(
-        &ClientSource::new(etcd.clone()),
-        P.as_bytes(),
-        snap.revision(),
-    )
-    .await;
-    assert_eq!(
-        snap_kvs(&snap),
-        expected,
-        "mirror differs from etcd at {}",
-        snap.revision()
-    );
-}
-
-/// Runs `body` with test logging, failing if it takes longer than `limit`.
-pub async fn bounded(limit: Duration, body: impl Future<Output = ()>) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "revwatch=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    tokio::time::timeout(limit, body)
-        .await
-        .unwrap_or_else(|_| panic!("test did not finish within {limit:?}"));
-}
+#[allow(unused_imports)]
+pub(crate) use scenario_tests;
 
 /// The initial list spans several pages at one pinned revision while writes go on;
 /// the watch then delivers every later write.
@@ -159,31 +85,16 @@ pub async fn txns_and_lease_expiry_arrive_atomically(target: &impl Target) {
     for i in 0..5 {
         put_lease(&etcd, &format!("{P}leased/{i}"), "l", lease).await;
     }
-    let put_op = |k: &str| RequestOp {
-        request: Some(Op::RequestPut(PutRequest {
-            key: k.into(),
-            value: b"t".to_vec(),
-            ..Default::default()
-        })),
-    };
-    let txn = etcd
-        .txn(TxnRequest {
-            success: vec![
-                put_op(&format!("{P}t/a")),
-                put_op(&format!("{P}t/b")),
-                put_op("other/t"),
-                RequestOp {
-                    request: Some(Op::RequestDeleteRange(DeleteRangeRequest {
-                        key: format!("{P}leased/0").into(),
-                        ..Default::default()
-                    })),
-                },
-            ],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let txn_rev = txn.header.unwrap().revision;
+    let txn_rev = txn(
+        &etcd,
+        vec![
+            put_op(&format!("{P}t/a"), "t"),
+            put_op(&format!("{P}t/b"), "t"),
+            put_op("other/t", "t"),
+            delete_op(&format!("{P}leased/0")),
+        ],
+    )
+    .await;
     let mut replay = Replay::keeping_snapshots();
     replay.follow_until(&mut sub, txn_rev, WAIT).await;
     // Lease expiry deletes the 4 remaining keys in one revision.
@@ -248,12 +159,7 @@ pub async fn compaction_while_disconnected_relists_with_exact_diff(target: &impl
     proxy.set(Fault::Blackhole);
     proxy.reset_all();
     put(&etcd, &format!("{P}change"), "2").await;
-    etcd.delete_range(DeleteRangeRequest {
-        key: format!("{P}gone").into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    delete(&etcd, &format!("{P}gone")).await;
     let last = put(&etcd, &format!("{P}new"), "3").await;
     put(&etcd, "other/after", "x").await;
     target.compact(last + 1).await;
@@ -269,11 +175,9 @@ pub async fn compaction_while_disconnected_relists_with_exact_diff(target: &impl
 /// started while the server is down serves the file as Stale until it comes back.
 pub async fn restart_from_persisted_snapshot_and_start_with_etcd_down(target: &mut impl Target) {
     let dir = tempfile::tempdir().unwrap();
-    let config = MirrorConfig {
-        snapshot_file: Some(dir.path().join("m.snap")),
-        snapshot_interval: Duration::from_millis(100),
-        ..mirror_config()
-    };
+    let config = mirror_config()
+        .with_snapshot_file(dir.path().join("m.snap"))
+        .with_snapshot_interval(Duration::from_millis(100));
     let etcd = writer(target.endpoints()).await;
     for i in 0..20 {
         put(&etcd, &format!("{P}{i}"), "v").await;
@@ -311,17 +215,7 @@ pub async fn restart_from_persisted_snapshot_and_start_with_etcd_down(target: &m
     // Start with the server down: the file is served, Stale.
     target.stop().await;
     let mirror = start(target.endpoints(), config.clone()).await;
-    let err = mirror.wait_ready().await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            MirrorError::NotReady {
-                kind: FailureKind::Unreachable,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_not_ready(&mirror, FailureKind::Unreachable).await;
     let st = mirror.status();
     assert_eq!(st.state, State::Stale);
     assert_eq!(st.revision, after);
@@ -346,28 +240,14 @@ pub async fn bad_value_is_isolated(target: &impl Target) {
     let etcd = writer(target.endpoints()).await;
     put(&etcd, &format!("{P}good"), "1").await;
     put(&etcd, &format!("{P}bad"), "2").await;
-    let source = ClientSource::lazy(client_config(target.endpoints())).unwrap();
-    let mirror = Mirror::builder(P)
-        .config(MirrorConfig {
-            decode_policy: DecodePolicy::KeepLastGood,
-            ..mirror_config()
-        })
-        .decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
-        .start(source)
-        .await
-        .unwrap();
+    let mirror = start_with(
+        source(target.endpoints()),
+        mirror_config().with_decode_policy(DecodePolicy::KeepLastGood),
+        |b| b.decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec())),
+    )
+    .await;
     mirror.wait_ready().await.unwrap();
-    let bad_rev = etcd
-        .put(PutRequest {
-            key: format!("{P}bad").into(),
-            value: vec![0xff, 0xfe],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .header
-        .unwrap()
-        .revision;
+    let bad_rev = put_bytes(&etcd, &format!("{P}bad"), &[0xff, 0xfe]).await;
     let r = put(&etcd, &format!("{P}later"), "3").await;
     let snap = mirror.snapshot_at_least(r, WAIT).await.unwrap();
     assert_eq!(snap.get(format!("{P}bad").as_bytes()).unwrap().value, "2");
@@ -377,22 +257,7 @@ pub async fn bad_value_is_isolated(target: &impl Target) {
     assert_eq!(st.decode_failures[0].revision, bad_rev);
     assert_eq!(st.state, State::Ready);
     // Apart from the isolated key, the mirror equals etcd.
-    let snap = mirror.consistent_snapshot(WAIT).await.unwrap();
-    let mut expected = truth(
-        &ClientSource::new(etcd.clone()),
-        P.as_bytes(),
-        snap.revision(),
-    )
-    .await;
-    expected.remove(format!("{P}bad").as_bytes());
-    let mut got: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = snap
-        .iter()
-        .map(|(k, e)| (k.to_vec(), e.value.clone().into_bytes()))
-        .collect();
-    got.remove(format!("{P}bad").as_bytes());
-    let expected: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
-        expected.into_iter().map(|(k, v)| (k, v.0)).collect();
-    assert_eq!(got, expected);
+    assert_converged_utf8(&mirror, &etcd, &[format!("{P}bad")]).await;
 }
 
 /// A subscriber that does not keep up is marked lagging and later receives one
@@ -401,10 +266,7 @@ pub async fn slow_subscriber_is_resynced(target: &impl Target) {
     let etcd = writer(target.endpoints()).await;
     let mirror = start(
         target.endpoints(),
-        MirrorConfig {
-            subscriber_buffer: 8,
-            ..mirror_config()
-        },
+        mirror_config().with_subscriber_buffer(8),
     )
     .await;
     mirror.wait_ready().await.unwrap();

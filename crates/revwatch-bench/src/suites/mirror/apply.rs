@@ -270,11 +270,9 @@ async fn mirror_round(feed: Feed) -> anyhow::Result<f64> {
         drained: Arc::new(Mutex::new(Some(drained_tx))),
     };
     // No progress requests or stall handling during a round.
-    let config = MirrorConfig {
-        progress_interval: ROUND_TIMEOUT,
-        stall_timeout: 2 * ROUND_TIMEOUT,
-        ..MirrorConfig::default()
-    };
+    let config = MirrorConfig::default()
+        .with_progress_interval(ROUND_TIMEOUT)
+        .with_stall_timeout(2 * ROUND_TIMEOUT);
     let mirror = Mirror::builder(PREFIX).config(config).start(source).await?;
     mirror.wait_ready().await?;
     anyhow::ensure!(mirror.snapshot().len() == KEYS, "initial list incomplete");

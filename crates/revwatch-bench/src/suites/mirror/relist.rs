@@ -344,8 +344,8 @@ async fn mirror_relist(plan: RelistPlan<'_>) -> anyhow::Result<Measured> {
         .trim_start_matches("http://")
         .parse()
         .with_context(|| format!("etcd endpoint {:?} is not http://IP:PORT", plan.endpoint))?;
-    let mut direct_config = ClientConfig::new([plan.endpoint.to_owned()]);
-    direct_config.request_timeout = COMPACT_TIMEOUT;
+    let direct_config =
+        ClientConfig::new([plan.endpoint.to_owned()]).with_request_timeout(COMPACT_TIMEOUT);
     let direct = Client::connect(direct_config)
         .await
         .with_context(|| format!("connecting to {}", plan.endpoint))?;
@@ -353,10 +353,7 @@ async fn mirror_relist(plan: RelistPlan<'_>) -> anyhow::Result<Measured> {
         .await
         .context("starting the fault proxy")?;
     let client = load::connect(&proxy.endpoint()).await?;
-    let config = MirrorConfig {
-        page_size: plan.page_size,
-        ..MirrorConfig::default()
-    };
+    let config = MirrorConfig::default().with_page_size(plan.page_size);
 
     // 1. The first list; the steady state.
     let started = Instant::now();

@@ -218,6 +218,7 @@ impl MemorySource {
             let _ = w.tx.send(Err(Error::Connection {
                 endpoint: ENDPOINT.into(),
                 reason: "disconnected by test".into(),
+                source: None,
             }));
         }
     }
@@ -357,6 +358,7 @@ impl MemorySource {
             let _ = tx.send(Err(Error::Connection {
                 endpoint: ENDPOINT.into(),
                 reason: "watch failed after its created reply (test)".into(),
+                source: None,
             }));
         }
         let start = if req.start_revision > 0 {

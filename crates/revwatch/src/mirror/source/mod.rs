@@ -1,8 +1,10 @@
 //! Where the mirror reads from: paginated ranges at a pinned revision, and watch
-//! streams. [`ClientSource`] reads from etcd; [`MemorySource`] is an in-process
-//! etcd-like store for tests and benchmarks.
+//! streams. [`ClientSource`] reads from etcd. With the `test-util` feature,
+//! `MemorySource` is an in-process etcd-like store for tests and benchmarks; it
+//! is not compiled otherwise, as no user needs a third MVCC in their build.
 
 mod client;
+#[cfg(feature = "test-util")]
 mod memory;
 
 use std::future::Future;
@@ -10,6 +12,7 @@ use std::future::Future;
 use crate::client::{Error, RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse};
 
 pub use client::ClientSource;
+#[cfg(feature = "test-util")]
 pub use memory::{MemorySource, MemoryWatch, Op as MemoryOp};
 
 /// A store the mirror can list and watch. Errors are the client's, so that
@@ -45,16 +48,10 @@ pub trait WatchHandle: Send + 'static {
 
 /// The `range_end` that covers every key starting with `prefix`: the prefix with
 /// trailing 0xff bytes dropped and its last byte incremented; `"\0"` (every key)
-/// for an empty or all-0xff prefix.
+/// for an empty or all-0xff prefix. etcd's rule, kept with the others in
+/// [`etcd_proto::key_range`].
 pub fn prefix_range_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
+    etcd_proto::key_range::prefix_end(prefix)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The snapshot file: the raw state of the prefix at one revision.
+//! The snapshot file's format: the raw state of the prefix at one revision.
 //!
 //! Layout (integers little-endian):
 //!
@@ -19,12 +19,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_proto::mvccpb::KeyValue;
 
-use super::snapshot::Snapshot;
+use crate::mirror::snapshot::Snapshot;
 
 const MAGIC: &[u8; 8] = b"RWSNAP01";
 
-/// Why a snapshot file was not used.
+/// Why a snapshot file could not be read or written.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PersistError {
     /// Reading or writing failed.
     #[error("snapshot file {path}: {source}")]
@@ -47,6 +48,14 @@ pub enum PersistError {
     OtherPrefix {
         /// The file.
         path: PathBuf,
+    },
+    /// The task reading or writing the file panicked or was cancelled.
+    #[error("snapshot file {path}: file task failed: {source}")]
+    Task {
+        /// The file.
+        path: PathBuf,
+        /// Why the task ended.
+        source: tokio::task::JoinError,
     },
 }
 

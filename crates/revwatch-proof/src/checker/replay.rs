@@ -1,0 +1,367 @@
+//! The replay behind [`Checker::check`]: the subscriber's position and state, advanced one
+//! delivery at a time, each checked against truth. Every rule of the table in the
+//! [module docs](super) except `Snapshot` and `Convergence` is enforced here.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::{CheckSummary, Checker, Kind};
+use crate::history::{Batch, Change, Delivery, History, Op};
+use crate::keys::show;
+use crate::state::State;
+use crate::truth::Cursor;
+
+/// A violation found during replay, before its window is rendered.
+pub(super) struct Found {
+    pub kind: Kind,
+    pub at: usize,
+    /// Earliest delivery the window must show (the one it conflicts with).
+    pub since: usize,
+    pub revision: i64,
+    pub detail: String,
+}
+
+impl Found {
+    /// A violation whose window starts at the offending delivery itself.
+    fn here(kind: Kind, at: usize, revision: i64, detail: String) -> Self {
+        Self {
+            kind,
+            at,
+            since: at,
+            revision,
+            detail,
+        }
+    }
+}
+
+/// The subscriber's position while replaying a history.
+pub(super) struct Replay<'c, 'a> {
+    checker: &'c Checker<'a>,
+    history: &'c History,
+    truth: Cursor<'a>,
+    state: State,
+    /// Last batch revision and its delivery index.
+    applied: (i64, Option<usize>),
+    /// Highest progress revision and its delivery index.
+    bookmark: (i64, Option<usize>),
+    /// Index of the reconnect marker the next batch follows, if any.
+    reconnected: Option<usize>,
+    /// Delivery index of each batch revision.
+    delivered: HashMap<i64, usize>,
+    pub summary: CheckSummary,
+}
+
+impl<'c, 'a> Replay<'c, 'a> {
+    pub fn new(checker: &'c Checker<'a>, history: &'c History) -> Self {
+        Self {
+            checker,
+            history,
+            truth: checker.truth.cursor(checker.range.clone()),
+            state: State::default(),
+            applied: (0, None),
+            bookmark: (0, None),
+            reconnected: None,
+            delivered: HashMap::new(),
+            summary: CheckSummary::default(),
+        }
+    }
+
+    fn known(&self) -> i64 {
+        self.applied.0.max(self.bookmark.0)
+    }
+
+    pub fn delivery(&mut self, at: usize, d: &Delivery) -> Result<(), Found> {
+        self.summary.deliveries += 1;
+        match d {
+            Delivery::Reconnected => {
+                self.reconnected = Some(at);
+                Ok(())
+            }
+            Delivery::Progress { revision } => {
+                self.summary.progress += 1;
+                self.future(at, *revision)?;
+                if *revision < self.known() {
+                    let since = self.bookmark.1.max(self.applied.1).unwrap_or(at);
+                    return Err(Found {
+                        kind: Kind::Ordered,
+                        at,
+                        since,
+                        revision: *revision,
+                        detail: format!(
+                            "progress at {revision} after revision {} was already known",
+                            self.known()
+                        ),
+                    });
+                }
+                self.bookmark = (*revision, Some(at));
+                Ok(())
+            }
+            Delivery::Batch(b) => self.batch(at, b),
+        }
+    }
+
+    fn future(&self, at: usize, revision: i64) -> Result<(), Found> {
+        let through = self.checker.truth.through();
+        if revision > through {
+            return Err(Found::here(
+                Kind::Future,
+                at,
+                revision,
+                format!("revision {revision} is beyond truth's last revision {through}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reports a sequencing fault, as `Resumable` right after a reconnect.
+    fn sequencing(
+        &self,
+        kind: Kind,
+        at: usize,
+        since: Option<usize>,
+        revision: i64,
+        detail: String,
+    ) -> Found {
+        match self.reconnected {
+            Some(marker) => Found {
+                kind: Kind::Resumable,
+                at,
+                since: since.unwrap_or(marker).min(marker),
+                revision,
+                detail: format!("after reconnecting: {detail}"),
+            },
+            None => Found {
+                kind,
+                at,
+                since: since.unwrap_or(at),
+                revision,
+                detail,
+            },
+        }
+    }
+
+    fn batch(&mut self, at: usize, b: &Batch) -> Result<(), Found> {
+        let r = b.revision;
+        self.future(at, r)?;
+        let mut keys = HashSet::new();
+        if let Some(dup) = b.changes.iter().find(|c| !keys.insert(c.key.as_slice())) {
+            return Err(Found::here(
+                Kind::Unique,
+                at,
+                r,
+                format!("key {} appears twice in one batch", show(&dup.key, 64)),
+            ));
+        }
+        if let Some(&earlier) = self.delivered.get(&r) {
+            let shared = self
+                .batch_at(earlier)
+                .is_some_and(|e| e.changes.iter().any(|c| keys.contains(c.key.as_slice())));
+            let (kind, what) = if shared {
+                (Kind::Unique, "delivered again")
+            } else {
+                (Kind::Atomic, "split: more of it arrived later")
+            };
+            return Err(self.sequencing(
+                kind,
+                at,
+                Some(earlier),
+                r,
+                format!("revision {r} {what}"),
+            ));
+        }
+        let (last, last_at) = self.applied;
+        if r <= last {
+            return Err(self.sequencing(
+                Kind::Ordered,
+                at,
+                last_at,
+                r,
+                format!("batch at {r} after batch at {last}"),
+            ));
+        }
+        let (mark, mark_at) = self.bookmark;
+        if r < mark || (r == mark && !(b.resync && b.changes.is_empty())) {
+            return Err(Found {
+                kind: Kind::Bookmarkable,
+                at,
+                since: mark_at.unwrap_or(at),
+                revision: r,
+                detail: format!("batch at {r} after a progress mark at {mark}"),
+            });
+        }
+        if b.resync {
+            self.resync(at, b)?;
+        } else {
+            self.incremental(at, b)?;
+        }
+        self.state.apply_all(&b.changes);
+        self.applied = (r, Some(at));
+        self.delivered.insert(r, at);
+        self.reconnected = None;
+        self.summary.batches += 1;
+        self.summary.changes += b.changes.len();
+        self.summary.last_revision = r;
+        Ok(())
+    }
+
+    fn batch_at(&self, i: usize) -> Option<&'c Batch> {
+        match self.history.deliveries.get(i) {
+            Some(Delivery::Batch(b)) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// A resync may jump, but must hold exactly the diff to truth at its revision.
+    fn resync(&mut self, at: usize, b: &Batch) -> Result<(), Found> {
+        let before = self.truth.revision();
+        let want = self.state.diff(self.truth.advance_to(b.revision));
+        if let Some(detail) = mismatch(&b.changes, &want) {
+            return Err(Found {
+                kind: Kind::Resync,
+                at,
+                since: self.applied.1.unwrap_or(at),
+                revision: b.revision,
+                detail: format!("resync at {} is not the true diff: {detail}", b.revision),
+            });
+        }
+        self.summary.resyncs += 1;
+        self.summary.revisions_checked += self.touching(before + 1, b.revision);
+        Ok(())
+    }
+
+    /// An ordinary batch: nothing skipped before it, and exactly truth's
+    /// changes at its revision.
+    fn incremental(&mut self, at: usize, b: &Batch) -> Result<(), Found> {
+        let r = b.revision;
+        let range = &self.checker.range;
+        if let Some(missed) = self
+            .checker
+            .truth
+            .first_touching(range, self.applied.0 + 1, r - 1)
+        {
+            // A revision that still comes later is out of order, not lost.
+            let later = self.history.deliveries[at..]
+                .iter()
+                .any(|d| matches!(d, Delivery::Batch(b) if b.revision == missed));
+            let (kind, detail) = if later {
+                (
+                    Kind::Ordered,
+                    format!("batch at {r} before revision {missed}, which arrives later"),
+                )
+            } else {
+                (
+                    Kind::Reliable,
+                    format!("revision {missed} was skipped (next delivered: {r})"),
+                )
+            };
+            return Err(self.sequencing(kind, at, self.applied.1, r, detail));
+        }
+        self.truth.advance_to(r);
+        let want = self.checker.truth.changes_in(r, range);
+        let got: BTreeMap<&[u8], &Op> = b
+            .changes
+            .iter()
+            .map(|c| (c.key.as_slice(), &c.op))
+            .collect();
+        for c in &want {
+            match got.get(c.key.as_slice()) {
+                None => {
+                    return Err(Found::here(
+                        Kind::Atomic,
+                        at,
+                        r,
+                        format!(
+                            "batch at {r} holds {} of the revision's {} changes; missing {c}",
+                            b.changes.len(),
+                            want.len()
+                        ),
+                    ));
+                }
+                Some(op) if **op != c.op => {
+                    return Err(Found::here(
+                        Kind::Content,
+                        at,
+                        r,
+                        format!("at {r}, truth has {c}"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(extra) = b
+            .changes
+            .iter()
+            .find(|c| !want.iter().any(|w| w.key == c.key))
+        {
+            return Err(Found::here(
+                Kind::Content,
+                at,
+                r,
+                format!("{extra} did not happen at {r}"),
+            ));
+        }
+        if !want.is_empty() {
+            self.summary.revisions_checked += 1;
+        }
+        Ok(())
+    }
+
+    /// Truth revisions touching the range in `from..=to`.
+    fn touching(&self, from: i64, to: i64) -> usize {
+        if from > to {
+            return 0;
+        }
+        self.checker
+            .truth
+            .revisions()
+            .skip_while(|(r, _)| *r < from)
+            .take_while(|(r, _)| *r <= to)
+            .filter(|(_, cs)| cs.iter().any(|c| self.checker.range.contains(&c.key)))
+            .count()
+    }
+
+    /// Nothing vouched for by a bookmark or by `expect_through` may be missing.
+    pub fn end(&mut self) -> Result<(), Found> {
+        let expected = self.history.expect_through.unwrap_or(0);
+        let through = self.bookmark.0.max(expected);
+        let (last, last_at) = self.applied;
+        if let Some(missed) =
+            self.checker
+                .truth
+                .first_touching(&self.checker.range, last + 1, through)
+        {
+            let at = self.history.deliveries.len().saturating_sub(1);
+            let vouched = if expected > self.bookmark.0 {
+                format!("the history was to reach {expected}")
+            } else {
+                format!("a progress mark vouched for {}", self.bookmark.0)
+            };
+            return Err(Found {
+                kind: Kind::Reliable,
+                at,
+                since: last_at.or(self.bookmark.1).unwrap_or(at),
+                revision: missed,
+                detail: format!("revision {missed} was never delivered, yet {vouched}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// How `got` differs from `want`, as a set of changes.
+fn mismatch(got: &[Change], want: &[Change]) -> Option<String> {
+    let got_map: BTreeMap<&[u8], &Op> = got.iter().map(|c| (c.key.as_slice(), &c.op)).collect();
+    let want_map: BTreeMap<&[u8], &Op> = want.iter().map(|c| (c.key.as_slice(), &c.op)).collect();
+    if got_map.len() != got.len() {
+        return Some("a key appears twice".into());
+    }
+    for c in want {
+        match got_map.get(c.key.as_slice()) {
+            None => return Some(format!("missing {c}")),
+            Some(op) if **op != c.op => return Some(format!("wrong change for key, expected {c}")),
+            Some(_) => {}
+        }
+    }
+    got.iter()
+        .find(|c| !want_map.contains_key(c.key.as_slice()))
+        .map(|c| format!("unexpected {c}"))
+}

@@ -1,0 +1,101 @@
+//! The writer's side of the watcher: the state, where it is published, and what
+//! is reported and persisted with each publication.
+//!
+//! Every publication makes the snapshot current, then reports it (status and
+//! metrics), then wakes waiters and subscribers (the hub calls back in between):
+//! whoever has waited for a revision sees a status at least as new.
+
+use std::sync::Arc;
+
+use crate::mirror::batch::Update;
+use crate::mirror::hub::Hub;
+use crate::mirror::persist::{PersistError, Persister};
+use crate::mirror::report::{Published, Reporter};
+use crate::mirror::snapshot::Snapshot;
+use crate::mirror::store::{Applied, Writer};
+
+pub(crate) struct Publisher<T> {
+    pub(crate) writer: Writer<T>,
+    pub(crate) hub: Arc<Hub<T>>,
+    pub(crate) reporter: Reporter,
+    pub(crate) persister: Option<Persister>,
+    /// Most failing keys listed in status.
+    pub(crate) max_reported_decode_failures: usize,
+}
+
+impl<T: Send + Sync + 'static> Publisher<T> {
+    /// Publishes `snapshot` and the `update` that leads to it, then maybe writes
+    /// the snapshot file. `events`: the events of the one revision it applied.
+    pub(crate) fn publish(
+        &mut self,
+        snapshot: Arc<Snapshot<T>>,
+        update: Update<T>,
+        events: Option<u64>,
+    ) {
+        let max = self.max_reported_decode_failures;
+        let (reporter, writer) = (&self.reporter, &mut self.writer);
+        self.hub.publish(Arc::clone(&snapshot), update, || {
+            report_published(reporter, writer, max, &snapshot, events.map(|n| (n, 1)));
+        });
+        self.persist_maybe(&snapshot);
+    }
+
+    /// Publishes a list's result.
+    pub(crate) fn listed(&mut self, applied: Applied<T>) {
+        let Applied { snapshot, batch } = applied;
+        self.publish(snapshot, Update::Batch(batch), None);
+    }
+
+    /// Publishes a bookmark: nothing changed up to `revision`.
+    pub(crate) fn bookmark(&mut self, revision: i64) {
+        let snapshot = self.writer.advance(revision);
+        self.publish(snapshot, Update::Progress(revision), None);
+    }
+
+    /// Starts a snapshot file write if one is due and none is running.
+    pub(crate) fn persist_maybe(&mut self, snapshot: &Arc<Snapshot<T>>) {
+        if let Some(p) = &mut self.persister {
+            p.maybe_write(snapshot);
+        }
+    }
+
+    /// When the snapshot file should next be written, if it lags behind.
+    pub(crate) fn persist_due(&self) -> Option<std::time::Instant> {
+        self.persister.as_ref()?.due(self.writer.revision())
+    }
+
+    /// Writes the published snapshot to the file, if configured and newer than
+    /// the last write.
+    pub(crate) async fn flush(&mut self) -> Result<(), PersistError> {
+        let snapshot = self.hub.snapshot();
+        match &mut self.persister {
+            Some(p) => p.flush(snapshot).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reports `snapshot` as published, with the decode failures the writer holds.
+/// `applied`: the events and revisions it applied.
+pub(super) fn report_published<T: Send + Sync + 'static>(
+    reporter: &Reporter,
+    writer: &mut Writer<T>,
+    max_reported_decode_failures: usize,
+    snapshot: &Snapshot<T>,
+    applied: Option<(u64, u64)>,
+) {
+    let published = Published {
+        revision: snapshot.revision(),
+        keys: snapshot.len(),
+        applied,
+        new_decode_failures: writer.take_new_failures(),
+        decode_failure_count: writer.failure_count(),
+    };
+    reporter.published(published, || {
+        writer
+            .failures()
+            .take(max_reported_decode_failures)
+            .cloned()
+            .collect()
+    });
+}
