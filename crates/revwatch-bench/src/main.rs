@@ -26,6 +26,9 @@ enum Suite {
     Server,
     /// The mirror against a raw watch, a naive snapshotting map and a raw list.
     Mirror,
+    /// Indexed Cedar and casbin decisions against the plain engines, and the indexes'
+    /// differential proof.
+    Policy,
 }
 
 #[derive(Debug, Parser)]
@@ -64,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
         Suite::Client => suites::client::run(args.quick).await?,
         Suite::Server => suites::server::run(args.quick).await?,
         Suite::Mirror => suites::mirror::run(args.quick).await?,
+        Suite::Policy => suites::policy::run(args.quick).await?,
     };
     report.print();
     if let Some(path) = &args.json {

@@ -1,7 +1,9 @@
-//! `revwatch`: mirror an etcd prefix, or run the embedded etcd-compatible server.
+//! `revwatch`: mirror an etcd prefix, serve policy decisions from it, or run the embedded etcd-compatible server.
 
+mod connect;
 mod etcd;
 mod render;
+mod serve;
 mod shutdown;
 mod tail;
 
@@ -26,6 +28,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 enum Command {
     Tail(tail::TailArgs),
     Etcd(etcd::EtcdArgs),
+    Serve(serve::ServeArgs),
 }
 
 #[tokio::main]
@@ -40,5 +43,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Tail(args) => tail::run(args).await,
         Command::Etcd(args) => etcd::run(args).await,
+        Command::Serve(args) => serve::run(args).await,
     }
 }

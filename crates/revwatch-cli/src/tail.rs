@@ -1,25 +1,20 @@
 //! `revwatch tail`: mirror a prefix and print every delivered batch.
 
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    net::SocketAddr,
-    path::PathBuf,
-    time::{Duration, SystemTime},
-};
+use std::{collections::BTreeMap, io::Write, net::SocketAddr, path::PathBuf, time::SystemTime};
 
-use anyhow::Context;
 use clap::Args;
 use revwatch::{
-    client::{
-        ClientConfig, Error, Pem, RangeRequest, RangeResponse, TlsConfig, WatchCreateRequest,
-    },
+    client::{Error, RangeRequest, RangeResponse, WatchCreateRequest},
     mirror::{ClientSource, Mirror, MirrorConfig, Source, State, Status, Subscription, Update},
 };
-use revwatch_server::{RunningServer, Server, ServerConfig};
 use tokio::sync::watch;
 
-use crate::{etcd::AutoCompactionArgs, render, shutdown::Signals};
+use crate::{
+    connect::{EtcdAccessArgs, start_embedded, stop_embedded},
+    etcd::AutoCompactionArgs,
+    render,
+    shutdown::Signals,
+};
 
 /// Mirror an etcd prefix and print every delivered batch (state changes go to stderr).
 #[derive(Debug, Args)]
@@ -48,37 +43,8 @@ pub struct TailArgs {
     /// With --embedded: the server's own compaction.
     #[command(flatten)]
     pub auto_compaction: AutoCompactionArgs,
-    /// CA certificate (PEM) for TLS endpoints.
-    #[arg(long)]
-    pub cacert: Option<PathBuf>,
-    /// Client certificate (PEM), with --key.
-    #[arg(long, requires = "key")]
-    pub cert: Option<PathBuf>,
-    /// Client private key (PEM), with --cert.
-    #[arg(long, requires = "cert")]
-    pub key: Option<PathBuf>,
-    /// etcd user; the password is read from REVWATCH_PASSWORD.
-    #[arg(long)]
-    pub user: Option<String>,
-}
-
-impl TailArgs {
-    fn client_config(&self, endpoints: Vec<String>) -> anyhow::Result<ClientConfig> {
-        let mut config = ClientConfig::new(endpoints);
-        if let Some(ca) = &self.cacert {
-            let mut tls = TlsConfig::with_ca_file(ca);
-            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
-                tls.identity = Some((Pem::Path(cert.clone()), Pem::Path(key.clone())));
-            }
-            config = config.with_tls(tls);
-        }
-        if let Some(user) = &self.user {
-            let password = std::env::var("REVWATCH_PASSWORD")
-                .context("--user needs the password in REVWATCH_PASSWORD")?;
-            config = config.with_credentials(user.clone(), password);
-        }
-        Ok(config)
-    }
+    #[command(flatten)]
+    pub access: EtcdAccessArgs,
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
@@ -91,7 +57,8 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let mut signals = Signals::install();
     // Keep the embedded server alive for as long as we tail it.
     let embedded = if args.embedded {
-        Some(start_embedded(&args).await?)
+        let compaction = args.auto_compaction.setting()?;
+        Some(start_embedded(&args.data_dir, args.listen, compaction).await?)
     } else {
         None
     };
@@ -101,7 +68,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     };
 
     let config = MirrorConfig::default().with_snapshot_file(args.snapshot_file.clone());
-    let (gate, source) = Gated::new(ClientSource::lazy(args.client_config(endpoints)?)?);
+    let (gate, source) = Gated::new(ClientSource::lazy(args.access.client_config(endpoints)?)?);
     let mirror = Mirror::builder(args.prefix.as_bytes())
         .config(config)
         .start(source)
@@ -145,37 +112,6 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         stop_embedded(server).await;
     }
     followed.and(stopped)
-}
-
-async fn start_embedded(args: &TailArgs) -> anyhow::Result<RunningServer> {
-    let mut config = ServerConfig::new(&args.data_dir);
-    config.auto_compaction = args.auto_compaction.setting()?;
-    let server = Server::open(config)
-        .with_context(|| format!("opening data dir {}", args.data_dir.display()))?;
-    let running = server
-        .start_on(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    eprintln!(
-        "revwatch: embedded etcd-compatible server at {} (data in {})",
-        running.endpoint(),
-        args.data_dir.display()
-    );
-    Ok(running)
-}
-
-/// How long the embedded server may take to close its connections at exit.
-const EMBEDDED_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Stops the embedded server, waiting a bounded time for its connections to close.
-async fn stop_embedded(server: RunningServer) {
-    match tokio::time::timeout(EMBEDDED_STOP_TIMEOUT, server.shutdown()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("revwatch: stopping the embedded server: {e}"),
-        Err(_) => eprintln!(
-            "revwatch: the embedded server did not close its connections within {EMBEDDED_STOP_TIMEOUT:?}"
-        ),
-    }
 }
 
 /// A source that holds every request until its gate opens: `tail` opens it once it has

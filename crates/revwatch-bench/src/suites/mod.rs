@@ -4,4 +4,5 @@ pub mod client;
 pub mod embedded;
 pub mod load;
 pub mod mirror;
+pub mod policy;
 pub mod server;

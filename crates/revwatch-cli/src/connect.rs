@@ -1,0 +1,81 @@
+//! How commands reach etcd, shared by `tail` and `serve`: the TLS and auth flags, and
+//! the embedded server for the no-install default.
+
+use std::{net::SocketAddr, path::Path, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::Args;
+use revwatch::client::{ClientConfig, Pem, TlsConfig};
+use revwatch_server::{AutoCompaction, RunningServer, Server, ServerConfig};
+
+/// TLS and authentication flags for etcd endpoints.
+#[derive(Debug, Args)]
+pub struct EtcdAccessArgs {
+    /// CA certificate (PEM) for TLS endpoints.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM), with --key.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM), with --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// etcd user; the password is read from REVWATCH_PASSWORD.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+impl EtcdAccessArgs {
+    /// A client configuration for `endpoints` with these flags.
+    pub fn client_config(&self, endpoints: Vec<String>) -> anyhow::Result<ClientConfig> {
+        let mut config = ClientConfig::new(endpoints);
+        if let Some(ca) = &self.cacert {
+            let mut tls = TlsConfig::with_ca_file(ca);
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                tls.identity = Some((Pem::Path(cert.clone()), Pem::Path(key.clone())));
+            }
+            config = config.with_tls(tls);
+        }
+        if let Some(user) = &self.user {
+            let password = std::env::var("REVWATCH_PASSWORD")
+                .context("--user needs the password in REVWATCH_PASSWORD")?;
+            config = config.with_credentials(user.clone(), password);
+        }
+        Ok(config)
+    }
+}
+
+/// Opens the embedded server's data in `data_dir` and serves it on `listen`.
+pub async fn start_embedded(
+    data_dir: &Path,
+    listen: SocketAddr,
+    auto_compaction: Option<AutoCompaction>,
+) -> anyhow::Result<RunningServer> {
+    let config = ServerConfig::new(data_dir).with_auto_compaction(auto_compaction);
+    let server =
+        Server::open(config).with_context(|| format!("opening data dir {}", data_dir.display()))?;
+    let running = server
+        .start_on(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    eprintln!(
+        "revwatch: embedded etcd-compatible server at {} (data in {})",
+        running.endpoint(),
+        data_dir.display()
+    );
+    Ok(running)
+}
+
+/// How long the embedded server may take to close its connections at exit.
+const EMBEDDED_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Stops the embedded server, waiting a bounded time for its connections to close.
+pub async fn stop_embedded(server: RunningServer) {
+    match tokio::time::timeout(EMBEDDED_STOP_TIMEOUT, server.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("revwatch: stopping the embedded server: {e}"),
+        Err(_) => eprintln!(
+            "revwatch: the embedded server did not close its connections within {EMBEDDED_STOP_TIMEOUT:?}"
+        ),
+    }
+}

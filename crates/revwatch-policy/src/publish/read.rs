@@ -1,0 +1,55 @@
+//! Reading the active tree straight from etcd, without a mirror.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use revwatch::client::{Client, RangeRequest};
+
+use super::PublishError;
+use super::ops::Span;
+use crate::layout::{Listing, Tree, TreeFile, resolve};
+
+/// Keys per page when listing the prefix.
+const PAGE: i64 = 1000;
+
+/// The active tree under `prefix` as etcd holds it now (one consistent read,
+/// paginated at the first page's revision), e.g. to diff a directory against it.
+pub async fn read_active_tree(client: &Client, prefix: &[u8]) -> Result<Tree, PublishError> {
+    let span = Span::prefix(prefix);
+    let mut listing = Listing {
+        revision: 0,
+        kvs: BTreeMap::new(),
+    };
+    let mut from = span.key.clone();
+    loop {
+        let resp = client
+            .range(RangeRequest {
+                key: from,
+                range_end: span.end.clone(),
+                limit: PAGE,
+                revision: listing.revision,
+                ..Default::default()
+            })
+            .await?;
+        if listing.revision == 0 {
+            listing.revision = resp.header.as_ref().map_or(0, |h| h.revision);
+        }
+        let Some(last) = resp.kvs.last().map(|kv| kv.key.clone()) else {
+            break;
+        };
+        let more = resp.more;
+        for kv in resp.kvs {
+            let file = TreeFile {
+                value: Bytes::from(kv.value),
+                mod_revision: kv.mod_revision,
+            };
+            listing.kvs.insert(kv.key, file);
+        }
+        if !more {
+            break;
+        }
+        from = last;
+        from.push(0);
+    }
+    Ok(resolve(&listing, prefix)?)
+}
