@@ -2,10 +2,14 @@
 
 mod connect;
 mod etcd;
+mod fleet;
+mod policy;
 mod render;
 mod serve;
 mod shutdown;
 mod tail;
+
+use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +33,15 @@ enum Command {
     Tail(tail::TailArgs),
     Etcd(etcd::EtcdArgs),
     Serve(serve::ServeArgs),
+    Policy(policy::PolicyArgs),
+    Fleet(fleet::FleetArgs),
+}
+
+/// Whether log lines on stderr may carry ANSI colour codes: only on a terminal (a
+/// file or a pipe would keep the escapes as text), and not when NO_COLOR is set to
+/// anything but the empty string (no-color.org).
+fn colour_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[tokio::main]
@@ -39,10 +52,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(colour_stderr())
         .init();
     match Cli::parse().command {
         Command::Tail(args) => tail::run(args).await,
         Command::Etcd(args) => etcd::run(args).await,
         Command::Serve(args) => serve::run(args).await,
+        Command::Policy(args) => policy::run(args).await,
+        Command::Fleet(args) => fleet::run(args).await,
     }
 }

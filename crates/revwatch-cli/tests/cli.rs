@@ -720,3 +720,103 @@ fn auto_compaction_flags_need_the_embedded_server() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("need --embedded"), "{stderr}");
 }
+
+/// After `kill -9`, a restart resumes from the snapshot file. With
+/// --persist-every-batch the file is written after every batch, so the restart starts
+/// at the last printed revision and prints none of the batches again (without it the
+/// file would still hold the initial list: the next write is due 5 s after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_persist_every_batch_resumes_after_kill_9_without_repeats() {
+    let etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let snap = dir.path().join("k.snap");
+    let args = argv(&[
+        "tail",
+        "--endpoints",
+        &ep,
+        "--prefix",
+        "/k/",
+        "--json",
+        "--snapshot-file",
+        snap.to_str().expect("utf-8 path"),
+        "--persist-every-batch",
+    ]);
+    let tail = spawn(&args);
+    tail.next_json();
+    tail.await_stderr("ready");
+    let mut last = 0;
+    for key in ["/k/a", "/k/b", "/k/c"] {
+        etcdctl(&ep, &["put", key, "v"], None);
+        let got = tail.next_json();
+        assert_eq!(change(&got, 0).0, key);
+        last = got["revision"].as_i64().expect("revision");
+    }
+    // Well under the 5 s interval, but enough for the last write to land.
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, _) = tail.stop(Signal::SIGKILL);
+    assert!(!status.success());
+
+    let tail = spawn(&args);
+    let first = tail.next_json();
+    assert_eq!(
+        (first["revision"].as_i64(), first["resync"].as_bool()),
+        (Some(last), Some(true)),
+        "the restart starts at the last printed revision: {first}"
+    );
+    assert_eq!(first["changes"].as_array().map(Vec::len), Some(3));
+    tail.await_stderr("ready");
+    etcdctl(&ep, &["put", "/k/d", "v"], None);
+    let next = tail.next_json();
+    assert_eq!(
+        (next["revision"].as_i64(), change(&next, 0).0),
+        (Some(last + 1), "/k/d"),
+        "no batch printed twice: {next}"
+    );
+    tail.terminate();
+}
+
+/// `tail --help` says what a restart after a crash prints again, and how to avoid it.
+#[test]
+fn tail_help_tells_what_a_crash_repeats() {
+    let out = Command::new(BIN)
+        .args(["tail", "--help"])
+        .output()
+        .expect("run revwatch");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("kill -9"), "{help}");
+    assert!(help.contains("--persist-every-batch"), "{help}");
+    let stderr = failing(&[
+        "tail",
+        "--endpoints",
+        "http://127.0.0.1:1",
+        "--prefix",
+        "/",
+        "--persist-every-batch",
+    ]);
+    assert!(stderr.contains("--snapshot-file"), "{stderr}");
+}
+
+/// Log lines on stderr carry no ANSI colour codes when stderr is not a terminal.
+#[test]
+fn tail_logs_without_colour_codes_to_a_pipe() {
+    let mut tail = Command::new(BIN)
+        .args(["tail", "--endpoints", "http://127.0.0.1:1", "--prefix", "/"])
+        .env("RUST_LOG", "debug")
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn revwatch");
+    let tail = Proc {
+        stdout: mpsc::channel().1,
+        stderr: lines(tail.stderr.take().expect("stderr")),
+        child: tail,
+    };
+    let seen = tail.stderr_until("DEBUG");
+    assert!(
+        !seen.iter().any(|l| l.contains('\u{1b}')),
+        "ANSI escapes in {seen:#?}"
+    );
+}

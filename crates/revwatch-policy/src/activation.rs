@@ -18,7 +18,7 @@ use revwatch::mirror::{Mirror, Snapshot, State, Status, Subscription, Update};
 use crate::engine::{Compiler, Engine, compile_contained};
 use crate::layout::{self, Tree};
 use crate::service::{ActiveSet, Shared};
-use crate::status::{PolicyStatus, Rejection};
+use crate::status::{LoadOutcome, LoadReport, PolicyStatus, Rejection};
 
 /// What the task knows about the newest evaluated candidate.
 struct Candidate {
@@ -119,11 +119,12 @@ impl Pipeline {
             .as_ref()
             .is_some_and(|e| Arc::ptr_eq(e, &snapshot));
         self.evaluated = Some(Arc::clone(&snapshot));
+        let started = Instant::now();
         if !same_snapshot {
             match layout::active_tree(&snapshot, self.prefix.as_bytes()) {
                 Ok(tree) => {
                     if !self.unchanged(&tree) {
-                        self.compile(tree, revision).await;
+                        self.compile(tree, revision, started).await;
                         return;
                     }
                 }
@@ -135,7 +136,7 @@ impl Pipeline {
                         message: e.to_string(),
                     };
                     self.candidate = None;
-                    self.reject(rejection, revision);
+                    self.reject(rejection, revision, started);
                     return;
                 }
             }
@@ -164,7 +165,7 @@ impl Pipeline {
                 .all(|((p1, f1), (p2, f2))| p1 == p2 && f1.mod_revision == f2.mod_revision)
     }
 
-    async fn compile(&mut self, tree: Tree, revision: i64) {
+    async fn compile(&mut self, tree: Tree, revision: i64, started: Instant) {
         let tree = Arc::new(tree);
         let Some(mut compiler) = self.compiler.take() else {
             return;
@@ -206,7 +207,7 @@ impl Pipeline {
         };
         match result {
             Ok(engine) => {
-                self.activate(&tree, engine, revision);
+                self.activate(&tree, engine, revision, started);
                 self.candidate = Some(Candidate {
                     tree,
                     accepted: true,
@@ -217,12 +218,29 @@ impl Pipeline {
                     tree,
                     accepted: false,
                 });
-                self.reject(rejection, revision);
+                self.reject(rejection, revision, started);
             }
         }
     }
 
-    fn activate(&self, tree: &Tree, engine: Arc<dyn Engine>, revision: i64) {
+    /// Reports a load: in status, and to every load-report receiver.
+    fn report_load(&self, revision: i64, started: Instant, outcome: LoadOutcome) -> LoadReport {
+        let sequence = {
+            let status = self.shared.status.borrow();
+            status.activations + status.rejections + 1
+        };
+        let report = LoadReport {
+            sequence,
+            revision,
+            duration: started.elapsed(),
+            outcome,
+        };
+        // No receiver is fine: nobody is counting.
+        let _ = self.shared.loads.send(report.clone());
+        report
+    }
+
+    fn activate(&self, tree: &Tree, engine: Arc<dyn Engine>, revision: i64, started: Instant) {
         let now = SystemTime::now();
         let set = ActiveSet {
             revision,
@@ -241,7 +259,9 @@ impl Pipeline {
         let policy_count = set.policy_count;
         // The one store that makes the set visible to deciders.
         self.shared.active.store(Some(Arc::new(set)));
+        let load = self.report_load(revision, started, LoadOutcome::Activated);
         self.shared.status.send_modify(|s| {
+            s.last_load = Some(load);
             s.active_revision = revision;
             s.compiled_revision = tree.revision;
             s.generation = tree.generation.clone();
@@ -254,9 +274,11 @@ impl Pipeline {
         });
     }
 
-    fn reject(&self, rejection: Rejection, revision: i64) {
+    fn reject(&self, rejection: Rejection, revision: i64, started: Instant) {
         tracing::warn!(%rejection, "policy candidate rejected; keeping the last-known-good set");
+        let load = self.report_load(revision, started, LoadOutcome::Rejected(rejection.clone()));
         self.shared.status.send_modify(|s| {
+            s.last_load = Some(load);
             s.evaluated_revision = s.evaluated_revision.max(revision);
             s.last_rejection = Some(rejection);
             s.rejections += 1;

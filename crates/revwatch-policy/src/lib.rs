@@ -10,7 +10,11 @@
 //! keeps the last-known-good set, and its [`Rejection`] (key, revision, message) is
 //! in [`PolicyStatus`]. Decisions carry the active set's revision, the determining
 //! policy ids and a decision id, and accept a [`Consistency`] requirement
-//! (read-your-writes by revision, or one linearizable read).
+//! (read-your-writes by revision, or one linearizable read);
+//! [`Policies::decide_batch`] decides many requests on one set. Each load (read
+//! and compile of a candidate) is reported with its outcome and duration
+//! ([`LoadReport`]: the status's latest, and every one through
+//! [`Policies::load_reports`]).
 //!
 //! # Files of each backend
 //!
@@ -43,4 +47,4 @@ pub mod status;
 pub use decision::{Consistency, DecideError, Decision, Effect, Request};
 pub use engine::{Backend, Compiler, Engine, Limits, Verdict};
 pub use service::{ActiveSet, Policies, PolicyConfig};
-pub use status::{DegradedReason, PolicyState, PolicyStatus, Rejection};
+pub use status::{DegradedReason, LoadOutcome, LoadReport, PolicyState, PolicyStatus, Rejection};

@@ -66,10 +66,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use revwatch::client::{Client, LeaseKeeper, LeaseState, RequestOp, TxnRequest};
 
 use crate::layout::{Layout, LayoutError, Tree, check_path, escape};
-use ops::Span;
+use etcd_proto::key_range::KeyRange;
 use state::{Guard, Pointers, check_expect, read_pointers};
 
-pub use read::read_active_tree;
+pub use read::{read_active_tree, read_tree_at};
 
 /// Most puts per file txn, below etcd's default limit of 128 operations.
 pub const MAX_TXN_OPS: usize = 100;
@@ -260,7 +260,7 @@ impl Publisher {
     /// After a failed publish: deletes the generation (if the lock is still ours)
     /// and revokes the lease. Best effort: garbage collection takes what is left.
     async fn abandon(&self, staging: Staging) {
-        let generation = Span::prefix(&self.layout.generation(&staging.generation));
+        let generation = KeyRange::prefix(&self.layout.generation(&staging.generation));
         let deleted = self
             .client
             .txn(TxnRequest {
@@ -286,7 +286,7 @@ impl Publisher {
             .client
             .txn(TxnRequest {
                 compare: vec![ops::span_mod_below(
-                    &Span::prefix(&self.layout.generation(&generation)),
+                    &KeyRange::prefix(&self.layout.generation(&generation)),
                     1,
                 )],
                 success: vec![ops::put(
@@ -404,12 +404,12 @@ impl Publisher {
         );
         let keep_previous = match &start.active {
             Some(old) => ops::put(previous, old.value.clone(), 0),
-            None => ops::delete(&Span::between(previous, Vec::new())),
+            None => ops::delete(&KeyRange::single(&previous)),
         };
         let success = vec![
             ops::put(pointer.clone(), staging.generation.clone().into_bytes(), 0),
             keep_previous,
-            ops::delete(&Span::between(staging.lock.clone(), Vec::new())),
+            ops::delete(&KeyRange::single(&staging.lock)),
         ];
         let mut failure = vec![ops::get(&pointer), ops::get(&staging.lock)];
         failure.extend(

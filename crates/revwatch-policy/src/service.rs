@@ -6,12 +6,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use revwatch::mirror::{Mirror, MirrorError};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::activation::Pipeline;
 use crate::decision::{Consistency, DecideError, Decision, Effect, Request, next_decision_id};
 use crate::engine::{Backend, Engine, Limits, decide_contained};
-use crate::status::{DegradedReason, PolicyState, PolicyStatus};
+use crate::status::{DegradedReason, LoadReport, PolicyState, PolicyStatus};
 
 /// Settings of [`Policies`].
 #[derive(Debug, Clone)]
@@ -112,6 +112,8 @@ pub(crate) struct Shared {
     pub config: PolicyConfig,
     pub active: ArcSwapOption<ActiveSet>,
     pub status: watch::Sender<PolicyStatus>,
+    /// Every load, for receivers that must not miss one (metrics).
+    pub loads: broadcast::Sender<LoadReport>,
     /// Nanoseconds after `base` + 1 since the mirror is not ready; 0 while it is.
     pub not_ready_since: AtomicU64,
     base: Instant,
@@ -141,6 +143,10 @@ impl Shared {
         })
     }
 }
+
+/// Load reports kept for a receiver that falls behind; a slower one skips the
+/// oldest (and learns how many from the channel).
+const LOAD_REPORTS_BUFFERED: usize = 256;
 
 /// Aborts the activation task when the last handle goes.
 struct TaskGuard(tokio::task::JoinHandle<()>);
@@ -201,6 +207,7 @@ impl Policies {
             config,
             active: ArcSwapOption::empty(),
             status: watch::Sender::new(PolicyStatus::new()),
+            loads: broadcast::Sender::new(LOAD_REPORTS_BUFFERED),
             // Not ready until the pipeline has seen the mirror's state.
             not_ready_since: AtomicU64::new(1),
             base,
@@ -223,10 +230,14 @@ impl Policies {
     pub fn decide(&self, request: &Request) -> Result<Decision, DecideError> {
         let guard = self.shared.active.load();
         match &*guard {
-            Some(set) => self.decide_on(set, request),
-            None => Err(DecideError::NotReady {
-                rejected: self.shared.status.borrow().last_rejection.clone(),
-            }),
+            Some(set) => self.decide_on(set, request, self.shared.fail_closed_reason()),
+            None => Err(self.not_ready()),
+        }
+    }
+
+    fn not_ready(&self) -> DecideError {
+        DecideError::NotReady {
+            rejected: self.shared.status.borrow().last_rejection.clone(),
         }
     }
 
@@ -247,9 +258,39 @@ impl Policies {
         request: &Request,
         consistency: Consistency,
     ) -> Result<Decision, DecideError> {
+        if consistency == Consistency::Default {
+            return self.decide(request);
+        }
+        let set = self.set_for(consistency).await?;
+        self.decide_on(&set, request, self.shared.fail_closed_reason())
+    }
+
+    /// Decides every request on one set, chosen once as
+    /// [`decide_with`](Self::decide_with) chooses it (with [`Consistency::Default`]:
+    /// the active set, without waiting), so all decisions carry the same revision
+    /// and the same fail-closed verdict. Returns that revision and, in request
+    /// order, each request's decision or its own error (a bad request, an engine
+    /// error); the whole batch fails only when no set meets `consistency`.
+    pub async fn decide_batch<'r>(
+        &self,
+        requests: impl IntoIterator<Item = &'r Request>,
+        consistency: Consistency,
+    ) -> Result<(i64, Vec<Result<Decision, DecideError>>), DecideError> {
+        let set = self.set_for(consistency).await?;
+        let fail_closed = self.shared.fail_closed_reason();
+        let decisions = requests
+            .into_iter()
+            .map(|request| self.decide_on(&set, request, fail_closed.clone()))
+            .collect();
+        Ok((set.revision, decisions))
+    }
+
+    /// The set a decision with `consistency` is made on (see
+    /// [`decide_with`](Self::decide_with)).
+    async fn set_for(&self, consistency: Consistency) -> Result<Arc<ActiveSet>, DecideError> {
         let started = Instant::now();
         let wanted = match consistency {
-            Consistency::Default => return self.decide(request),
+            Consistency::Default => return self.active().ok_or_else(|| self.not_ready()),
             Consistency::MinRevision(r) => r,
             Consistency::FullyConsistent => {
                 let wait = self.shared.config.fresh_wait;
@@ -270,8 +311,7 @@ impl Policies {
             .config
             .fresh_wait
             .saturating_sub(started.elapsed());
-        let set = self.wait_for(wanted, left, started).await?;
-        self.decide_on(&set, request)
+        self.wait_for(wanted, left, started).await
     }
 
     /// Waits up to `timeout` for an active set at `revision` or later, with the
@@ -333,8 +373,14 @@ impl Policies {
         }
     }
 
-    fn decide_on(&self, set: &ActiveSet, request: &Request) -> Result<Decision, DecideError> {
-        if let Some(reason) = self.shared.fail_closed_reason() {
+    /// Decides `request` on `set`; with a `fail_closed` reason, denies with it.
+    fn decide_on(
+        &self,
+        set: &ActiveSet,
+        request: &Request,
+        fail_closed: Option<String>,
+    ) -> Result<Decision, DecideError> {
+        if let Some(reason) = fail_closed {
             return Ok(Decision {
                 effect: Effect::Deny,
                 policy_ids: Vec::new(),
@@ -383,6 +429,14 @@ impl Policies {
             PolicyState::Degraded(reasons)
         };
         status
+    }
+
+    /// A receiver of every load from now on (activation or rejection, with its
+    /// duration), e.g. for a load-duration histogram and per-key rejection
+    /// counts. Unlike [`status_changes`](Self::status_changes) nothing coalesces;
+    /// a receiver more than 256 loads behind loses the oldest ones and is told how many.
+    pub fn load_reports(&self) -> broadcast::Receiver<LoadReport> {
+        self.shared.loads.subscribe()
     }
 
     /// A receiver notified whenever the status changes (activations, rejections,

@@ -1,6 +1,6 @@
 //! What the activation pipeline reports about itself: [`PolicyStatus`].
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// A candidate policy set that was not activated, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +23,30 @@ impl std::fmt::Display for Rejection {
         }
         write!(f, ": {}", self.message)
     }
+}
+
+/// One load of a candidate set: reading its tree and compiling it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Which load it is, from 1: [`PolicyStatus::activations`] +
+    /// [`PolicyStatus::rejections`] once it is counted. A receiver that starts
+    /// from a status skips the reports it already counted by this.
+    pub sequence: u64,
+    /// The revision the candidate was evaluated at.
+    pub revision: i64,
+    /// How long reading the tree and compiling it took.
+    pub duration: Duration,
+    /// Whether it was activated.
+    pub outcome: LoadOutcome,
+}
+
+/// How a load ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadOutcome {
+    /// The candidate is the active set.
+    Activated,
+    /// The candidate was rejected; the last-known-good set stays active.
+    Rejected(Rejection),
 }
 
 /// Why the service is degraded.
@@ -88,10 +112,13 @@ pub struct PolicyStatus {
     pub evaluated_revision: i64,
     /// The last candidate rejected, kept until a later candidate is activated.
     pub last_rejection: Option<Rejection>,
-    /// Candidates activated so far.
+    /// Candidates activated so far (loads that succeeded; monotonic).
     pub activations: u64,
-    /// Candidates rejected so far.
+    /// Candidates rejected so far (loads that failed; monotonic).
     pub rejections: u64,
+    /// The newest load (activation or rejection). Status changes can coalesce;
+    /// [`Policies::load_reports`](crate::Policies::load_reports) sees every load.
+    pub last_load: Option<LoadReport>,
     /// When the active set was activated.
     pub activated_at: Option<SystemTime>,
     /// The mirror's state, as text (`ready`, `reconnecting`, ...).
@@ -113,6 +140,7 @@ impl PolicyStatus {
             last_rejection: None,
             activations: 0,
             rejections: 0,
+            last_load: None,
             activated_at: None,
             mirror_state: String::new(),
             mirror_not_ready_since: None,

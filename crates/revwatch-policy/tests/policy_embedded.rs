@@ -26,6 +26,24 @@ async fn activation_and_consistency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_decisions() {
+    bounded(Duration::from_secs(90), async {
+        let (_dir, _server, endpoints) = embedded().await;
+        scenarios::batch_decisions(endpoints).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reports() {
+    bounded(Duration::from_secs(90), async {
+        let (_dir, _server, endpoints) = embedded().await;
+        scenarios::load_reports(endpoints).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_known_good_cedar() {
     bounded(Duration::from_secs(90), async {
         let (_dir, _server, endpoints) = embedded().await;

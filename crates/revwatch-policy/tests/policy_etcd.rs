@@ -18,6 +18,24 @@ async fn activation_and_consistency() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_decisions() {
+    bounded(Duration::from_secs(90), async {
+        let cluster = EtcdCluster::single().await.unwrap();
+        scenarios::batch_decisions(cluster.endpoints()).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_reports() {
+    bounded(Duration::from_secs(90), async {
+        let cluster = EtcdCluster::single().await.unwrap();
+        scenarios::load_reports(cluster.endpoints()).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_known_good_cedar() {
     bounded(Duration::from_secs(90), async {
         let cluster = EtcdCluster::single().await.unwrap();

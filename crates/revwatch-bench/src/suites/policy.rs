@@ -2,7 +2,9 @@
 //! plain engines (`cedar_policy::Authorizer` on the whole set, `casbin::Enforcer`), on the
 //! same RBAC workload and the same queries: 1,000 users in 100 roles, 10,000 grants
 //! (role, resource, action), about a quarter of the queries allowed. Single thread, medians.
-//! It also runs the indexes' differential proof at a million requests per backend.
+//! It also runs the indexes' differential proof at a million requests per backend, and
+//! times reloads of the same set as a tree of files (one file per role) through the
+//! activation pipeline's [`Compiler`]: from scratch, and after one key changed.
 
 use std::str::FromStr;
 use std::time::Instant;
@@ -13,11 +15,13 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use revwatch_policy::index::casbin::{CasbinIndex, Row, plain_enforcer};
 use revwatch_policy::index::cedar::CedarIndex;
 use revwatch_policy::index::{differential_casbin, differential_cedar};
+use revwatch_policy::layout::{Tree, TreeFile};
+use revwatch_policy::{Backend, Compiler, Limits};
 use serde_json::json;
 
 use crate::{
     report::Report,
-    stats::{Samples, ratio},
+    stats::{Samples, median, ratio},
 };
 
 const USERS: usize = 1_000;
@@ -97,6 +101,12 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
         allowed += usize::from(decision.allowed);
     }
 
+    let reload_rounds = if quick { 5 } else { 15 };
+    let reloads = [Backend::Cedar, Backend::Casbin]
+        .map(|backend| Reload::measure(&workload, backend, reload_rounds));
+    let [cedar_reload, casbin_reload] = reloads;
+    let (cedar_reload, casbin_reload) = (cedar_reload?, casbin_reload?);
+
     let cedar_run = differential_cedar(SEED, differential);
     let casbin_run = differential_casbin(SEED, differential);
 
@@ -115,6 +125,25 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
         "cedar_speedup",
         ratio(cedar_plain.p50(), cedar_indexed.p50()),
     );
+    for (name, reload) in [("cedar", &cedar_reload), ("casbin", &casbin_reload)] {
+        report.figure(&format!("{name}_full_reload_ms"), reload.full_ms);
+        report.figure(
+            &format!("{name}_incremental_reload_ms"),
+            reload.incremental_ms,
+        );
+    }
+    // The headline figures: the slower backend's.
+    report.figure(
+        "full_reload_ms",
+        cedar_reload.full_ms.max(casbin_reload.full_ms),
+    );
+    report.figure(
+        "incremental_reload_ms",
+        cedar_reload
+            .incremental_ms
+            .max(casbin_reload.incremental_ms),
+    );
+    report.figure("reload_rounds", reload_rounds as f64);
     report.figure("allowed_fraction", allowed as f64 / queries.len() as f64);
     report.figure(
         "differential_mismatches",
@@ -252,13 +281,54 @@ impl Workload {
     fn cedar_policies(&self) -> String {
         self.grants
             .iter()
-            .map(|&(role, resource, action)| {
-                format!(
-                    "permit(principal in Role::\"r{role}\", action == Action::\"act{action}\", \
-                     resource == Res::\"res{resource}\");\n"
-                )
-            })
+            .map(|&grant| cedar_grant(grant))
             .collect()
+    }
+
+    /// The set as a tree of files, one per role, as `backend` reads it; every file at its
+    /// own `mod_revision`.
+    fn tree(&self, backend: Backend) -> anyhow::Result<Tree> {
+        let mut files: Vec<(String, String)> = Vec::new();
+        match backend {
+            Backend::Cedar => {
+                files.push((
+                    "entities/users.entities.json".into(),
+                    self.cedar_entities().to_string(),
+                ));
+                for role in 0..ROLES {
+                    let text = self.grants_of[role]
+                        .iter()
+                        .map(|&g| cedar_grant(self.grants[g]))
+                        .collect();
+                    files.push((reload_file(backend, role), text));
+                }
+            }
+            Backend::Casbin => {
+                files.push(("model.conf".into(), CASBIN_MODEL.into()));
+                let links = self
+                    .memberships
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(user, roles)| {
+                        roles.iter().map(move |r| format!("g, u{user}, r{r}\n"))
+                    })
+                    .collect();
+                files.push(("roles.csv".into(), links));
+                for role in 0..ROLES {
+                    let text = self.grants_of[role]
+                        .iter()
+                        .map(|&g| casbin_grant(self.grants[g]))
+                        .collect();
+                    files.push((reload_file(backend, role), text));
+                }
+            }
+        }
+        let mut tree = Tree::from_files(files).context("the reload tree")?;
+        for (n, file) in tree.files.values_mut().enumerate() {
+            file.mod_revision = n as i64 + 1;
+        }
+        tree.revision = tree.files.len() as i64;
+        Ok(tree)
     }
 
     fn cedar_entities(&self) -> serde_json::Value {
@@ -273,6 +343,89 @@ impl Workload {
             json!({"uid": {"type": "Role", "id": format!("r{role}")}, "attrs": {}, "parents": []})
         });
         serde_json::Value::Array(users.chain(roles).collect())
+    }
+}
+
+fn cedar_grant((role, resource, action): (usize, usize, usize)) -> String {
+    format!(
+        "permit(principal in Role::\"r{role}\", action == Action::\"act{action}\", \
+         resource == Res::\"res{resource}\");\n"
+    )
+}
+
+fn casbin_grant((role, resource, action): (usize, usize, usize)) -> String {
+    format!("p, r{role}, res{resource}, act{action}\n")
+}
+
+/// The file holding `role`'s grants.
+fn reload_file(backend: Backend, role: usize) -> String {
+    match backend {
+        Backend::Cedar => format!("policies/r{role}.cedar"),
+        Backend::Casbin => format!("policies/r{role}.csv"),
+    }
+}
+
+/// Median compile times of the workload's tree, in milliseconds.
+struct Reload {
+    /// A fresh compiler (empty caches), as after a start or a panic.
+    full_ms: f64,
+    /// The compiler that compiled the tree, after one role file gained a grant; the
+    /// previous set stays alive, as the active set does during a reload.
+    incremental_ms: f64,
+}
+
+impl Reload {
+    fn measure(workload: &Workload, backend: Backend, rounds: usize) -> anyhow::Result<Reload> {
+        const PREFIX: &str = "bench/";
+        let tree = workload.tree(backend)?;
+        let mut full = Vec::with_capacity(rounds);
+        let mut incremental = Vec::with_capacity(rounds);
+        for round in 0..rounds {
+            let mut compiler: Box<dyn Compiler> = backend.compiler(Limits::default());
+            let t = Instant::now();
+            let before = compiler
+                .compile(&tree, PREFIX)
+                .map_err(|r| anyhow::anyhow!("{backend:?} full compile: {r}"))?;
+            full.push(t.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(
+                before.policy_count() == GRANTS,
+                "{backend:?}: full set size"
+            );
+
+            let role = round * 7 % ROLES;
+            let mut changed = tree.clone();
+            let path = reload_file(backend, role);
+            let file = changed
+                .files
+                .get_mut(&path)
+                .context("the changed file is in the tree")?;
+            let mut text = String::from_utf8(file.value.to_vec())?;
+            // A resource no grant uses, so the grant is new.
+            let grant = (role, RESOURCES + round, 0);
+            text.push_str(&match backend {
+                Backend::Cedar => cedar_grant(grant),
+                Backend::Casbin => casbin_grant(grant),
+            });
+            changed.revision += 1;
+            *file = TreeFile {
+                value: text.into(),
+                mod_revision: changed.revision,
+            };
+            let t = Instant::now();
+            let after = compiler
+                .compile(&changed, PREFIX)
+                .map_err(|r| anyhow::anyhow!("{backend:?} incremental compile: {r}"))?;
+            incremental.push(t.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(
+                after.policy_count() == GRANTS + 1,
+                "{backend:?}: the changed set's size"
+            );
+            drop(before);
+        }
+        Ok(Reload {
+            full_ms: median(&full),
+            incremental_ms: median(&incremental),
+        })
     }
 }
 

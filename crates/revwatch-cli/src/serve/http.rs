@@ -4,10 +4,7 @@
 //! endpoints never do (probes rarely carry credentials, and they reveal only the
 //! state).
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
@@ -19,8 +16,8 @@ use axum::{
     routing::{get, post},
 };
 use prometheus_client::registry::Registry;
-use revwatch::mirror::{Mirror, MirrorError};
-use revwatch_policy::{Backend, Consistency, DecideError, Decision, Policies, Request};
+use revwatch::mirror::Mirror;
+use revwatch_policy::{Backend, Consistency, Decision, Policies, Request};
 use serde::de::DeserializeOwned;
 
 use super::{
@@ -44,8 +41,6 @@ pub struct App {
     pub metrics: Metrics,
     pub log: Option<DecisionLog>,
     pub token: Option<String>,
-    /// How long `min_revision` and `fully_consistent` wait for a fresh set.
-    pub fresh_wait: Duration,
 }
 
 type AppState = State<Arc<App>>;
@@ -133,10 +128,6 @@ fn outcome(decision: &Decision) -> Outcome {
     }
 }
 
-/// Attempts at deciding a whole batch on one set before giving up: a set swapped
-/// in mid-batch (a new revision) makes the batch start over.
-const BATCH_ATTEMPTS: usize = 16;
-
 async fn authorize_batch(
     State(app): AppState,
     body: Result<Bytes, BytesRejection>,
@@ -186,70 +177,30 @@ async fn decide_batch(
     requests: &[Result<Request, ApiError>],
     consistency: Consistency,
 ) -> Result<(i64, Vec<Result<Decision, ApiError>>), ApiError> {
-    let wanted = match consistency {
-        Consistency::Default => 0,
-        Consistency::MinRevision(r) => r,
-        Consistency::FullyConsistent => consistent_revision(app).await?,
-    };
-    let set = app
+    let valid = requests.iter().filter_map(|r| r.as_ref().ok());
+    let (revision, decided) = app
         .policies
-        .wait_for_revision(wanted.max(1), app.fresh_wait)
+        .decide_batch(valid, consistency)
         .await
-        .map_err(|e| match (wanted, e) {
-            // Without a freshness requirement, no set at all is "not ready".
-            (0, DecideError::NotFreshEnough { rejected, .. }) => {
-                ApiError::from(&DecideError::NotReady { rejected })
-            }
-            (_, e) => ApiError::from(&e),
-        })?;
-    'attempt: for _ in 0..BATCH_ATTEMPTS {
-        let mut at = None;
-        let mut results = Vec::with_capacity(requests.len());
-        for request in requests {
-            let result = match request {
-                Err(e) => Err(e.clone()),
-                Ok(request) => match app.policies.decide(request) {
-                    Ok(d) => {
-                        if *at.get_or_insert(d.revision) != d.revision {
-                            continue 'attempt;
-                        }
-                        Ok(d)
-                    }
-                    Err(e @ (DecideError::BadRequest { .. } | DecideError::Engine(_))) => {
-                        Err(ApiError::from(&e))
-                    }
-                    Err(e) => return Err(ApiError::from(&e)),
-                },
-            };
-            results.push(result);
-        }
-        return Ok((at.unwrap_or(set.revision), results));
-    }
-    Err(ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "busy",
-        format!("the policy set changed during each of {BATCH_ATTEMPTS} attempts at the batch"),
-    ))
-}
-
-/// etcd's current revision, by one linearizable read.
-async fn consistent_revision(app: &App) -> Result<i64, ApiError> {
-    match app.mirror.consistent_snapshot(app.fresh_wait).await {
-        Ok(snapshot) => Ok(snapshot.revision()),
-        Err(MirrorError::Timeout {
-            wanted: Some(wanted),
-            ..
-        }) => {
-            let active = app.policies.active().map_or(0, |s| s.revision);
-            Err(ApiError::from(&DecideError::NotFreshEnough {
-                wanted,
-                active,
-                rejected: None,
-                waited: app.fresh_wait,
-            }))
-        }
-        Err(e) => Err(ApiError::from(&DecideError::Consistency(Arc::new(e)))),
-    }
+        .map_err(|e| ApiError::from(&e))?;
+    // One decision per valid request, in order: put them back between the
+    // requests that did not parse.
+    let mut decided = decided.into_iter();
+    let results = requests
+        .iter()
+        .map(|request| match request {
+            Err(e) => Err(e.clone()),
+            Ok(_) => match decided.next() {
+                Some(result) => result.map_err(|e| ApiError::from(&e)),
+                None => Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "fewer decisions than requests",
+                )),
+            },
+        })
+        .collect();
+    Ok((revision, results))
 }
 
 async fn status(State(app): AppState) -> Response {

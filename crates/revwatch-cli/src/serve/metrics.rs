@@ -3,7 +3,8 @@
 //!
 //! Decisions are counted and timed by the HTTP handlers; the policy set's loads and
 //! state are read from [`PolicyStatus`] changes, so they count what the policy
-//! crate reports.
+//! crate reports, and each load's duration and key at fault from its
+//! [`LoadReport`].
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, UNIX_EPOCH};
@@ -18,7 +19,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use revwatch_policy::{PolicyState, PolicyStatus};
+use revwatch_policy::{LoadOutcome, LoadReport, PolicyState, PolicyStatus};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabel {
@@ -41,6 +42,7 @@ pub struct Metrics {
     decisions: Family<ResultLabel, Counter>,
     decision_seconds: Histogram,
     loads: Family<ResultLabel, Counter>,
+    load_seconds: Histogram,
     load_failures: Family<KeyLabel, Counter>,
     active_revision: Gauge,
     last_activation: Gauge<f64, AtomicU64>,
@@ -65,6 +67,9 @@ impl Metrics {
             // `min_revision` wait up to the fresh-wait bound.
             decision_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 12)),
             loads: Family::default(),
+            // 1 ms to about 2 min: a small set compiles in milliseconds, a large
+            // Cedar set with a schema can take minutes.
+            load_seconds: Histogram::new(exponential_buckets(1e-3, 2.0, 18)),
             load_failures: Family::default(),
             active_revision: Gauge::default(),
             last_activation: Gauge::default(),
@@ -86,6 +91,11 @@ impl Metrics {
             "loads",
             "Candidate policy sets activated (ok) or rejected (failed)",
             metrics.loads.clone(),
+        );
+        r.register(
+            "load_duration_seconds",
+            "Time to read and compile a candidate policy set, activated or rejected",
+            metrics.load_seconds.clone(),
         );
         r.register(
             "load_failures",
@@ -145,18 +155,36 @@ impl Metrics {
             self.loads
                 .get_or_create(&ResultLabel { result: "failed" })
                 .inc_by(rejected);
-            // Rejections between two observations are put on the latest's key.
-            if let Some(r) = &now.last_rejection {
-                self.load_failures
-                    .get_or_create(&KeyLabel { key: r.key.clone() })
-                    .inc_by(rejected);
-            }
         }
         self.active_revision.set(now.active_revision);
         if let Some(at) = now.activated_at {
             let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default();
             self.last_activation.set(secs.as_secs_f64());
         }
+    }
+
+    /// Times one load, and counts a rejection against its key.
+    pub fn loaded(&self, report: &LoadReport) {
+        self.load_seconds.observe(report.duration.as_secs_f64());
+        if let LoadOutcome::Rejected(r) = &report.outcome {
+            self.failed_at(&r.key, 1);
+        }
+    }
+
+    /// Counts the rejections `status` reports from before its load reports were
+    /// followed; their keys are lost but the latest's, so all go on that one.
+    pub fn rejected_earlier(&self, status: &PolicyStatus) {
+        if let Some(r) = &status.last_rejection {
+            self.failed_at(&r.key, status.rejections);
+        }
+    }
+
+    fn failed_at(&self, key: &str, count: u64) {
+        self.load_failures
+            .get_or_create(&KeyLabel {
+                key: key.to_owned(),
+            })
+            .inc_by(count);
     }
 
     /// Sets the state gauges from a status whose state was computed now (staleness
@@ -185,4 +213,45 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, registry)?;
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use revwatch_policy::Rejection;
+
+    use super::*;
+
+    #[test]
+    fn each_load_is_timed_and_each_rejection_counted_on_its_key() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let rejected = |key: &str| LoadReport {
+            sequence: 1,
+            revision: 7,
+            duration: Duration::from_millis(3),
+            outcome: LoadOutcome::Rejected(Rejection {
+                key: key.to_owned(),
+                revision: 7,
+                key_revision: Some(7),
+                message: "bad".to_owned(),
+            }),
+        };
+        metrics.loaded(&rejected("/p/a.cedar"));
+        metrics.loaded(&rejected("/p/b.cedar"));
+        metrics.loaded(&LoadReport {
+            outcome: LoadOutcome::Activated,
+            duration: Duration::from_secs(90),
+            ..rejected("")
+        });
+        let text = encode(&registry).unwrap();
+        for line in [
+            r#"revwatch_policy_load_failures_total{key="/p/a.cedar"} 1"#,
+            r#"revwatch_policy_load_failures_total{key="/p/b.cedar"} 1"#,
+            "revwatch_policy_load_duration_seconds_count 3",
+            r#"revwatch_policy_load_duration_seconds_bucket{le="0.004"} 2"#,
+            r#"revwatch_policy_load_duration_seconds_bucket{le="131.072"} 3"#,
+        ] {
+            assert!(text.contains(line), "no {line:?} in {text}");
+        }
+    }
 }

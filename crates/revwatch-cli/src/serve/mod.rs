@@ -1,11 +1,12 @@
 //! `revwatch serve`: a policy decision point over HTTP, following a prefix of etcd
 //! (or of the embedded server).
 
-mod api;
+pub(crate) mod api;
 mod decision_log;
 mod errors;
 mod http;
 mod metrics;
+mod register;
 mod report;
 mod seed;
 mod startup;
@@ -39,6 +40,9 @@ const EMBEDDED_RETENTION_REVISIONS: u64 = 10_000;
 /// API: POST /v1/authorize, POST /v1/authorize/batch, GET /v1/status,
 /// GET /health/live, GET /health/ready, GET /metrics. With a token (--token-file or
 /// REVWATCH_TOKEN), /v1/* and /metrics need `Authorization: Bearer TOKEN`.
+///
+/// Each instance registers itself for `revwatch fleet` under PREFIX.revwatch/fleet/
+/// with a 10 s lease (a killed instance leaves the list within 10 s).
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// etcd endpoints, comma-separated. Without them, the embedded server is used.
@@ -219,7 +223,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mirror = Mirror::builder(args.prefix.as_bytes())
         .config(mirror_config)
         .register_metrics(&mut registry)
-        .start(ClientSource::lazy(client_config)?)
+        .start(ClientSource::lazy(client_config.clone())?)
         .await?;
     let mut policy_config = PolicyConfig::new(backend).fresh_wait(args.fresh_wait);
     if let Some(max) = args.max_staleness {
@@ -227,6 +231,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let policies = Policies::start(mirror.clone(), args.prefix.clone(), policy_config);
     let follower = tokio::spawn(startup::follow_status(policies.clone(), metrics.clone()));
+    let fleet_metrics = register::register_metrics(&mut registry, mirror.clone(), &args.prefix);
     let log = match &args.decision_log {
         Some(target) => Some(decision_log::DecisionLog::open(
             target,
@@ -255,7 +260,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         metrics,
         log: log.clone(),
         token,
-        fresh_wait: args.fresh_wait,
     });
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(startup::serve(
@@ -267,9 +271,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "revwatch serve: listening on {url} (POST /v1/authorize, /v1/authorize/batch; \
          GET /v1/status, /health/live, /health/ready, /metrics)"
     );
-    tokio::select! {
-        () = startup::report_first_set(&policies, FIRST_SET_WAIT) => signals.recv().await,
-        () = signals.recv() => {}
+    // Registered once the first set is in (or the wait is over): the registration is
+    // a write under the prefix, which must not move the revision start-up reports.
+    let registrar = tokio::select! {
+        () = startup::report_first_set(&policies, FIRST_SET_WAIT) => Some(
+            register::Registrar::start(
+                client_config,
+                &args.prefix,
+                &url,
+                policies.clone(),
+                mirror.clone(),
+            ),
+        ),
+        () = signals.recv() => None,
+    };
+    if registrar.is_some() {
+        signals.recv().await;
     }
 
     eprintln!("revwatch serve: stopping (draining in-flight requests)");
@@ -284,6 +301,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         () = signals.recv() => eprintln!("revwatch serve: interrupted again: not draining"),
     }
     follower.abort();
+    fleet_metrics.abort();
+    if let Some(registrar) = registrar {
+        registrar.stop().await;
+    }
     if let Some(log) = log {
         log.close(Duration::from_secs(2)).await;
     }

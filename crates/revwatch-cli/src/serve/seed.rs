@@ -10,8 +10,9 @@ use etcd_proto::etcdserverpb::{
     compare::{CompareResult, CompareTarget, TargetUnion},
     request_op::Request as Op,
 };
+use etcd_proto::key_range::KeyRange;
 use revwatch::client::{Client, Compare, PutRequest, RequestOp, TxnRequest};
-use revwatch_policy::{Backend, layout::prefix_end};
+use revwatch_policy::Backend;
 
 /// One backend's example: its files, a question to try, and a key whose put flips
 /// that question's answer.
@@ -104,11 +105,12 @@ pub async fn seed_if_empty(
 ) -> anyhow::Result<Option<i64>> {
     // True iff no key has the prefix: a compare on a range holds for all its keys,
     // and compares an empty range with a zero version.
+    let range = KeyRange::prefix(prefix.as_bytes());
     let empty = Compare {
         result: CompareResult::Equal as i32,
         target: CompareTarget::Version as i32,
-        key: prefix.as_bytes().to_vec(),
-        range_end: range_end(prefix),
+        key: range.key().to_vec(),
+        range_end: range.range_end().to_vec(),
         target_union: Some(TargetUnion::Version(0)),
     };
     let puts = example(backend).files.iter().map(|(path, text)| RequestOp {
@@ -129,15 +131,6 @@ pub async fn seed_if_empty(
     Ok(response
         .succeeded
         .then(|| response.header.map_or(0, |h| h.revision)))
-}
-
-/// etcd's `range_end` for every key starting with `prefix` (`\0`: all keys, for
-/// the empty prefix).
-fn range_end(prefix: &str) -> Vec<u8> {
-    match prefix_end(prefix.as_bytes()) {
-        end if end.is_empty() => vec![0],
-        end => end,
-    }
 }
 
 /// Shell-quotes `text` for the printed commands.

@@ -7,7 +7,10 @@ use anyhow::Context;
 use axum::Router;
 use revwatch::client::{Client, ClientConfig};
 use revwatch_policy::{Backend, Policies, PolicyStatus};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast::error::RecvError, watch},
+};
 
 use super::{metrics::Metrics, seed};
 
@@ -62,19 +65,38 @@ pub async fn report_first_set(policies: &Policies, wait: Duration) {
 /// Follows the policy status: metrics, and a stderr line for each activation,
 /// rejection and mirror state change.
 pub async fn follow_status(policies: Policies, metrics: Metrics) {
+    // Loads are followed from before the status is read, so each is timed once:
+    // those the status already counts are skipped by their sequence number.
+    let mut loads = policies.load_reports();
     let mut changes = policies.status_changes();
     let mut before = changes.borrow_and_update().clone();
+    let counted = before.activations + before.rejections;
     // Count what happened before this task first looked, too.
     let mut start = before.clone();
     (start.activations, start.rejections) = (0, 0);
     metrics.observe(&start, &before);
-    while changes.changed().await.is_ok() {
-        let now = changes.borrow_and_update().clone();
-        metrics.observe(&before, &now);
-        for line in event_lines(&before, &now) {
-            eprintln!("{line}");
+    metrics.rejected_earlier(&before);
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let now = changes.borrow_and_update().clone();
+                metrics.observe(&before, &now);
+                for line in event_lines(&before, &now) {
+                    eprintln!("{line}");
+                }
+                before = now;
+            }
+            report = loads.recv() => match report {
+                Ok(report) if report.sequence > counted => metrics.loaded(&report),
+                // Counted by the status already; a lagging receiver loses only
+                // durations and keys, the status still counts every load.
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => break,
+            },
         }
-        before = now;
     }
 }
 

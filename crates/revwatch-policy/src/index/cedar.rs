@@ -52,6 +52,35 @@ impl CedarIndex {
         }
     }
 
+    /// The index of `set`, which is this index's set without the policies `removed` and with
+    /// `added` (all of them static policies of `set`): the unchanged policies keep their
+    /// buckets instead of being filed again. Decides exactly as [`CedarIndex::build`] on `set`
+    /// would. `None` when this index is not indexed, a removed id is unknown, or too many
+    /// removed policies are still held as tombstones (build the index instead).
+    pub fn with_changes<'p>(
+        &self,
+        set: PolicySet,
+        removed: impl IntoIterator<Item = &'p PolicyId>,
+        added: impl IntoIterator<Item = &'p Policy>,
+    ) -> Option<CedarIndex> {
+        let mut index = self.index.clone()?;
+        for id in removed {
+            index.remove(id)?;
+        }
+        for policy in added {
+            index.add(&set, policy)?;
+        }
+        let live = index.positions.len();
+        if index.policies.len() - live > live.max(64) || !index.fits() {
+            return None;
+        }
+        Some(CedarIndex {
+            full: set,
+            authorizer: Authorizer::new(),
+            index: Some(index),
+        })
+    }
+
     /// Whether decisions use the index (`false`: every request evaluates the full set).
     pub fn is_indexed(&self) -> bool {
         self.index.is_some()
@@ -180,7 +209,10 @@ struct ScopeIndex {
     resource: Dimension,
     buckets: foldhash::HashMap<u64, u32>,
     bucket_list: Vec<Bucket>,
+    /// By position; a removed policy stays as a tombstone filed in no bucket.
     policies: Vec<IndexedPolicy>,
+    /// Position of each policy of the set.
+    positions: foldhash::HashMap<PolicyId, u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +223,8 @@ struct IndexedPolicy {
     effect: Effect,
     /// A set holding only this policy, for policies with conditions.
     single: Option<PolicySet>,
+    /// The buckets it is filed in (by slot in [`ScopeIndex::bucket_list`]).
+    slots: SmallVec<[u32; 1]>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -319,17 +353,41 @@ impl ScopeIndex {
             buckets: foldhash::HashMap::default(),
             bucket_list: Vec::new(),
             policies: Vec::new(),
+            positions: foldhash::HashMap::default(),
         };
         for policy in set.policies() {
             index.add(set, policy)?;
         }
-        let widest = index
+        index.fits().then_some(index)
+    }
+
+    /// Whether every dimension's scope ids fit their share of a bucket key.
+    fn fits(&self) -> bool {
+        let widest = self
             .principal
             .ids
             .len()
-            .max(index.action.ids.len())
-            .max(index.resource.ids.len());
-        (widest < MAX_DIMENSIONS).then_some(index)
+            .max(self.action.ids.len())
+            .max(self.resource.ids.len());
+        widest < MAX_DIMENSIONS
+    }
+
+    /// Unfiles the policy `id`, leaving a tombstone at its position. `None` if unknown.
+    fn remove(&mut self, id: &PolicyId) -> Option<()> {
+        let position = self.positions.remove(id)?;
+        let policy = self.policies.get_mut(position as usize)?;
+        policy.single = None;
+        for slot in std::mem::take(&mut policy.slots) {
+            let bucket = self.bucket_list.get_mut(slot as usize)?;
+            for list in [
+                &mut bucket.permits,
+                &mut bucket.forbids,
+                &mut bucket.conditioned,
+            ] {
+                list.retain(|&p| p != position);
+            }
+        }
+        Some(())
     }
 
     fn add(&mut self, set: &PolicySet, policy: &Policy) -> Option<()> {
@@ -340,11 +398,19 @@ impl ScopeIndex {
         } else {
             None
         };
+        if self
+            .positions
+            .insert(policy.id().clone(), position)
+            .is_some()
+        {
+            return None;
+        }
         self.policies.push(IndexedPolicy {
             position,
             id: policy.id().clone(),
             effect: policy.effect(),
             single,
+            slots: SmallVec::new(),
         });
 
         let principal = match policy.principal_constraint() {
@@ -384,6 +450,7 @@ impl ScopeIndex {
             if slot == next {
                 self.bucket_list.push(Bucket::default());
             }
+            self.policies[position as usize].slots.push(slot);
             let bucket = &mut self.bucket_list[slot as usize];
             match (conditioned, policy.effect()) {
                 (true, _) => {

@@ -94,19 +94,6 @@ impl Layout {
     }
 }
 
-/// The smallest key greater than every key starting with `prefix` (etcd's
-/// `range_end` for a prefix); empty (etcd: "to the end") when there is none.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
-}
-
 /// Checks a generation id: 1 to [`MAX_GENERATION_LEN`] ASCII letters, digits,
 /// `-`, `_` or `.`, not starting with `.`. Returns why not.
 pub fn check_generation(id: &str) -> Result<(), &'static str> {
@@ -159,14 +146,6 @@ mod tests {
         assert_eq!(l.generation_of(b"p/.revwatch/gen/g1"), None);
         assert_eq!(l.generation_of(b"p/.revwatch/active"), None);
         assert_eq!(l.generation_of(b"q/.revwatch/gen/g1/a"), None);
-    }
-
-    #[test]
-    fn prefix_end_increments_the_last_byte_below_ff() {
-        assert_eq!(prefix_end(b"a/"), b"a0");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff\xff"), b"");
-        assert_eq!(prefix_end(b""), b"");
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Garbage collection of generations that are neither active nor previous.
 
+use etcd_proto::key_range::{KeyRange, prefix_end};
 use revwatch::client::{Client, RangeRequest, TxnRequest};
 
 use super::PublishError;
-use super::ops::{self, Span};
+use super::ops;
 use super::state::read_pointers;
-use crate::layout::{Layout, escape, prefix_end};
+use crate::layout::{Layout, escape};
 
 /// Deletes every generation that is neither active nor previous and has no lock,
 /// each in one txn that re-checks those three conditions; returns the ids
@@ -18,8 +19,8 @@ pub(crate) async fn collect(client: &Client, layout: &Layout) -> Result<Vec<Stri
         .flatten()
         .map(|r| r.value.as_slice())
         .collect();
-    let all = Span::prefix(&layout.generations());
-    let mut from = all.key.clone();
+    let all = KeyRange::prefix(&layout.generations());
+    let mut from = all.key().to_vec();
     let mut collected = Vec::new();
     // One key per generation: the first key at or after `from`, then skip past
     // that generation. Costs one small read per generation, not per file.
@@ -27,7 +28,7 @@ pub(crate) async fn collect(client: &Client, layout: &Layout) -> Result<Vec<Stri
         let resp = client
             .range(RangeRequest {
                 key: from.clone(),
-                range_end: all.end.clone(),
+                range_end: all.range_end().to_vec(),
                 limit: 1,
                 keys_only: true,
                 ..Default::default()
@@ -42,8 +43,10 @@ pub(crate) async fn collect(client: &Client, layout: &Layout) -> Result<Vec<Stri
             from.push(0);
             continue;
         };
-        let generation = Span::prefix(&layout.generation(id));
-        from = prefix_end(&generation.key);
+        let generation = KeyRange::prefix(&layout.generation(id));
+        // The generation's prefix ends in '/', so its end is a real key, never
+        // etcd's "to the end".
+        from = prefix_end(generation.key());
         if keep.contains(&id) {
             continue;
         }
@@ -60,9 +63,6 @@ pub(crate) async fn collect(client: &Client, layout: &Layout) -> Result<Vec<Stri
             .await?;
         if resp.succeeded {
             collected.push(escape(id));
-        }
-        if from.is_empty() {
-            break;
         }
     }
     Ok(collected)

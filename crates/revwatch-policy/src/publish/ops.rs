@@ -4,35 +4,11 @@ use etcd_proto::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnio
 use etcd_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use etcd_proto::etcdserverpb::request_op::Request;
 use etcd_proto::etcdserverpb::response_op::Response;
+use etcd_proto::key_range::KeyRange;
 use etcd_proto::mvccpb::KeyValue;
 use revwatch::client::{
     Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnResponse,
 };
-
-/// A key range `[key, end)`; an empty `end` means the single key `key`, `[0]`
-/// (etcd's convention) every key from `key` on. etcd refuses an empty `key`, so
-/// the smallest key `[0]` stands in for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Span {
-    pub(crate) key: Vec<u8>,
-    pub(crate) end: Vec<u8>,
-}
-
-impl Span {
-    /// Every key starting with `prefix`.
-    pub(crate) fn prefix(prefix: &[u8]) -> Span {
-        let end = crate::layout::prefix_end(prefix);
-        // etcd: range_end "\0" = all keys >= key.
-        let end = if end.is_empty() { vec![0] } else { end };
-        Span::between(prefix.to_vec(), end)
-    }
-
-    /// Keys in `[key, end)`.
-    pub(crate) fn between(key: Vec<u8>, end: Vec<u8>) -> Span {
-        let key = if key.is_empty() { vec![0] } else { key };
-        Span { key, end }
-    }
-}
 
 /// `mod_revision(key) == revision` (0 = the key is absent).
 pub(crate) fn mod_equals(key: &[u8], revision: i64) -> Compare {
@@ -46,10 +22,10 @@ pub(crate) fn mod_equals(key: &[u8], revision: i64) -> Compare {
 }
 
 /// Every key in `span` has `mod_revision < revision` (true for an empty span).
-pub(crate) fn span_mod_below(span: &Span, revision: i64) -> Compare {
+pub(crate) fn span_mod_below(span: &KeyRange, revision: i64) -> Compare {
     compare(
-        &span.key,
-        &span.end,
+        span.key(),
+        span.range_end(),
         CompareTarget::Mod,
         CompareResult::Less,
         TargetUnion::ModRevision(revision),
@@ -94,11 +70,11 @@ pub(crate) fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
     }
 }
 
-pub(crate) fn delete(span: &Span) -> RequestOp {
+pub(crate) fn delete(span: &KeyRange) -> RequestOp {
     RequestOp {
         request: Some(Request::RequestDeleteRange(DeleteRangeRequest {
-            key: span.key.clone(),
-            range_end: span.end.clone(),
+            key: span.key().to_vec(),
+            range_end: span.range_end().to_vec(),
             ..Default::default()
         })),
     }
@@ -119,10 +95,10 @@ pub(crate) fn range_op(req: RangeRequest) -> RequestOp {
 }
 
 /// The key of `span` modified last (keys only).
-pub(crate) fn newest_in(span: &Span) -> RangeRequest {
+pub(crate) fn newest_in(span: &KeyRange) -> RangeRequest {
     RangeRequest {
-        key: span.key.clone(),
-        range_end: span.end.clone(),
+        key: span.key().to_vec(),
+        range_end: span.range_end().to_vec(),
         limit: 1,
         keys_only: true,
         sort_order: SortOrder::Descend as i32,
@@ -132,10 +108,10 @@ pub(crate) fn newest_in(span: &Span) -> RangeRequest {
 }
 
 /// Counts the keys of `span` at `revision` (0 = current).
-pub(crate) fn count_in(span: &Span, revision: i64) -> RangeRequest {
+pub(crate) fn count_in(span: &KeyRange, revision: i64) -> RangeRequest {
     RangeRequest {
-        key: span.key.clone(),
-        range_end: span.end.clone(),
+        key: span.key().to_vec(),
+        range_end: span.range_end().to_vec(),
         count_only: true,
         revision,
         ..Default::default()

@@ -1,11 +1,12 @@
 //! Reading the protocol's keys, and checking a publisher's expectation against them.
 
+use etcd_proto::key_range::{KeyRange, prefix_end};
 use etcd_proto::mvccpb::KeyValue;
 use revwatch::client::{Client, TxnRequest};
 
-use super::ops::{self, Span};
+use super::ops;
 use super::{Expect, PublishError};
-use crate::layout::{Layout, escape, prefix_end};
+use crate::layout::{Layout, escape};
 
 /// One key as read: value and `mod_revision`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,19 +62,18 @@ pub(crate) async fn read_pointers(
 
 /// The key ranges that make up the active tree when the pointer holds `active`:
 /// the generation's keys, or (direct mode) the prefix minus the reserved subtree.
-pub(crate) fn active_spans(layout: &Layout, active: Option<&Read>) -> Vec<Span> {
+pub(crate) fn active_spans(layout: &Layout, active: Option<&Read>) -> Vec<KeyRange> {
     match active {
-        Some(pointer) => vec![Span::prefix(&layout.generation(&pointer.value))],
+        Some(pointer) => vec![KeyRange::prefix(&layout.generation(&pointer.value))],
         None => {
+            // The whole prefix starts at "\0" when it is empty (etcd refuses an
+            // empty key); the reserved subtree ends in '/', so its end is a real key.
+            let whole = KeyRange::prefix(layout.prefix());
             let reserved = layout.reserved();
-            let after = Span::prefix(layout.prefix());
-            let reserved_end = prefix_end(&reserved);
-            let mut spans = vec![Span::between(layout.prefix().to_vec(), reserved.clone())];
-            // Nothing sorts after the reserved subtree when its end is "to the end".
-            if !reserved_end.is_empty() {
-                spans.push(Span::between(reserved_end, after.end));
-            }
-            spans
+            vec![
+                KeyRange::new(whole.key(), &reserved),
+                KeyRange::new(&prefix_end(&reserved), whole.range_end()),
+            ]
         }
     }
 }
@@ -85,7 +85,7 @@ pub(crate) struct Guard {
     pub(crate) expected: i64,
     /// The active set's key ranges, unchanged since the start read (empty for
     /// [`Expect::Any`]).
-    pub(crate) spans: Vec<Span>,
+    pub(crate) spans: Vec<KeyRange>,
 }
 
 /// Checks `expect` against the state read at `start`, and returns what the final
@@ -130,7 +130,7 @@ pub(crate) async fn check_expect(
     // No key changed after `expected`; a deletion shows as a smaller count (every
     // key counted now already existed then). The pointer counts too: deleting it
     // switches to direct mode.
-    let pointer = Span::between(layout.pointer(), Vec::new());
+    let pointer = KeyRange::single(&layout.pointer());
     for span in spans.iter().chain([&pointer]) {
         let then = client
             .range(ops::count_in(span, expected))
@@ -144,8 +144,45 @@ pub(crate) async fn check_expect(
             })?;
         let now = client.range(ops::count_in(span, start.revision)).await?;
         if then.count != now.count {
-            return Err(conflict(start.revision, &span.key));
+            return Err(conflict(start.revision, span.key()));
         }
     }
     Ok(Guard { expected, spans })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ends(spans: &[KeyRange]) -> Vec<(&[u8], &[u8])> {
+        spans.iter().map(|s| (s.key(), s.range_end())).collect()
+    }
+
+    #[test]
+    fn direct_mode_spans_skip_the_reserved_subtree() {
+        let spans = active_spans(&Layout::new("p/"), None);
+        assert_eq!(
+            ends(&spans),
+            [(&b"p/"[..], &b"p/.revwatch/"[..]), (b"p/.revwatch0", b"p0")]
+        );
+        // The empty prefix starts at etcd's smallest key and runs to the end.
+        let spans = active_spans(&Layout::new(""), None);
+        assert_eq!(
+            ends(&spans),
+            [(&b"\0"[..], &b".revwatch/"[..]), (b".revwatch0", b"\0")]
+        );
+    }
+
+    #[test]
+    fn generation_mode_span_is_the_generation() {
+        let pointer = Read {
+            value: b"g1".to_vec(),
+            mod_revision: 3,
+        };
+        let spans = active_spans(&Layout::new("p/"), Some(&pointer));
+        assert_eq!(
+            ends(&spans),
+            [(&b"p/.revwatch/gen/g1/"[..], &b"p/.revwatch/gen/g10"[..])]
+        );
+    }
 }

@@ -333,3 +333,180 @@ pub async fn fails_closed_after_max_staleness(
     }
     policies
 }
+
+/// `decide_batch` decides every request on one set: one revision for all, each
+/// request's own error kept apart, the consistency requirements as for one
+/// request, and never a mix of two sets while the policies change under it.
+pub async fn batch_decisions(endpoints: Vec<String>) {
+    const P: &str = "batch/";
+    let etcd = writer(endpoints.clone()).await;
+
+    // No set yet (the only file is rejected): the whole batch is not ready.
+    let broken = put(&etcd, &format!("{P}policies/main.cedar"), "permit(").await;
+    let config = PolicyConfig::new(Backend::Cedar).fresh_wait(Duration::from_secs(1));
+    let policies = start(endpoints, P, config).await;
+    rejection_at(&policies, broken).await;
+    match policies
+        .decide_batch([&cedar_request()], Consistency::Default)
+        .await
+    {
+        Err(DecideError::NotReady { rejected: Some(r) }) => assert_eq!(r.revision, broken),
+        other => panic!("expected NotReady, got {other:?}"),
+    }
+
+    let r0 = put_tree(&etcd, P, &fixtures::cedar_tree()).await;
+    policies.wait_for_revision(r0, WAIT).await.unwrap();
+    let bad = Request::new("alice", r#"Action::"read""#, r#"Doc::"d1""#);
+    let requests = [cedar_request(), bad, cedar_request()];
+    let (revision, results) = policies
+        .decide_batch(&requests, Consistency::Default)
+        .await
+        .unwrap();
+    assert!(revision >= r0);
+    assert_eq!(results.len(), 3);
+    let (first, last) = (results[0].as_ref().unwrap(), results[2].as_ref().unwrap());
+    assert!(first.is_allowed() && last.is_allowed());
+    assert_eq!((first.revision, last.revision), (revision, revision));
+    assert_ne!(first.decision_id, last.decision_id);
+    assert!(matches!(
+        results[1],
+        Err(DecideError::BadRequest {
+            field: "principal",
+            ..
+        })
+    ));
+    let (_, none) = policies
+        .decide_batch(&[], Consistency::Default)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    // Read-your-writes, as for one request.
+    let forbid = r#"@id("deny-d1") forbid(principal, action, resource == Doc::"d1");"#;
+    let r1 = put(&etcd, &format!("{P}policies/deny.cedar"), forbid).await;
+    let (revision, results) = policies
+        .decide_batch(&requests[..1], Consistency::MinRevision(r1))
+        .await
+        .unwrap();
+    assert!(revision >= r1);
+    assert_eq!(results[0].as_ref().unwrap().policy_ids, ["deny-d1"]);
+    let r2 = del(&etcd, &format!("{P}policies/deny.cedar")).await;
+    let (revision, results) = policies
+        .decide_batch(&requests[..1], Consistency::FullyConsistent)
+        .await
+        .unwrap();
+    assert!(revision >= r2);
+    assert!(results[0].as_ref().unwrap().is_allowed());
+    match policies
+        .decide_batch(&requests[..1], Consistency::MinRevision(r2 + 1000))
+        .await
+    {
+        Err(DecideError::NotFreshEnough { wanted, .. }) => assert_eq!(wanted, r2 + 1000),
+        other => panic!("expected NotFreshEnough, got {other:?}"),
+    }
+
+    // While the forbid policy comes and goes, each batch sees one set.
+    let writing = Arc::new(AtomicBool::new(true));
+    let toggler = tokio::spawn({
+        let writing = Arc::clone(&writing);
+        let key = format!("{P}policies/deny.cedar");
+        async move {
+            while writing.load(Ordering::SeqCst) {
+                put(&etcd, &key, forbid).await;
+                del(&etcd, &key).await;
+            }
+        }
+    });
+    let many = vec![cedar_request(); 200];
+    let mut effects = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let (revision, results) = policies
+            .decide_batch(&many, Consistency::Default)
+            .await
+            .unwrap();
+        let first = results[0].as_ref().unwrap();
+        for d in &results {
+            let d = d.as_ref().unwrap();
+            assert_eq!((d.revision, d.effect), (revision, first.effect));
+        }
+        *effects.entry(format!("{:?}", first.effect)).or_insert(0) += 1;
+        tokio::task::yield_now().await;
+    }
+    writing.store(false, Ordering::SeqCst);
+    toggler.await.unwrap();
+    assert_eq!(effects.len(), 2, "both sets were decided on: {effects:?}");
+}
+
+/// Every load is reported, with its outcome and duration, to load-report
+/// receivers (none missed) and as the status's `last_load`, next to the
+/// activation and rejection counters.
+pub async fn load_reports(endpoints: Vec<String>) {
+    const P: &str = "loads/";
+    let etcd = writer(endpoints.clone()).await;
+    let r0 = put_tree(&etcd, P, &fixtures::cedar_tree()).await;
+    let policies = start(endpoints, P, PolicyConfig::new(Backend::Cedar)).await;
+    policies.wait_for_revision(r0, WAIT).await.unwrap();
+    let before = policies.status();
+    let first = before
+        .last_load
+        .clone()
+        .expect("the first activation is a load");
+    assert_eq!(first.outcome, revwatch_policy::LoadOutcome::Activated);
+    assert!(first.revision >= r0);
+    let mut reports = policies.load_reports();
+
+    // Two rejections of different keys, then a correction.
+    let bad = format!("{P}policies/bad.cedar");
+    let also_bad = format!("{P}policies/also-bad.cedar");
+    let r1 = put(&etcd, &bad, "permit(").await;
+    rejection_at(&policies, r1).await;
+    let r2 = put(&etcd, &also_bad, "forbid(").await;
+    rejection_at(&policies, r2).await;
+    del(&etcd, &bad).await;
+    let r3 = del(&etcd, &also_bad).await;
+    policies.wait_for_revision(r3, WAIT).await.unwrap();
+
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let report = tokio::time::timeout(WAIT, reports.recv())
+            .await
+            .expect("a load report")
+            .unwrap();
+        let done = report.outcome == revwatch_policy::LoadOutcome::Activated;
+        seen.push(report);
+        if done {
+            break;
+        }
+    }
+    let rejected_keys: Vec<&str> = seen
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            revwatch_policy::LoadOutcome::Rejected(rejection) => Some(rejection.key.as_str()),
+            revwatch_policy::LoadOutcome::Activated => None,
+        })
+        .collect();
+    // The key at fault of each rejection: the newest bad file, then whichever of
+    // the two the engine names once both are there (one is left after a delete).
+    assert_eq!(rejected_keys.first(), Some(&bad.as_str()), "{seen:?}");
+    assert!(rejected_keys.len() >= 2, "{seen:?}");
+    let last = seen.last().unwrap();
+    assert_eq!(last.outcome, revwatch_policy::LoadOutcome::Activated);
+    assert!(last.revision >= r3);
+    assert!(seen.iter().all(|r| r.duration > Duration::ZERO));
+    let sequences: Vec<u64> = seen.iter().map(|r| r.sequence).collect();
+    let next = first.sequence + 1;
+    assert_eq!(
+        sequences,
+        (next..next + seen.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(first.sequence, before.activations + before.rejections);
+
+    let after = policies.status();
+    assert_eq!(after.last_load.as_ref(), Some(last));
+    assert_eq!(after.activations, before.activations + 1);
+    assert_eq!(
+        after.rejections,
+        before.rejections + rejected_keys.len() as u64
+    );
+}
