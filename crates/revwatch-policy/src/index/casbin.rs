@@ -1,7 +1,7 @@
 //! Index for casbin RBAC models.
 //!
 //! casbin walks every `p` row through the matcher, in load order, feeding each result to the
-//! effect expression. For the matchers [`matcher`] recognises (field equalities and one role
+//! effect expression. For the matchers the `matcher` module recognises (field equalities and one role
 //! check: standard RBAC and RBAC with domains) a row matches exactly when its equated fields
 //! equal the request's and its role field is the request subject or a role `has_link` grants it.
 //! The index files rows under those fields, so a request visits only the rows that match, and
