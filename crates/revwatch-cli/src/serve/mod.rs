@@ -10,6 +10,7 @@ mod register;
 mod report;
 mod seed;
 mod startup;
+mod unix_socket;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -59,6 +60,10 @@ pub struct ServeArgs {
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:8181")]
     pub listen: SocketAddr,
+    /// Also serve the HTTP API on this Unix socket (a stale socket there is replaced;
+    /// the socket is removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub unix_socket: Option<PathBuf>,
     /// File holding the bearer token clients must send (else REVWATCH_TOKEN, else none).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -190,6 +195,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let url = format!("http://{}", listener.local_addr().unwrap_or(args.listen));
+    let unix = match &args.unix_socket {
+        Some(path) => Some(unix_socket::UnixSocket::bind(path)?),
+        None => None,
+    };
 
     let embedded = if args.embedded() {
         let compaction = args.compaction()?;
@@ -262,13 +271,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         token,
     });
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(startup::serve(
-        listener,
-        http::router(app, args.max_body_bytes),
-        stopped,
-    ));
+    let router = http::router(app, args.max_body_bytes);
+    let (unix_listener, unix_socket) = match unix {
+        Some(unix) => {
+            let (listener, socket) = unix.split();
+            (Some(listener), Some(socket))
+        }
+        None => (None, None),
+    };
+    let tcp_server = startup::serve(listener, router.clone(), stopped.clone());
+    let server = tokio::spawn(async move {
+        match unix_listener {
+            Some(unix) => {
+                tokio::try_join!(tcp_server, startup::serve(unix, router, stopped)).map(|_| ())
+            }
+            None => tcp_server.await,
+        }
+    });
+    let also = match &unix_socket {
+        Some(socket) => format!(" and unix:{}", socket.path().display()),
+        None => String::new(),
+    };
     eprintln!(
-        "revwatch serve: listening on {url} (POST /v1/authorize, /v1/authorize/batch; \
+        "revwatch serve: listening on {url}{also} (POST /v1/authorize, /v1/authorize/batch; \
          GET /v1/status, /health/live, /health/ready, /metrics)"
     );
     // Registered once the first set is in (or the wait is over): the registration is
@@ -300,6 +325,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         () = signals.recv() => eprintln!("revwatch serve: interrupted again: not draining"),
     }
+    drop(unix_socket);
     follower.abort();
     fleet_metrics.abort();
     if let Some(registrar) = registrar {

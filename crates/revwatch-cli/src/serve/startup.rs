@@ -7,10 +7,7 @@ use anyhow::Context;
 use axum::Router;
 use revwatch::client::{Client, ClientConfig};
 use revwatch_policy::{Backend, Policies, PolicyStatus};
-use tokio::{
-    net::TcpListener,
-    sync::{broadcast::error::RecvError, watch},
-};
+use tokio::sync::{broadcast::error::RecvError, watch};
 
 use super::{metrics::Metrics, seed};
 
@@ -36,11 +33,15 @@ pub async fn seed(
 
 /// Serves `router` on `listener` until `stop` turns true, then lets in-flight
 /// requests finish.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L>(
+    listener: L,
     router: Router,
     mut stop: watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             // An error means the sender is gone: stop as well.

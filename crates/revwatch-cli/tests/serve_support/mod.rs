@@ -5,6 +5,7 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
+    os::unix::net::UnixStream,
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -27,6 +28,21 @@ pub struct Serve {
     pub etcd: String,
     /// The token sent with every request, if any.
     pub token: Option<String>,
+}
+
+/// `revwatch serve LEADING ARGS` with `env` (and no inherited token), stderr piped.
+fn serve_command(leading: &[&str], args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .arg("serve")
+        .args(leading)
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("REVWATCH_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    command
 }
 
 pub fn free_addr() -> String {
@@ -52,15 +68,7 @@ impl Serve {
     /// `serve` with `args` (and `--listen` on a free port), following `etcd`.
     pub fn spawn(args: &[&str], etcd: &str, env: &[(&str, &str)]) -> Serve {
         let addr = free_addr();
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .args(["--listen", &addr])
-            .args(args)
-            .envs(env.iter().copied())
-            .env_remove("REVWATCH_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+        let mut child = serve_command(&["--listen", &addr], args, env)
             .spawn()
             .expect("spawn revwatch serve");
         let stderr = child.stderr.take().expect("stderr");
@@ -148,10 +156,29 @@ pub fn http(
     extra_headers: &str,
     body: &str,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect to serve");
+    let stream = TcpStream::connect(addr).expect("connect to serve");
     stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    exchange(stream, addr, method, path, extra_headers, body)
+}
+
+/// [`http`] over the Unix socket at `socket`.
+pub fn http_unix(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let stream = UnixStream::connect(socket).expect("connect to serve's socket");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    exchange(stream, "localhost", method, path, "", body)
+}
+
+/// Writes one request on `stream` and reads the response to its end.
+fn exchange(
+    mut stream: impl Read + Write,
+    host: &str,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: &str,
+) -> (u16, String) {
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n{extra_headers}\r\n{body}",
         body.len()
     );
@@ -192,4 +219,29 @@ pub fn put(endpoint: &str, key: &str, value: &str) -> i64 {
     serde_json::from_str::<Value>(&out).expect("json")["header"]["revision"]
         .as_i64()
         .expect("revision")
+}
+
+/// Runs `revwatch serve ARGS` expecting it to exit by itself (within [`WAIT`]);
+/// its exit status and stderr.
+pub fn serve_exits(args: &[&str]) -> (ExitStatus, String) {
+    let mut child = serve_command(&[], args, &[])
+        .spawn()
+        .expect("spawn revwatch serve");
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve {args:?} did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (status, stderr)
 }
