@@ -49,29 +49,28 @@ pub async fn start(endpoints: Vec<String>, prefix: &str, config: PolicyConfig) -
     Policies::start(mirror, prefix, config)
 }
 
+/// The revision a write was acknowledged at.
+fn acknowledged_at(header: Option<etcd_proto::etcdserverpb::ResponseHeader>) -> i64 {
+    header
+        .expect("etcd answers every write with a header")
+        .revision
+}
+
 pub async fn put(c: &Client, key: &str, value: impl Into<Vec<u8>>) -> i64 {
-    c.put(PutRequest {
+    let req = PutRequest {
         key: key.into(),
         value: value.into(),
         ..Default::default()
-    })
-    .await
-    .unwrap()
-    .header
-    .unwrap()
-    .revision
+    };
+    acknowledged_at(c.put(req).await.unwrap().header)
 }
 
 pub async fn del(c: &Client, key: &str) -> i64 {
-    c.delete_range(DeleteRangeRequest {
+    let req = DeleteRangeRequest {
         key: key.into(),
         ..Default::default()
-    })
-    .await
-    .unwrap()
-    .header
-    .unwrap()
-    .revision
+    };
+    acknowledged_at(c.delete_range(req).await.unwrap().header)
 }
 
 /// Waits for a rejection of a candidate at `revision` or later.
