@@ -29,6 +29,9 @@ enum Suite {
     /// Indexed Cedar and casbin decisions against the plain engines, and the indexes'
     /// differential proof.
     Policy,
+    /// `revwatch serve`'s HTTP decisions per second against a trivial axum handler and
+    /// plain Cedar behind the same HTTP stack.
+    Sidecar,
 }
 
 #[derive(Debug, Parser)]
@@ -61,6 +64,10 @@ async fn main() -> anyhow::Result<()> {
     if raw.get(1).map(String::as_str) == Some(suites::mirror::CHILD_ARG) {
         return suites::mirror::child_main(&raw[2..]).await;
     }
+    // The `sidecar` suite runs its baseline HTTP servers as children of this binary.
+    if raw.get(1).map(String::as_str) == Some(suites::sidecar::CHILD_ARG) {
+        return suites::sidecar::child_main(&raw[2..]).await;
+    }
 
     let args = Args::parse();
     let report = match args.suite {
@@ -68,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
         Suite::Server => suites::server::run(args.quick).await?,
         Suite::Mirror => suites::mirror::run(args.quick).await?,
         Suite::Policy => suites::policy::run(args.quick).await?,
+        Suite::Sidecar => suites::sidecar::run(args.quick).await?,
     };
     report.print();
     if let Some(path) = &args.json {

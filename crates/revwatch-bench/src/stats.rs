@@ -15,6 +15,11 @@ impl Samples {
         self.0.push(d.as_secs_f64() * 1e6);
     }
 
+    /// Adds all of `other`'s samples.
+    pub fn extend(&mut self, other: Samples) {
+        self.0.extend(other.0);
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }

@@ -1,11 +1,12 @@
-//! How commands reach etcd, shared by `tail` and `serve`: the TLS and auth flags, and
-//! the embedded server for the no-install default.
+//! How commands reach etcd, shared by every subcommand: the TLS and auth flags, the
+//! embedded server for the no-install default, and how far etcd compacted.
 
 use std::{net::SocketAddr, path::Path, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Args;
-use revwatch::client::{ClientConfig, Pem, TlsConfig};
+use etcd_proto::key_range::KeyRange;
+use revwatch::client::{Client, ClientConfig, Pem, TlsConfig, WatchCreateRequest};
 use revwatch_server::{AutoCompaction, RunningServer, Server, ServerConfig};
 
 /// TLS and authentication flags for etcd endpoints.
@@ -78,4 +79,35 @@ pub async fn stop_embedded(server: RunningServer) {
             "revwatch: the embedded server did not close its connections within {EMBEDDED_STOP_TIMEOUT:?}"
         ),
     }
+}
+
+/// How long to wait for etcd to name its compaction revision.
+const COMPACTION_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The revision etcd compacted at, asked with a watch of `range` from `revision`
+/// (etcd's range errors do not carry it; a watch's cancellation does). `None` when
+/// etcd does not say in time.
+pub async fn compacted_at(client: &Client, range: &KeyRange, revision: i64) -> Option<i64> {
+    let request = WatchCreateRequest {
+        key: range.key().to_vec(),
+        range_end: range.range_end().to_vec(),
+        start_revision: revision,
+        ..Default::default()
+    };
+    let query = async {
+        let mut stream = client.watch(request).await.ok()?;
+        loop {
+            let message = stream.message().await.ok()??;
+            if message.compact_revision > 0 {
+                return Some(message.compact_revision);
+            }
+            if message.canceled || !message.events.is_empty() {
+                return None;
+            }
+        }
+    };
+    tokio::time::timeout(COMPACTION_QUERY_TIMEOUT, query)
+        .await
+        .ok()
+        .flatten()
 }

@@ -23,8 +23,20 @@ use crate::connect::EtcdAccessArgs;
 pub struct Registration {
     /// The instance id (the last component of its key).
     pub instance: String,
-    /// Revision at which the policy set it serves was compiled (0: none yet).
+    /// The newest `mod_revision` among the files of the policy set it serves (0:
+    /// none yet). Equal sets have equal revisions, but a file deleted in direct mode
+    /// leaves no key to date it: [`policy_digest`](Self::policy_digest) tells such
+    /// sets apart.
     pub active_revision: i64,
+    /// The mirror revision at which it compiled that set: the instance with the
+    /// highest one has the freshest view of the policy files.
+    #[serde(default)]
+    pub compiled_revision: i64,
+    /// A digest of the set's file names and `mod_revision`s (and the generation
+    /// pointer's): equal exactly when two instances serve the same files. Empty
+    /// when unknown (no set yet, or a registration from an older version).
+    #[serde(default)]
+    pub policy_digest: String,
     /// `ready`, `degraded` or `not_ready`.
     pub state: String,
     /// When it started, in seconds since the Unix epoch.
@@ -53,13 +65,15 @@ pub fn unix_now() -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub registration: Registration,
-    /// Its policy revision is below the fleet's newest.
+    /// It serves other files than the instance with the freshest view (see
+    /// [`Fleet::of`]).
     pub behind: bool,
     /// It is not ready (degraded or without a policy set).
     pub degraded: bool,
 }
 
-/// The fleet at one moment: its members, and the newest policy revision among them.
+/// The fleet at one moment: its members, and the policy revision of the instance
+/// with the freshest view (the newest among them when digests are unknown).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fleet {
     pub members: Vec<Member>,
@@ -68,17 +82,31 @@ pub struct Fleet {
 
 impl Fleet {
     /// The fleet of these registrations (in the order given).
+    ///
+    /// The reference is the instance that compiled its set at the highest mirror
+    /// revision: every change to the policy files up to that revision is in its set.
+    /// A member is behind when its digest differs from the reference's, which also
+    /// catches a missed deletion that leaves `active_revision` unchanged; members
+    /// without a digest (older versions) are compared by `active_revision`.
     pub fn of(registrations: impl IntoIterator<Item = Registration>) -> Fleet {
         let registrations: Vec<Registration> = registrations.into_iter().collect();
-        let newest_revision = registrations
+        let reference = registrations
             .iter()
-            .map(|r| r.active_revision)
-            .max()
-            .unwrap_or(0);
+            .filter(|r| r.active_revision > 0 && !r.policy_digest.is_empty())
+            .max_by_key(|r| r.compiled_revision);
+        let newest_revision = match reference {
+            Some(r) => r.active_revision,
+            None => registrations
+                .iter()
+                .map(|r| r.active_revision)
+                .max()
+                .unwrap_or(0),
+        };
+        let reference = reference.map(|r| r.policy_digest.clone());
         let members = registrations
             .into_iter()
             .map(|registration| Member {
-                behind: registration.active_revision < newest_revision,
+                behind: behind(&registration, reference.as_deref(), newest_revision),
                 degraded: registration.state != READY,
                 registration,
             })
@@ -124,6 +152,7 @@ impl Fleet {
                 let r = &m.registration;
                 json!({
                     "instance": r.instance, "active_revision": r.active_revision,
+                    "compiled_revision": r.compiled_revision, "policy_digest": r.policy_digest,
                     "state": r.state, "started": r.started, "listen": r.listen,
                     "behind": m.behind, "degraded": m.degraded,
                 })
@@ -176,8 +205,18 @@ impl Fleet {
     }
 }
 
+/// Whether `r` serves other files than the reference digest, or (without digests)
+/// an older revision.
+fn behind(r: &Registration, reference: Option<&str>, newest_revision: i64) -> bool {
+    match reference {
+        Some(digest) if !r.policy_digest.is_empty() => r.policy_digest != digest,
+        _ => r.active_revision < newest_revision,
+    }
+}
+
 /// List the live `revwatch serve` instances of a prefix, with the policy revision
-/// each serves and its state; marks those behind the newest revision or degraded.
+/// each serves and its state; marks those serving other files than the freshest
+/// instance (behind) or not ready (degraded).
 ///
 /// Instances register under PREFIX.revwatch/fleet/ with a 10 s lease: a killed
 /// instance disappears within about 10 s. Exits 0 whatever the fleet's state.
@@ -235,6 +274,8 @@ mod tests {
         Registration {
             instance: instance.into(),
             active_revision: revision,
+            compiled_revision: revision,
+            policy_digest: String::new(),
             state: state.into(),
             started: 1,
             listen: "http://127.0.0.1:8181".into(),
@@ -256,6 +297,51 @@ mod tests {
             .collect();
         assert_eq!(marks, [(false, false), (true, false), (false, true)]);
         assert_eq!((fleet.behind(), fleet.degraded()), (1, 1));
+    }
+
+    fn with_digest(mut r: Registration, compiled: i64, digest: &str) -> Registration {
+        r.compiled_revision = compiled;
+        r.policy_digest = digest.into();
+        r
+    }
+
+    #[test]
+    fn a_missed_deletion_is_behind_though_its_revision_is_the_newest() {
+        // b compiled before a file (last written at 7) was deleted at 9: its newest
+        // file revision is still 7, like a's, but its files differ.
+        let fleet = Fleet::of([
+            with_digest(registration("a", 7, READY), 9, "after-delete"),
+            with_digest(registration("b", 7, READY), 8, "before-delete"),
+            // Listed later, same files as a: not behind.
+            with_digest(registration("c", 7, READY), 12, "after-delete"),
+        ]);
+        let behind: Vec<_> = fleet.members.iter().map(|m| m.behind).collect();
+        assert_eq!(behind, [false, true, false]);
+    }
+
+    #[test]
+    fn the_freshest_compile_is_the_reference_even_with_an_older_file_revision() {
+        // A newer file at 20 was deleted again at 25: a serves 10 again, b still
+        // serves the file of 20.
+        let fleet = Fleet::of([
+            with_digest(registration("a", 10, READY), 25, "x"),
+            with_digest(registration("b", 20, READY), 21, "y"),
+        ]);
+        let behind: Vec<_> = fleet.members.iter().map(|m| m.behind).collect();
+        assert_eq!(behind, [false, true]);
+        assert_eq!(fleet.newest_revision, 10);
+    }
+
+    #[test]
+    fn registrations_without_digests_compare_revisions() {
+        let old = serde_json::json!({
+            "instance": "old", "active_revision": 5, "state": "ready",
+            "started": 1, "listen": "http://127.0.0.1:1"
+        });
+        let old: Registration = serde_json::from_value(old).unwrap();
+        let fleet = Fleet::of([old, with_digest(registration("new", 6, READY), 6, "d")]);
+        let behind: Vec<_> = fleet.members.iter().map(|m| m.behind).collect();
+        assert_eq!(behind, [true, false]);
     }
 
     #[test]

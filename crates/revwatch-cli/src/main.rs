@@ -4,10 +4,12 @@ mod connect;
 mod etcd;
 mod fleet;
 mod policy;
+mod progress;
 mod render;
 mod serve;
 mod shutdown;
 mod tail;
+mod verify;
 
 use std::io::IsTerminal;
 
@@ -35,6 +37,7 @@ enum Command {
     Serve(serve::ServeArgs),
     Policy(policy::PolicyArgs),
     Fleet(fleet::FleetArgs),
+    Verify(verify::VerifyArgs),
 }
 
 /// Whether log lines on stderr may carry ANSI colour codes: only on a terminal (a
@@ -51,7 +54,8 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
-        .with_writer(std::io::stderr)
+        // Through the progress bar, which hides while a line is written.
+        .with_writer(|| progress::StderrWriter)
         .with_ansi(colour_stderr())
         .init();
     match Cli::parse().command {
@@ -60,5 +64,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Policy(args) => policy::run(args).await,
         Command::Fleet(args) => fleet::run(args).await,
+        // Its own exit statuses: 0 match, 1 drift, 2 no verdict.
+        Command::Verify(args) => std::process::exit(verify::run(args).await),
     }
 }

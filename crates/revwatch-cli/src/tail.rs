@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::{
     connect::{EtcdAccessArgs, start_embedded, stop_embedded},
     etcd::AutoCompactionArgs,
-    render,
+    progress, render,
     shutdown::Signals,
 };
 
@@ -104,8 +104,10 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let updates = mirror.subscribe();
     gate.send_replace(true);
 
+    // A long list (the first, or a relist) draws a bar on a terminal meanwhile.
+    let printed = follow(updates, status, initial, args.json);
     let followed = tokio::select! {
-        r = follow(updates, status, initial, args.json) => r,
+        r = progress::while_running(mirror.status_changes(), printed) => r,
         () = signals.recv() => Ok(()),
     };
 
@@ -193,8 +195,12 @@ async fn follow<T: Send + Sync + 'static>(
                     Some(Update::Batch(b)) => render::batch(&b, as_json),
                     Some(Update::Progress(_)) => continue,
                 };
-                // A closed pipe (e.g. `| head`) ends the command quietly.
-                if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+                // A closed pipe (e.g. `| head`) ends the command quietly. A terminal
+                // may show the list's bar: hidden while the batch is written.
+                let written = progress::suspend(|| {
+                    out.write_all(text.as_bytes()).and_then(|()| out.flush())
+                });
+                if written.is_err() {
                     return Ok(());
                 }
             }
@@ -203,9 +209,11 @@ async fn follow<T: Send + Sync + 'static>(
                     return Ok(());
                 }
                 let now = status.borrow_and_update().clone();
-                for line in status_lines(Some(&last), &now, SystemTime::now()) {
-                    eprintln!("{line}");
-                }
+                progress::suspend(|| {
+                    for line in status_lines(Some(&last), &now, SystemTime::now()) {
+                        eprintln!("{line}");
+                    }
+                });
                 last = now;
             }
         }

@@ -1,162 +1,21 @@
 //! The `revwatch` binary end to end: real processes, real etcd, Debian's etcdctl.
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader},
-    net::TcpListener,
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     time::Duration,
 };
 
-use nix::{sys::signal::Signal, unistd::Pid};
+use common::{BIN, Process, WAIT, etcdctl, etcdctl_stdin, free_addr};
+use nix::sys::signal::Signal;
 use revwatch::client::{Client, ClientConfig, DeleteRangeRequest, PutRequest};
 use revwatch_testkit::etcd::EtcdCluster;
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_revwatch");
-const WAIT: Duration = Duration::from_secs(20);
-
-/// A child process whose stdout and stderr lines arrive on channels; killed on drop.
-struct Proc {
-    child: Child,
-    stdout: mpsc::Receiver<String>,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn revwatch");
-        let stdout = lines(child.stdout.take().expect("stdout"));
-        let stderr = lines(child.stderr.take().expect("stderr"));
-        Proc {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits for a stderr line containing `needle`.
-    fn await_stderr(&self, needle: &str) {
-        self.stderr_until(needle);
-    }
-
-    /// Waits for a stderr line containing `needle`; every line up to it, it included.
-    fn stderr_until(&self, needle: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            match self.stderr.recv_timeout(WAIT) {
-                Ok(line) => {
-                    let found = line.contains(needle);
-                    seen.push(line);
-                    if found {
-                        return seen;
-                    }
-                }
-                Err(e) => panic!("no stderr line with {needle:?} ({e}); got {seen:#?}"),
-            }
-        }
-    }
-
-    /// The next line on stdout.
-    fn next_line(&self) -> String {
-        self.stdout.recv_timeout(WAIT).expect("a line on stdout")
-    }
-
-    /// The next `n` lines on stdout.
-    fn next_lines(&self, n: usize) -> Vec<String> {
-        (0..n).map(|_| self.next_line()).collect()
-    }
-
-    fn next_json(&self) -> Value {
-        let line = self
-            .stdout
-            .recv_timeout(WAIT)
-            .expect("a JSON line on stdout");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"))
-    }
-
-    /// SIGTERM, and the exit status must be success.
-    fn terminate(self) {
-        let (status, stderr) = self.stop(Signal::SIGTERM);
-        assert!(
-            status.success(),
-            "exit status after SIGTERM: {status}; stderr {stderr:#?}"
-        );
-    }
-
-    /// Sends `signal` and waits (5 s at most) for the exit: its status, and the
-    /// stderr lines not read yet.
-    fn stop(mut self, signal: Signal) -> (ExitStatus, Vec<String>) {
-        let pid = Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, signal).expect("send signal");
-        for _ in 0..100 {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                // The pipe is closed now: this drains it to its end.
-                let rest = std::iter::from_fn(|| self.stderr.recv_timeout(WAIT).ok()).collect();
-                return (status, rest);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("revwatch did not exit within 5 s of {signal}");
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&str>) -> String {
-    let mut cmd = Command::new("/usr/bin/etcdctl");
-    cmd.env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(endpoint)
-        .args(args);
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn etcdctl");
-    if let Some(input) = stdin {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-    }
-    let out = child.wait_with_output().expect("etcdctl output");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// etcd's current revision, read with etcdctl.
 fn etcd_revision(endpoint: &str) -> i64 {
-    let out = etcdctl(endpoint, &["get", "/no-such-key", "-w", "json"], None);
+    let out = etcdctl(endpoint, &["get", "/no-such-key", "-w", "json"]);
     serde_json::from_str::<Value>(&out).expect("json")["header"]["revision"]
         .as_i64()
         .expect("revision")
@@ -167,13 +26,8 @@ fn argv(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| (*a).to_owned()).collect()
 }
 
-fn spawn(args: &[String]) -> Proc {
-    Proc::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
-}
-
-fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
+fn spawn(args: &[String]) -> Process {
+    Process::revwatch(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 fn change(v: &Value, i: usize) -> (&str, &str, &Value) {
@@ -189,22 +43,22 @@ fn change(v: &Value, i: usize) -> (&str, &str, &Value) {
 async fn tail_json_prints_each_revision_of_real_etcd_atomically() {
     let etcd = EtcdCluster::single().await.expect("etcd");
     let ep = etcd.endpoint(0);
-    etcdctl(&ep, &["put", "/t/before", "0"], None);
+    etcdctl(&ep, &["put", "/t/before", "0"]);
 
-    let tail = Proc::spawn(&["tail", "--endpoints", &ep, "--prefix", "/t/", "--json"]);
+    let tail = Process::revwatch(&["tail", "--endpoints", &ep, "--prefix", "/t/", "--json"]);
     // The initial list is one resync batch holding the existing key.
     let first = tail.next_json();
     assert_eq!(first["resync"], true);
     assert_eq!(change(&first, 0), ("/t/before", "put", &Value::from("0")));
     tail.await_stderr("ready");
 
-    etcdctl(&ep, &["put", "/outside", "x"], None);
-    etcdctl(&ep, &["put", "/t/a", "1"], None);
-    etcdctl(&ep, &["txn"], Some("\nput /t/b 2\ndel /t/before\n\n\n"));
-    etcdctl(&ep, &["put", "/t/bin", "\u{1}"], None);
+    etcdctl(&ep, &["put", "/outside", "x"]);
+    etcdctl(&ep, &["put", "/t/a", "1"]);
+    etcdctl_stdin(&ep, &["txn"], "\nput /t/b 2\ndel /t/before\n\n\n");
+    etcdctl(&ep, &["put", "/t/bin", "\u{1}"]);
     let revision: i64 =
-        serde_json::from_str::<Value>(&etcdctl(&ep, &["get", "/t/a", "-w", "json"], None))
-            .expect("json")["header"]["revision"]
+        serde_json::from_str::<Value>(&etcdctl(&ep, &["get", "/t/a", "-w", "json"])).expect("json")
+            ["header"]["revision"]
             .as_i64()
             .expect("revision");
 
@@ -258,7 +112,7 @@ async fn tail_embedded_needs_no_etcd_and_keeps_its_data_across_restarts() {
     );
     assert_eq!(first["changes"].as_array().map(Vec::len), Some(0));
     tail.await_stderr("ready");
-    etcdctl(&ep, &["put", "/p/x", "binary\u{ff}"], None);
+    etcdctl(&ep, &["put", "/p/x", "binary\u{ff}"]);
     let got = tail.next_json();
     assert_eq!(
         change(&got, 0),
@@ -269,7 +123,7 @@ async fn tail_embedded_needs_no_etcd_and_keeps_its_data_across_restarts() {
     assert!(snap.exists(), "no snapshot file written");
 
     // Written while tail is stopped, through the same data dir served alone.
-    let server = Proc::spawn(&[
+    let server = Process::revwatch(&[
         "etcd",
         "--data-dir",
         data.to_str().expect("utf-8 path"),
@@ -277,7 +131,7 @@ async fn tail_embedded_needs_no_etcd_and_keeps_its_data_across_restarts() {
         &addr,
     ]);
     server.await_stderr("serving");
-    etcdctl(&ep, &["put", "/p/y", "2"], None);
+    etcdctl(&ep, &["put", "/p/y", "2"]);
     server.terminate();
 
     // The server's data survived, and the mirror starts from its snapshot file (the
@@ -303,7 +157,7 @@ async fn tail_embedded_needs_no_etcd_and_keeps_its_data_across_restarts() {
         (Some(revision + 1), Some(false))
     );
     assert_eq!(change(&next, 0), ("/p/y", "put", &Value::from("2")));
-    let before_ready = tail.stderr_until(&format!("ready at revision {}", revision + 1));
+    let before_ready = tail.await_stderr(&format!("ready at revision {}", revision + 1));
     assert!(
         !before_ready.iter().any(|l| l.contains("relist")),
         "relisted: {before_ready:#?}"
@@ -330,9 +184,9 @@ async fn tail_human_output_prints_changes_and_marks_a_compaction_relist() {
         "--snapshot-file",
         snap.to_str().expect("utf-8 path"),
     ]);
-    etcdctl(&ep, &["put", "/h/change", "old"], None);
-    etcdctl(&ep, &["put", "/h/gone", "x"], None);
-    etcdctl(&ep, &["put", "/h/keep", "1"], None);
+    etcdctl(&ep, &["put", "/h/change", "old"]);
+    etcdctl(&ep, &["put", "/h/gone", "x"]);
+    etcdctl(&ep, &["put", "/h/keep", "1"]);
     let listed = etcd_revision(&ep);
 
     let tail = spawn(&args);
@@ -347,9 +201,9 @@ async fn tail_human_output_prints_changes_and_marks_a_compaction_relist() {
     );
     tail.await_stderr(&format!("ready at revision {listed}"));
     let long = "y".repeat(70);
-    etcdctl(&ep, &["put", "/h/long", &long], None);
-    etcdctl(&ep, &["put", "/outside", "ignored"], None);
-    etcdctl(&ep, &["del", "/h/keep"], None);
+    etcdctl(&ep, &["put", "/h/long", &long]);
+    etcdctl(&ep, &["put", "/outside", "ignored"]);
+    etcdctl(&ep, &["del", "/h/keep"]);
     let last = etcd_revision(&ep);
     assert_eq!(
         tail.next_lines(2),
@@ -374,10 +228,10 @@ async fn tail_human_output_prints_changes_and_marks_a_compaction_relist() {
 
     // While tail is stopped: change, delete and add keys, then compact past the
     // snapshot file's revision.
-    etcdctl(&ep, &["put", "/h/change", "new"], None);
-    etcdctl(&ep, &["del", "/h/gone"], None);
-    etcdctl(&ep, &["put", "/h/new", "n"], None);
-    etcdctl(&ep, &["put", "/outside", "again"], None);
+    etcdctl(&ep, &["put", "/h/change", "new"]);
+    etcdctl(&ep, &["del", "/h/gone"]);
+    etcdctl(&ep, &["put", "/h/new", "n"]);
+    etcdctl(&ep, &["put", "/outside", "again"]);
     let compacted = etcd_revision(&ep);
     etcd.compact(compacted).await.expect("compact");
 
@@ -405,7 +259,7 @@ async fn tail_human_output_prints_changes_and_marks_a_compaction_relist() {
             format!("{compacted:>8}  PUT  \"/h/new\" = \"n\"  (v1)"),
         ]
     );
-    let stderr = tail.stderr_until(&format!("ready at revision {compacted}"));
+    let stderr = tail.await_stderr(&format!("ready at revision {compacted}"));
     assert!(
         stderr
             .iter()
@@ -440,7 +294,7 @@ async fn tail_ctrl_c_writes_the_final_snapshot_and_a_start_with_etcd_down_is_sta
         "--snapshot-file",
         snap.to_str().expect("utf-8 path"),
     ]);
-    etcdctl(&ep, &["put", "/s/a", "1"], None);
+    etcdctl(&ep, &["put", "/s/a", "1"]);
 
     let tail = spawn(&args);
     let first = tail.next_json();
@@ -448,7 +302,7 @@ async fn tail_ctrl_c_writes_the_final_snapshot_and_a_start_with_etcd_down_is_sta
     assert_eq!(change(&first, 0), ("/s/a", "put", &Value::from("1")));
     tail.await_stderr("ready");
     // Well within the 5 s between timed writes: only the final write has it.
-    etcdctl(&ep, &["put", "/s/b", "2"], None);
+    etcdctl(&ep, &["put", "/s/b", "2"]);
     let b = tail.next_json();
     let last = b["revision"].as_i64().expect("revision");
     assert_eq!(change(&b, 0), ("/s/b", "put", &Value::from("2")));
@@ -463,7 +317,7 @@ async fn tail_ctrl_c_writes_the_final_snapshot_and_a_start_with_etcd_down_is_sta
     );
 
     // Missed while tail is stopped, then etcd goes down.
-    etcdctl(&ep, &["put", "/s/c", "3"], None);
+    etcdctl(&ep, &["put", "/s/c", "3"]);
     let missed = last + 1;
     etcd.kill(0).expect("kill etcd");
 
@@ -487,7 +341,7 @@ async fn tail_ctrl_c_writes_the_final_snapshot_and_a_start_with_etcd_down_is_sta
         (Some(missed), Some(false))
     );
     assert_eq!(change(&c, 0), ("/s/c", "put", &Value::from("3")));
-    let stderr = tail.stderr_until(&format!("ready at revision {missed}"));
+    let stderr = tail.await_stderr(&format!("ready at revision {missed}"));
     assert!(
         !stderr.iter().any(|l| l.contains("relist")),
         "relisted: {stderr:#?}"
@@ -502,7 +356,7 @@ async fn tail_ctrl_c_writes_the_final_snapshot_and_a_start_with_etcd_down_is_sta
 async fn tail_json_prints_invalid_utf8_as_base64() {
     let etcd = EtcdCluster::single().await.expect("etcd");
     let ep = etcd.endpoint(0);
-    let tail = Proc::spawn(&["tail", "--endpoints", &ep, "--prefix", "/j/", "--json"]);
+    let tail = Process::revwatch(&["tail", "--endpoints", &ep, "--prefix", "/j/", "--json"]);
     let first = tail.next_json();
     assert_eq!(first["changes"], json!([]));
     tail.await_stderr("ready");
@@ -571,7 +425,7 @@ async fn tail_reports_a_failed_final_snapshot_write() {
     let sub = dir.path().join("sub");
     std::fs::create_dir(&sub).expect("mkdir");
     let snap = sub.join("f.snap");
-    let tail = Proc::spawn(&[
+    let tail = Process::revwatch(&[
         "tail",
         "--endpoints",
         &ep,
@@ -587,7 +441,7 @@ async fn tail_reports_a_failed_final_snapshot_write() {
     // final write must save. Moved away in one step rather than removed: a snapshot
     // write may be under way in it, which would make removing it fail.
     std::fs::rename(&sub, dir.path().join("gone")).expect("mv");
-    etcdctl(&ep, &["put", "/f/a", "1"], None);
+    etcdctl(&ep, &["put", "/f/a", "1"]);
     assert_eq!(change(&tail.next_json(), 0).0, "/f/a");
     let (status, stderr) = tail.stop(Signal::SIGINT);
     assert!(!status.success(), "exit status {status}; {stderr:#?}");
@@ -618,20 +472,20 @@ async fn etcd_subcommand_serves_etcdctl_and_keeps_data_across_restarts() {
         "--checkpoint-interval-ms",
         hour,
     ];
-    let server = Proc::spawn(&args);
+    let server = Process::revwatch(&args);
     server.await_stderr("serving");
-    etcdctl(&ep, &["put", "k", "v1"], None);
-    etcdctl(&ep, &["put", "k", "v2"], None);
+    etcdctl(&ep, &["put", "k", "v1"]);
+    etcdctl(&ep, &["put", "k", "v2"]);
     let (status, stderr) = server.stop(Signal::SIGKILL);
     assert!(!status.success(), "exit status {status}; {stderr:#?}");
 
-    let server = Proc::spawn(&["etcd", "--data-dir", &data, "--listen", &addr]);
+    let server = Process::revwatch(&["etcd", "--data-dir", &data, "--listen", &addr]);
     server.await_stderr("serving");
     let got: Value =
-        serde_json::from_str(&etcdctl(&ep, &["get", "k", "-w", "json"], None)).expect("json");
+        serde_json::from_str(&etcdctl(&ep, &["get", "k", "-w", "json"])).expect("json");
     assert_eq!(got["kvs"][0]["version"], 2);
     assert_eq!(got["header"]["revision"], 3);
-    etcdctl(&ep, &["endpoint", "health"], None);
+    etcdctl(&ep, &["endpoint", "health"]);
     server.terminate();
 }
 
@@ -660,7 +514,7 @@ async fn tail_embedded_compacts_by_itself_with_etcds_flags() {
     let data = dir.path().join("data");
     let addr = free_addr();
     let ep = format!("http://{addr}");
-    let tail = Proc::spawn(&[
+    let tail = Process::revwatch(&[
         "tail",
         "--embedded",
         "--listen",
@@ -677,7 +531,7 @@ async fn tail_embedded_compacts_by_itself_with_etcds_flags() {
     tail.await_stderr("ready");
     let deadline = std::time::Instant::now() + WAIT;
     for i in 0.. {
-        etcdctl(&ep, &["put", "/c/k", &i.to_string()], None);
+        etcdctl(&ep, &["put", "/c/k", &i.to_string()]);
         let batch = tail.next_json();
         assert_eq!(batch["resync"], false, "{batch}");
         assert_eq!(
@@ -747,7 +601,7 @@ async fn tail_persist_every_batch_resumes_after_kill_9_without_repeats() {
     tail.await_stderr("ready");
     let mut last = 0;
     for key in ["/k/a", "/k/b", "/k/c"] {
-        etcdctl(&ep, &["put", key, "v"], None);
+        etcdctl(&ep, &["put", key, "v"]);
         let got = tail.next_json();
         assert_eq!(change(&got, 0).0, key);
         last = got["revision"].as_i64().expect("revision");
@@ -766,7 +620,7 @@ async fn tail_persist_every_batch_resumes_after_kill_9_without_repeats() {
     );
     assert_eq!(first["changes"].as_array().map(Vec::len), Some(3));
     tail.await_stderr("ready");
-    etcdctl(&ep, &["put", "/k/d", "v"], None);
+    etcdctl(&ep, &["put", "/k/d", "v"]);
     let next = tail.next_json();
     assert_eq!(
         (next["revision"].as_i64(), change(&next, 0).0),
@@ -800,21 +654,16 @@ fn tail_help_tells_what_a_crash_repeats() {
 /// Log lines on stderr carry no ANSI colour codes when stderr is not a terminal.
 #[test]
 fn tail_logs_without_colour_codes_to_a_pipe() {
-    let mut tail = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["tail", "--endpoints", "http://127.0.0.1:1", "--prefix", "/"])
         .env("RUST_LOG", "debug")
         .env_remove("NO_COLOR")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn revwatch");
-    let tail = Proc {
-        stdout: mpsc::channel().1,
-        stderr: lines(tail.stderr.take().expect("stderr")),
-        child: tail,
-    };
-    let seen = tail.stderr_until("DEBUG");
+        .stderr(Stdio::piped());
+    let tail = Process::spawn(command);
+    let seen = tail.await_stderr("DEBUG");
     assert!(
         !seen.iter().any(|l| l.contains('\u{1b}')),
         "ANSI escapes in {seen:#?}"

@@ -1,6 +1,7 @@
 //! The fleet view: every `serve` instance registers under a lease, `revwatch fleet`
 //! lists the live ones, and a killed instance disappears within the lease TTL.
 
+mod common;
 mod serve_support;
 
 use std::{
@@ -8,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{etcdctl, put};
 use serde_json::Value;
 use serve_support::Serve;
 
@@ -35,6 +37,19 @@ fn listens(fleet: &Value) -> Vec<String> {
         .collect();
     urls.sort();
     urls
+}
+
+/// The fleet once both instances register the same digest, ready, and `done` holds.
+fn converged(etcd: &str, done: impl Fn(&Value) -> bool) -> Value {
+    eventually(Duration::from_secs(15), || {
+        let f = fleet(etcd);
+        let instances = f["instances"].as_array()?;
+        let same = instances.len() == 2
+            && instances[0]["policy_digest"] == instances[1]["policy_digest"]
+            && instances.iter().all(|i| i["state"] == "ready");
+        (same && done(&f)).then_some(f)
+    })
+    .unwrap_or_else(|| panic!("the fleet did not converge; got {}", fleet(etcd)))
 }
 
 /// Polls `probe` until it returns `Some`, for at most `within`.
@@ -83,6 +98,24 @@ fn fleet_lists_live_instances_and_a_killed_one_leaves_within_its_ttl() {
         assert_eq!(&instance["active_revision"], revision, "{listed}");
         assert_eq!(instance["behind"], false, "{listed}");
     }
+
+    let digest = listed["instances"][0]["policy_digest"].clone();
+    assert!(digest.as_str().is_some_and(|d| d.len() == 16), "{listed}");
+    assert_eq!(listed["instances"][1]["policy_digest"], digest, "{listed}");
+
+    // Direct mode: deleting an older file leaves the newest file revision as it was,
+    // but the files differ, and so does the digest both instances converge on.
+    let prefix = "/revwatch/policies/";
+    let permit = "permit(principal, action, resource) when { false };";
+    put(&first.etcd, &format!("{prefix}old.cedar"), permit);
+    let newest = put(&first.etcd, &format!("{prefix}new.cedar"), permit);
+    let with_both = converged(&first.etcd, |f| f["newest_revision"] == newest);
+    etcdctl(&first.etcd, &["del", &format!("{prefix}old.cedar")]);
+    let without_old = converged(&first.etcd, |f| {
+        f["instances"][0]["policy_digest"] != with_both["instances"][0]["policy_digest"]
+    });
+    assert_eq!(without_old["newest_revision"], newest, "{without_old}");
+    assert_eq!(without_old["behind"], 0, "{without_old}");
 
     // The human table names both and sums up.
     let text = Command::new(BIN)

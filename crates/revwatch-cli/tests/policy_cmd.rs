@@ -2,6 +2,7 @@
 //! and line in each diagnostic), and `push`, `show`, `diff`, `explain` against
 //! real etcd 3.4.
 
+mod common;
 mod serve_support;
 
 use std::{
@@ -9,9 +10,9 @@ use std::{
     process::{Command, Output},
 };
 
+use common::etcdctl;
 use revwatch_testkit::etcd::EtcdCluster;
 use serde_json::Value;
-use serve_support::etcdctl;
 
 const BIN: &str = env!("CARGO_BIN_EXE_revwatch");
 const PREFIX: &str = "/authz/";

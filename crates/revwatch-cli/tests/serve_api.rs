@@ -2,10 +2,12 @@
 //! the embedded default end to end (seeded set, etcdctl changes, read-your-writes,
 //! last-known-good).
 
+mod common;
 mod serve_support;
 
+use common::{etcdctl, free_addr, put};
 use serde_json::{Value, json};
-use serve_support::{Serve, etcdctl, free_addr, put};
+use serve_support::Serve;
 
 const BOB_WRITES: &str =
     r#"{"principal": "User::\"bob\"", "action": "Action::\"write\"", "resource": "Doc::\"plan\""}"#;

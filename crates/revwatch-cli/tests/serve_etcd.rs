@@ -2,11 +2,13 @@
 //! the put that changed the policy, and read-your-writes never answers from the
 //! older set.
 
+mod common;
 mod serve_support;
 
+use common::put;
 use revwatch_testkit::etcd::EtcdCluster;
 use serde_json::json;
-use serve_support::{Serve, put};
+use serve_support::Serve;
 
 /// The casbin RBAC-with-tenants example of the policy crate (`dom` comes from the
 /// request context).

@@ -3,13 +3,15 @@
 //! after a restart on the same data dir health recovers and a decision asked
 //! with the revision of a later put reflects that put.
 
+mod common;
 mod serve_support;
 
 use std::time::{Duration, Instant};
 
+use common::{WAIT, put};
 use revwatch_testkit::etcd::EtcdCluster;
 use serde_json::{Value, json};
-use serve_support::{Serve, WAIT, http_unix, put, serve_exits};
+use serve_support::{Serve, http_unix, serve_exits};
 
 /// The casbin RBAC-with-tenants example of the policy crate (`dom` comes from the
 /// request context).
@@ -218,7 +220,7 @@ fn refuses_a_unix_socket_path_that_is_not_a_socket() {
         "--endpoints",
         "http://127.0.0.1:9",
         "--listen",
-        &serve_support::free_addr(),
+        &common::free_addr(),
         "--unix-socket",
         file.to_str().expect("utf-8 path"),
     ]);

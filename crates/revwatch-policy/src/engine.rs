@@ -2,11 +2,12 @@
 //!
 //! A [`Compiler`] turns a [`Tree`] (the files of one revision) into an immutable
 //! [`Engine`]; it keeps a parse cache keyed by path and `mod_revision`, so a change
-//! of one key re-parses one file. The Cedar compiler also keeps the last set it
-//! built: when only policy files changed, it removes their old policies from that
-//! set and its index and adds the new ones, sharing the rest (entities, schema).
-//! An engine answers requests and is shared by every decider until the next
-//! activation replaces it whole.
+//! of one key re-parses one file (a Cedar file: only its changed statements). Both
+//! compilers also keep the last set they built: when only policy, entity or row files
+//! changed (same schema or model), the changed files' rules leave and join a persistent
+//! index that shares every other rule with the previous set, so a one-key change costs
+//! O(changed), not O(set). An engine answers requests and is shared by every decider
+//! until the next activation replaces it whole.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;

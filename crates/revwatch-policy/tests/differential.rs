@@ -9,7 +9,10 @@ use cedar_policy::{
 };
 use revwatch_policy::index::casbin::{CasbinIndex, Row, plain_enforcer};
 use revwatch_policy::index::cedar::CedarIndex;
-use revwatch_policy::index::{Mismatches, differential_casbin, differential_cedar};
+use revwatch_policy::index::{
+    Mismatches, ReloadRun, differential_casbin, differential_casbin_reload, differential_cedar,
+    differential_cedar_reload,
+};
 use serde_json::json;
 
 const SEEDS: [u64; 4] = [1, 2, 3, 0x5EED_CAFE];
@@ -57,6 +60,73 @@ fn casbin_index_matches_the_enforcer_on_random_sets() {
 fn differential_runs_are_reproducible() {
     assert_eq!(differential_cedar(9, 300), differential_cedar(9, 300));
     assert_eq!(differential_casbin(9, 300), differential_casbin(9, 300));
+}
+
+// ---- Reloads: the delta path of activation ---------------------------------------------
+
+const RELOAD_STEPS: usize = 250;
+
+/// Asserts a reload run found no difference (delta against fresh compile, and against the
+/// plain engine), and that it exercised deltas, full compiles and rejections.
+fn check_reload(what: &str, run: &ReloadRun) {
+    let first = run.mismatches.examples.first();
+    assert_eq!(
+        run.mismatches.count,
+        0,
+        "{what}: {} differences; first:\n{}",
+        run.mismatches.count,
+        first.map(ToString::to_string).unwrap_or_default()
+    );
+    assert_eq!(run.steps, RELOAD_STEPS, "{what}");
+    let accepted = run.steps - run.rejected;
+    assert!(
+        run.deltas as usize > accepted / 2 && run.deltas < run.steps as u64,
+        "{what}: {} deltas, {accepted} accepted of {} steps",
+        run.deltas,
+        run.steps
+    );
+    assert!(run.rejected > 0, "{what}: no candidate was rejected");
+}
+
+#[test]
+fn cedar_one_key_reloads_match_a_fresh_compile_and_the_authorizer() {
+    for seed in [1, 2] {
+        check_reload(
+            &format!("cedar seed {seed}"),
+            &differential_cedar_reload(seed, RELOAD_STEPS, false),
+        );
+    }
+}
+
+#[test]
+fn cedar_one_key_reloads_with_a_schema_match_a_fresh_compile_and_the_authorizer() {
+    for seed in [1, 2] {
+        check_reload(
+            &format!("cedar with schema, seed {seed}"),
+            &differential_cedar_reload(seed, RELOAD_STEPS, true),
+        );
+    }
+}
+
+#[test]
+fn casbin_one_key_reloads_match_a_fresh_compile_and_the_enforcer() {
+    // The seed modulo 3 picks the model: RBAC, RBAC with domains, one the index declines.
+    for seed in [0, 1, 3, 4] {
+        let run = differential_casbin_reload(seed, RELOAD_STEPS);
+        check_reload(&format!("casbin seed {seed}"), &run);
+    }
+}
+
+#[test]
+fn casbin_reloads_of_a_declined_model_build_a_fresh_enforcer_each_time() {
+    let run = differential_casbin_reload(2, RELOAD_STEPS);
+    assert_eq!(
+        run.mismatches.count,
+        0,
+        "{:?}",
+        run.mismatches.examples.first()
+    );
+    assert_eq!(run.deltas, 0);
 }
 
 // ---- Cedar: one test per indexing rule --------------------------------------------------

@@ -74,6 +74,14 @@ fn cedar_context_is_parsed_with_the_schema() {
             .unwrap()
             .allowed
     );
+    // A missing context, or an empty one, lacks the attribute the schema requires.
+    let bare = Request::new(r#"User::"u""#, r#"Action::"read""#, r#"Doc::"d""#);
+    for missing in [engine.decide(&bare), engine.decide(&request(json!({})))] {
+        assert!(
+            matches!(missing, Err(DecideError::BadRequest { .. })),
+            "{missing:?}"
+        );
+    }
     // Context of the wrong type: an error for this request only.
     assert!(matches!(
         engine.decide(&request(json!({"ip": 5}))),
@@ -158,6 +166,45 @@ fn casbin_rows_are_checked_against_the_model() {
         "{}",
         err.message
     );
+}
+
+/// Rows that casbin-rs would compile into an invalid regex (and panic on at every
+/// decision reaching them) are rejected before activation, for every matching
+/// function that compiles its pattern, naming the file and the function.
+#[test]
+fn casbin_rows_casbin_would_panic_on_are_rejected_before_activation() {
+    for (function, row) in [
+        ("regexMatch", "p, alice, /a/(b, read, allow\n"),
+        ("keyMatch2", "p, alice, /a/:id/(b, read, allow\n"),
+        ("keyMatch3", "p, alice, /a/{id}/[, read, allow\n"),
+        ("keyMatch4", "p, alice, /a/{id}?, read, allow\n"),
+        ("keyMatch5", "p, alice, /a/{id}/(, read, allow\n"),
+    ] {
+        let model = MODEL.replace("r.obj == p.obj", &format!("{function}(r.obj, p.obj)"));
+        let err = compile(Backend::Casbin, &[("model.conf", &model), ("r.csv", row)])
+            .err()
+            .unwrap_or_else(|| panic!("{function}: {row:?} accepted"));
+        assert_eq!(err.key, "p/r.csv");
+        assert!(
+            err.message.contains(function),
+            "{function}: {}",
+            err.message
+        );
+        // The same function with a sound pattern activates and decides.
+        let good = compile(
+            Backend::Casbin,
+            &[
+                ("model.conf", &model),
+                ("r.csv", "p, alice, /a/b, read, allow\n"),
+            ],
+        )
+        .unwrap();
+        assert!(
+            good.decide(&Request::new("alice", "read", "/a/b"))
+                .unwrap()
+                .allowed
+        );
+    }
 }
 
 #[test]

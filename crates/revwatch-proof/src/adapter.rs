@@ -5,9 +5,13 @@
 //! [`Update::Snapshot`] (which a subscriber receives first) becomes the
 //! resync batch it amounts to: the diff from what the subscriber had.
 
-use revwatch::mirror::{Batch as MirrorBatch, ChangeKind, Entry as MirrorEntry, Snapshot, Update};
+use revwatch::mirror::{
+    Batch as MirrorBatch, ChangeKind, Entry as MirrorEntry, ResyncReason, Snapshot, Update,
+};
 
-use crate::history::{Batch, Change, Delivery, Entry, FullSnapshot, History, SnapshotObservation};
+use crate::history::{
+    Batch, Change, Delivery, Entry, FullSnapshot, History, Resync, SnapshotObservation,
+};
 use crate::state::State;
 
 /// Builds a [`History`] from a subscription's updates.
@@ -50,15 +54,15 @@ impl MirrorAdapter {
             Update::Snapshot(s) => {
                 let target = state_of(s);
                 let changes = self.state.diff(&target);
-                // A new subscription (after a mirror restart) starting where
-                // the subscriber already is tells it nothing: not a delivery.
+                // An empty first state at the subscriber's revision (a mirror
+                // that has not listed yet) tells it nothing: not a delivery.
                 if s.revision() == self.known && changes.is_empty() {
                     return;
                 }
                 self.state = target;
                 Delivery::Batch(Batch {
                     revision: s.revision(),
-                    resync: true,
+                    resync: Some(Resync::Subscribed),
                     changes,
                 })
             }
@@ -77,11 +81,23 @@ impl MirrorAdapter {
         self.history.deliveries.push(delivery);
     }
 
-    /// Marks that the subscriber moved to a new subscription (for example of
-    /// a mirror restarted from its snapshot file): what follows must continue
-    /// exactly where it was, or be a resync.
+    /// Marks that the mirror reconnected to etcd: what follows must continue
+    /// exactly where it was, or be an explained resync.
     pub fn reconnected(&mut self) {
         self.history.deliveries.push(Delivery::Reconnected);
+    }
+
+    /// Marks that the subscriber moved to a new subscription of a restarted
+    /// mirror, given a snapshot file at `file` (`None`: no file): it starts
+    /// over from an empty state.
+    pub fn restarted(&mut self, file: Option<i64>) {
+        self.state = State::default();
+        self.known = 0;
+        self.history.restarts.push((
+            self.history.snapshots.len(),
+            self.history.full_snapshots.len(),
+        ));
+        self.history.deliveries.push(Delivery::Restarted { file });
     }
 
     /// The highest revision delivered so far.
@@ -114,7 +130,12 @@ fn convert<T>(b: &MirrorBatch<T>) -> Batch {
         .collect();
     Batch {
         revision: b.revision,
-        resync: b.is_resync(),
+        resync: b.resync.map(|r| match r {
+            ResyncReason::InitialList => Resync::InitialList,
+            ResyncReason::Compacted => Resync::Compacted,
+            ResyncReason::Validation => Resync::Validation,
+            ResyncReason::SubscriberLagged => Resync::Lagged,
+        }),
         changes,
     }
 }

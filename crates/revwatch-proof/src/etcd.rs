@@ -67,6 +67,24 @@ pub async fn connect(url: &str) -> Result<Channel, EtcdError> {
         })
 }
 
+/// The member's current revision, from the header of a linearizable count
+/// of one key (so it fails on a member that has no leader).
+pub async fn current_revision(channel: Channel) -> Result<i64, EtcdError> {
+    let resp = KvClient::new(channel)
+        .range(RangeRequest {
+            key: b"\0".to_vec(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|status| EtcdError::Rpc {
+            call: "Range",
+            status,
+        })?
+        .into_inner();
+    Ok(resp.header.ok_or(EtcdError::NoHeader("Range"))?.revision)
+}
+
 /// An etcd `KeyValue` as a key and [`Entry`].
 pub fn entry_of(kv: KeyValue) -> (Vec<u8>, Entry) {
     (

@@ -65,14 +65,45 @@ impl Change {
     }
 }
 
+/// Why a batch is a resync: the mirror's `ResyncReason`, plus the first
+/// state of a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resync {
+    /// The first state of a subscription (the mirror's snapshot when
+    /// subscribing).
+    Subscribed,
+    /// The mirror's first list of the prefix.
+    InitialList,
+    /// The mirror relisted because the revision it needed was compacted.
+    Compacted,
+    /// The mirror relisted because a response from etcd failed validation.
+    Validation,
+    /// The subscriber fell behind and was brought up to date.
+    Lagged,
+}
+
+impl Resync {
+    /// Short name, as in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resync::Subscribed => "subscribed",
+            Resync::InitialList => "initial_list",
+            Resync::Compacted => "compacted",
+            Resync::Validation => "validation",
+            Resync::Lagged => "lagged",
+        }
+    }
+}
+
 /// A batch of changes delivered at one revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     /// The revision the subscriber is at after applying the batch.
     pub revision: i64,
-    /// A resync (relist) batch: the diff from the subscriber's previous state
-    /// to the state at `revision`, rather than the events of one revision.
-    pub resync: bool,
+    /// For a resync (relist) batch, why: the batch is then the diff from the
+    /// subscriber's previous state to the state at `revision`, rather than
+    /// the events of one revision.
+    pub resync: Option<Resync>,
     /// The changes, each key at most once.
     pub changes: Vec<Change>,
 }
@@ -90,6 +121,16 @@ pub enum Delivery {
     /// The mirror reconnected to etcd; the next batch must continue at
     /// exactly the next revision that touches the prefix.
     Reconnected,
+    /// The mirror process was restarted and the subscriber starts over with
+    /// the new one: its state is empty again and its next delivery is the new
+    /// mirror's first state.
+    Restarted {
+        /// The revision of the snapshot file the new mirror was given (its
+        /// first state must be that file's, and what follows must resume
+        /// right after it); `None` when the file was deliberately removed,
+        /// so that the new mirror lists afresh.
+        file: Option<i64>,
+    },
 }
 
 /// The mirror's published snapshot hash at a revision (see [`crate::hash`]).
@@ -119,6 +160,9 @@ pub struct History {
     pub snapshots: Vec<SnapshotObservation>,
     /// Sampled full snapshots, in the order published.
     pub full_snapshots: Vec<FullSnapshot>,
+    /// Indices into `snapshots` and into `full_snapshots` at which those of a
+    /// restarted mirror begin: they may start below the revisions before.
+    pub restarts: Vec<(usize, usize)>,
     /// The revision the subscriber must have reached at the end (for example
     /// etcd's final revision after the writers stopped). Every change up to
     /// it must have been delivered.
@@ -169,12 +213,18 @@ impl fmt::Display for Delivery {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Delivery::Batch(b) => {
-                let kind = if b.resync { "resync" } else { "batch" };
-                write!(f, "{kind} rev={} ", b.revision)?;
+                match b.resync {
+                    Some(r) => write!(f, "resync ({}) rev={} ", r.name(), b.revision)?,
+                    None => write!(f, "batch rev={} ", b.revision)?,
+                }
                 fmt_changes(f, &b.changes)
             }
             Delivery::Progress { revision } => write!(f, "progress rev={revision}"),
             Delivery::Reconnected => f.write_str("reconnected"),
+            Delivery::Restarted { file: Some(r) } => {
+                write!(f, "restarted from a snapshot file at {r}")
+            }
+            Delivery::Restarted { file: None } => f.write_str("restarted without a snapshot file"),
         }
     }
 }

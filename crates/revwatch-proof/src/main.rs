@@ -133,7 +133,7 @@ async fn replay(config: RunConfig) -> ExitCode {
 fn run_line(r: &RunReport) -> String {
     let c = &r.config;
     format!(
-        "seed {}: ok · {} member(s){}{} · {} faults · {} writes · last revision {} · {} revisions checked · relists {:?} · {:.1}s",
+        "seed {}: ok · {} member(s){}{} · {} faults · {} writes ({} acknowledged) · last revision {} · {} revisions checked · relists {:?} ({} compactions in truth) · {:.1}s",
         c.seed,
         c.members,
         if c.grpc_proxy { " via grpc-proxy" } else { "" },
@@ -144,9 +144,11 @@ fn run_line(r: &RunReport) -> String {
         },
         r.faults.len(),
         r.writes,
+        r.acked_writes,
         r.last_revision,
         r.checks.first().map_or(0, |s| s.revisions_checked),
         r.relists,
+        r.compactions,
         r.elapsed.as_secs_f64()
     )
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use revwatch_testkit::etcd::PeerCut;
 
 /// A fault type, without parameters (for coverage counts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,8 +32,13 @@ pub enum FaultType {
     Freeze,
     /// Kill the leader of a 3-member cluster, then restart it.
     LeaderKill,
-    /// Cut one member of a 3-member cluster off from the client (its proxy).
+    /// Blackhole one member's client proxy in a 3-member cluster (the
+    /// members still reach each other): [`FaultType::Blackhole`] again, in
+    /// another topology, so it counts once in coverage.
     Partition,
+    /// Cut one member of a 3-member cluster off from its peers (every peer
+    /// link through its proxy), while clients still reach it.
+    PeerPartition,
     /// Cut the client off, compact past its revision, reconnect.
     CompactWhileDisconnected,
     /// Restart the mirror from its persisted snapshot.
@@ -43,7 +49,7 @@ pub enum FaultType {
 
 impl FaultType {
     /// Every fault type.
-    pub const ALL: [FaultType; 11] = [
+    pub const ALL: [FaultType; 12] = [
         FaultType::Blackhole,
         FaultType::Reset,
         FaultType::Latency,
@@ -52,14 +58,27 @@ impl FaultType {
         FaultType::Freeze,
         FaultType::LeaderKill,
         FaultType::Partition,
+        FaultType::PeerPartition,
         FaultType::CompactWhileDisconnected,
         FaultType::MirrorRestart,
         FaultType::SlowSubscriber,
     ];
 
+    /// The distinct fault this type is, for coverage counts: a blackhole of
+    /// one member's client proxy is the same fault in any cluster.
+    pub fn distinct(self) -> FaultType {
+        match self {
+            FaultType::Partition => FaultType::Blackhole,
+            other => other,
+        }
+    }
+
     /// Whether the fault needs a 3-member cluster.
     pub fn needs_cluster(self) -> bool {
-        matches!(self, FaultType::LeaderKill | FaultType::Partition)
+        matches!(
+            self,
+            FaultType::LeaderKill | FaultType::Partition | FaultType::PeerPartition
+        )
     }
 
     /// Short name, as used in reports and JSON.
@@ -72,7 +91,8 @@ impl FaultType {
             FaultType::KillRestart => "kill-restart",
             FaultType::Freeze => "freeze",
             FaultType::LeaderKill => "leader-kill",
-            FaultType::Partition => "partition",
+            FaultType::Partition => "blackhole-in-cluster",
+            FaultType::PeerPartition => "peer-partition",
             FaultType::CompactWhileDisconnected => "compact-while-disconnected",
             FaultType::MirrorRestart => "mirror-restart",
             FaultType::SlowSubscriber => "slow-subscriber",
@@ -124,6 +144,14 @@ pub enum Fault {
         /// Member index.
         member: usize,
     },
+    /// Cut the member the mirror watches off from its peers, after making it
+    /// the leader (`leader`) or a follower; heal the peer links when healed.
+    PeerPartition {
+        /// Whether the cut-off member leads when the cut starts.
+        leader: bool,
+        /// How its peer links are cut.
+        cut: PeerCut,
+    },
     /// Blackhole every proxy, write, compact to the current revision, heal.
     CompactWhileDisconnected,
     /// Stop the mirror; when healed, start it from its snapshot file.
@@ -144,6 +172,7 @@ impl Fault {
             Fault::Freeze { .. } => FaultType::Freeze,
             Fault::LeaderKill => FaultType::LeaderKill,
             Fault::Partition { .. } => FaultType::Partition,
+            Fault::PeerPartition { .. } => FaultType::PeerPartition,
             Fault::CompactWhileDisconnected => FaultType::CompactWhileDisconnected,
             Fault::MirrorRestart => FaultType::MirrorRestart,
             Fault::SlowSubscriber => FaultType::SlowSubscriber,
@@ -192,6 +221,12 @@ impl Default for ScheduleConfig {
     }
 }
 
+/// How long a peer partition lasts, whatever the config's fault length: etcd
+/// ends the cut-off member's require-leader watches only after about 3
+/// election timeouts, and the mirror must be seen to move before the heal.
+pub const PEER_PARTITION_LENGTH: (Duration, Duration) =
+    (Duration::from_secs(6), Duration::from_secs(9));
+
 /// A reproducible fault schedule.
 ///
 /// ```
@@ -237,7 +272,11 @@ impl Schedule {
                 bag.shuffle(&mut rng);
             }
             let Some(kind) = bag.pop() else { break };
-            let duration = between(&mut rng, config.fault_length);
+            let duration = if kind == FaultType::PeerPartition {
+                between(&mut rng, PEER_PARTITION_LENGTH)
+            } else {
+                between(&mut rng, config.fault_length)
+            };
             if now + duration > config.run_length {
                 break;
             }
@@ -257,6 +296,14 @@ impl Schedule {
                 FaultType::Freeze => Fault::Freeze { member },
                 FaultType::LeaderKill => Fault::LeaderKill,
                 FaultType::Partition => Fault::Partition { member },
+                FaultType::PeerPartition => Fault::PeerPartition {
+                    leader: rng.random_bool(0.5),
+                    cut: if rng.random_bool(0.5) {
+                        PeerCut::Blackhole
+                    } else {
+                        PeerCut::Reset
+                    },
+                },
                 FaultType::CompactWhileDisconnected => Fault::CompactWhileDisconnected,
                 FaultType::MirrorRestart => Fault::MirrorRestart,
                 FaultType::SlowSubscriber => Fault::SlowSubscriber,
@@ -302,6 +349,15 @@ impl fmt::Display for Fault {
             | Fault::Freeze { member }
             | Fault::Partition { member } => write!(f, "{name} member {member}"),
             Fault::Latency { member, delay } => write!(f, "{name} member {member} +{delay:?}"),
+            Fault::PeerPartition { leader, cut } => write!(
+                f,
+                "{name} of the watched member as {} ({})",
+                if *leader { "leader" } else { "follower" },
+                match cut {
+                    PeerCut::Blackhole => "blackhole",
+                    PeerCut::Reset => "reset",
+                }
+            ),
             Fault::Bandwidth {
                 member,
                 bytes_per_sec,
@@ -375,7 +431,12 @@ mod tests {
                     !f.fault.fault_type().needs_cluster(),
                     "single member, seed {seed}"
                 );
-                assert!(f.duration >= config.fault_length.0 && f.duration <= config.fault_length.1);
+                let (lo, hi) = if f.fault.fault_type() == FaultType::PeerPartition {
+                    PEER_PARTITION_LENGTH
+                } else {
+                    config.fault_length
+                };
+                assert!(f.duration >= lo && f.duration <= hi);
             }
         }
     }
@@ -399,6 +460,31 @@ mod tests {
             sorted.sort();
             assert_eq!(sorted, FaultType::ALL.to_vec(), "seed {seed}: {first:?}");
         }
+    }
+
+    #[test]
+    fn peer_partitions_last_long_enough_and_draw_every_role_and_cut() {
+        let config = ScheduleConfig {
+            run_length: Duration::from_secs(300),
+            members: 3,
+            ..ScheduleConfig::default()
+        };
+        let mut drawn = Vec::new();
+        for seed in 0..20 {
+            for f in Schedule::generate(seed, &config).faults {
+                if let Fault::PeerPartition { leader, cut } = f.fault {
+                    assert!(f.duration >= PEER_PARTITION_LENGTH.0, "seed {seed}: {f:?}");
+                    assert!(f.duration <= PEER_PARTITION_LENGTH.1, "seed {seed}: {f:?}");
+                    drawn.push((leader, cut == PeerCut::Reset));
+                }
+            }
+        }
+        drawn.sort();
+        drawn.dedup();
+        assert_eq!(
+            drawn,
+            vec![(false, false), (false, true), (true, false), (true, true)]
+        );
     }
 
     #[test]

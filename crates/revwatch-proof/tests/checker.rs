@@ -6,13 +6,13 @@ use std::time::Duration;
 use proptest::prelude::*;
 use revwatch_proof::checker::{Checker, Kind, RunContext, check_convergence, reference_history};
 use revwatch_proof::history::{
-    Batch, Change, Delivery, FullSnapshot, History, Op, SnapshotObservation,
+    Batch, Change, Delivery, FullSnapshot, History, Op, Resync, SnapshotObservation,
 };
 use revwatch_proof::keys::KeyRange;
 use revwatch_proof::ops::{Compare, CompareResult, CompareTarget, Put, Txn, TxnStep, WriteOp};
 use revwatch_proof::schedule::{Schedule, ScheduleConfig};
 use revwatch_proof::state::State;
-use revwatch_proof::truth::Truth;
+use revwatch_proof::truth::{Compaction, Truth};
 
 const PREFIX: &[u8] = b"/p/";
 
@@ -107,9 +107,13 @@ fn the_correct_history_passes_and_covers_every_revision() {
     // Revisions 3 and 11 touch only keys outside the prefix.
     assert_eq!(summary.revisions_checked, 10);
     assert_eq!(summary.last_revision, 13);
-    // Joining late: the initial resync holds the state at 6.
+    // Joining late: the initial resync holds the state at 6, and the
+    // revisions it covers are not counted as checked.
     let late = reference_history(&truth, &prefix(), 6);
-    check(&truth, &late).expect("late join");
+    let summary = Checker::new(&truth, prefix())
+        .check(&late)
+        .expect("late join");
+    assert_eq!(summary.revisions_checked, 6, "7, 8, 9, 10, 12 and 13");
 }
 
 #[test]
@@ -166,7 +170,7 @@ fn a_non_atomic_batch_is_flagged() {
     assert_eq!(b.changes.len(), 2);
     let second = Batch {
         revision: 6,
-        resync: false,
+        resync: None,
         changes: vec![b.changes.pop().expect("two changes")],
     };
     h.deliveries.insert(i + 1, Delivery::Batch(second));
@@ -177,9 +181,25 @@ fn a_non_atomic_batch_is_flagged() {
     assert_eq!(check(&truth, &h), Err(Kind::Atomic));
 }
 
+/// `fixture()` with a compaction at 8, made when etcd was at 9.
+fn compacted_fixture() -> Truth {
+    fixture().with_compactions(vec![Compaction {
+        revision: 8,
+        not_before: 9,
+    }])
+}
+
 /// The subscriber misses revisions 6..=10 (compacted away while it was
 /// disconnected) and relists at 10.
 fn relist_at_10(truth: &Truth, changes: impl FnOnce(Vec<Change>) -> Vec<Change>) -> History {
+    relist_at_10_for(truth, Resync::Compacted, changes)
+}
+
+fn relist_at_10_for(
+    truth: &Truth,
+    cause: Resync,
+    changes: impl FnOnce(Vec<Change>) -> Vec<Change>,
+) -> History {
     let mut h = reference_history(truth, &prefix(), 1);
     let from = batch_index(&h, 6);
     let to = batch_index(&h, 10);
@@ -187,7 +207,7 @@ fn relist_at_10(truth: &Truth, changes: impl FnOnce(Vec<Change>) -> Vec<Change>)
     let diff = before.diff(&truth.state_at(10, &prefix()));
     let resync = Delivery::Batch(Batch {
         revision: 10,
-        resync: true,
+        resync: Some(cause),
         changes: changes(diff),
     });
     h.deliveries
@@ -197,7 +217,7 @@ fn relist_at_10(truth: &Truth, changes: impl FnOnce(Vec<Change>) -> Vec<Change>)
 
 #[test]
 fn a_missed_compaction_is_flagged() {
-    let truth = fixture();
+    let truth = compacted_fixture();
     // The exact diff passes.
     check(&truth, &relist_at_10(&truth, |d| d)).expect("exact resync");
     // Replaying from a wrong base: the relist says nothing of keys it
@@ -225,6 +245,156 @@ fn a_missed_compaction_is_flagged() {
     let to = batch_index(&h, 10);
     h.deliveries.drain(from..=to);
     assert_eq!(check(&truth, &h), Err(Kind::Reliable));
+}
+
+#[test]
+fn a_relist_on_reconnect_without_compaction_is_flagged() {
+    // The same exact relist, with nothing in truth to explain it.
+    let h = relist_at_10(&fixture(), |d| d);
+    assert_eq!(check(&fixture(), &h), Err(Kind::Relist));
+    // A compaction the watch did not need (at or below the revision it
+    // resumed after) explains nothing.
+    let below = fixture().with_compactions(vec![Compaction {
+        revision: 5,
+        not_before: 5,
+    }]);
+    assert_eq!(check(&below, &h), Err(Kind::Relist));
+    // Nor does one made after the list was read.
+    let after = fixture().with_compactions(vec![Compaction {
+        revision: 8,
+        not_before: 11,
+    }]);
+    assert_eq!(check(&after, &h), Err(Kind::Relist));
+    // A relist for validation is never explained, compaction or not.
+    let h = relist_at_10_for(&compacted_fixture(), Resync::Validation, |d| d);
+    assert_eq!(check(&compacted_fixture(), &h), Err(Kind::Relist));
+    // A second first list, or a subscription's first state in the middle.
+    for cause in [Resync::InitialList, Resync::Subscribed] {
+        let h = relist_at_10_for(&fixture(), cause, |d| d);
+        assert_eq!(check(&fixture(), &h), Err(Kind::Relist), "{cause:?}");
+    }
+    // A subscriber that lagged is brought up to date without a relist.
+    let h = relist_at_10_for(&fixture(), Resync::Lagged, |d| d);
+    check(&fixture(), &h).expect("a lagged subscriber's resync");
+    // A lagging subscriber's catch-up does not move where the mirror's watch
+    // resumed: a compaction above that still explains the relist after it.
+    let mut h = reference_history(&fixture(), &prefix(), 1);
+    let resync = |from: i64, to: i64, cause| {
+        Delivery::Batch(Batch {
+            revision: to,
+            resync: Some(cause),
+            changes: fixture()
+                .state_at(from, &prefix())
+                .diff(&fixture().state_at(to, &prefix())),
+        })
+    };
+    let (from, to) = (batch_index(&h, 10), batch_index(&h, 12));
+    h.deliveries
+        .splice(from..=to, [resync(9, 12, Resync::Compacted)]);
+    let (from, to) = (batch_index(&h, 6), batch_index(&h, 9));
+    h.deliveries.splice(
+        from..=to,
+        [Delivery::Reconnected, resync(5, 9, Resync::Lagged)],
+    );
+    let at_7 = fixture().with_compactions(vec![Compaction {
+        revision: 7,
+        not_before: 8,
+    }]);
+    check(&at_7, &h).expect("a compaction above the resume revision");
+    // The explained relist counts the revisions it covers (7, 8, 9, 10).
+    let h = relist_at_10(&compacted_fixture(), |d| d);
+    let summary = Checker::new(&compacted_fixture(), prefix())
+        .check(&h)
+        .expect("explained");
+    assert_eq!((summary.relists, summary.revisions_checked), (1, 10));
+}
+
+/// A correct history up to revision `upto`, then a restart given a snapshot
+/// file at `file`, then `after`.
+fn restart_after(truth: &Truth, upto: i64, file: Option<i64>, after: Vec<Delivery>) -> History {
+    let mut h = reference_history(truth, &prefix(), 1);
+    h.deliveries.truncate(batch_index(&h, upto) + 1);
+    h.deliveries.push(Delivery::Restarted { file });
+    h.deliveries.extend(after);
+    h
+}
+
+/// A subscription's first state at `revision` (from an empty state).
+fn first_state(truth: &Truth, revision: i64, cause: Resync) -> Delivery {
+    Delivery::Batch(Batch {
+        revision,
+        resync: Some(cause),
+        changes: State::default().diff(&truth.state_at(revision, &prefix())),
+    })
+}
+
+/// The reference history's deliveries after revision `after` (its final
+/// progress mark included).
+fn rest(truth: &Truth, after: i64) -> Vec<Delivery> {
+    let h = reference_history(truth, &prefix(), 1);
+    let from = h
+        .deliveries
+        .iter()
+        .position(|d| match d {
+            Delivery::Batch(b) => b.revision > after,
+            Delivery::Progress { revision } => *revision >= after,
+            _ => false,
+        })
+        .unwrap_or(h.deliveries.len());
+    h.deliveries[from..].to_vec()
+}
+
+#[test]
+fn a_restart_that_ignores_its_snapshot_file_is_flagged() {
+    let truth = fixture();
+    // The file (at 6) is loaded and the watch resumes right after it.
+    let mut after = vec![first_state(&truth, 6, Resync::Subscribed)];
+    after.extend(rest(&truth, 6));
+    let good = restart_after(&truth, 9, Some(6), after);
+    let summary = Checker::new(&truth, prefix())
+        .check(&good)
+        .expect("a resume from the file");
+    assert_eq!(summary.restarts, 1);
+    assert_eq!(summary.revisions_checked, 10, "7, 8 and 9 count once");
+    // Ignoring the file: the new mirror lists afresh.
+    let mut after = vec![first_state(&truth, 13, Resync::InitialList)];
+    after.extend(rest(&truth, 13));
+    let ignored = restart_after(&truth, 9, Some(6), after);
+    assert_eq!(check(&truth, &ignored), Err(Kind::Resumable));
+    // Loading the file, then relisting without a compaction.
+    let relist = vec![
+        first_state(&truth, 6, Resync::Subscribed),
+        Delivery::Batch(Batch {
+            revision: 13,
+            resync: Some(Resync::Compacted),
+            changes: truth
+                .state_at(6, &prefix())
+                .diff(&truth.state_at(13, &prefix())),
+        }),
+    ];
+    let h = restart_after(&truth, 9, Some(6), relist.clone());
+    assert_eq!(check(&truth, &h), Err(Kind::Relist));
+    // ... which a compaction above the file's revision explains.
+    let compacted = truth.clone().with_compactions(vec![Compaction {
+        revision: 10,
+        not_before: 11,
+    }]);
+    check(&compacted, &h).expect("a relist for a compaction past the file");
+    // Loading the file, then skipping the revision after it.
+    let mut after = vec![first_state(&truth, 6, Resync::Subscribed)];
+    after.extend(rest(&truth, 7));
+    let h = restart_after(&truth, 9, Some(6), after);
+    assert_eq!(check(&truth, &h), Err(Kind::Resumable));
+    // Starting from another state than the file's.
+    let mut after = vec![first_state(&truth, 5, Resync::Subscribed)];
+    after.extend(rest(&truth, 5));
+    let h = restart_after(&truth, 9, Some(6), after);
+    assert_eq!(check(&truth, &h), Err(Kind::Resumable));
+    // With the file removed on purpose, a fresh first list is expected.
+    let mut after = vec![first_state(&truth, 10, Resync::InitialList)];
+    after.extend(rest(&truth, 10));
+    let h = restart_after(&truth, 9, None, after);
+    check(&truth, &h).expect("a first list without a file");
 }
 
 #[test]
@@ -307,9 +477,20 @@ fn snapshots_are_compared_by_hash_and_in_full() {
     bad.full_snapshots[0].state = half;
     assert_eq!(check(&truth, &bad), Err(Kind::Snapshot));
     // Published revisions going back.
-    let mut bad = h;
+    let mut bad = h.clone();
     bad.snapshots.swap(3, 4);
     assert_eq!(check(&truth, &bad), Err(Kind::Snapshot));
+    // ... which a restarted mirror's snapshots may, from where they begin.
+    let mut restarted = h;
+    let again = restarted.snapshots[2..].to_vec();
+    restarted.restarts.push((restarted.snapshots.len(), 1));
+    restarted.snapshots.extend(again);
+    restarted
+        .full_snapshots
+        .push(restarted.full_snapshots[0].clone());
+    Checker::new(&truth, prefix())
+        .check(&restarted)
+        .expect("a restarted mirror's snapshots");
 }
 
 #[test]
@@ -477,7 +658,7 @@ fn batches(h: &History, pred: impl Fn(&Batch) -> bool) -> Vec<usize> {
         .iter()
         .enumerate()
         .filter_map(|(i, d)| match d {
-            Delivery::Batch(b) if !b.resync && pred(b) => Some(i),
+            Delivery::Batch(b) if b.resync.is_none() && pred(b) => Some(i),
             _ => None,
         })
         .collect()
@@ -521,7 +702,7 @@ fn mutate(truth: &Truth, h: &mut History, m: u8, pick: usize) -> Option<Vec<Kind
             let b = get_batch(h, i);
             let tail = Batch {
                 revision: b.revision,
-                resync: false,
+                resync: None,
                 changes: vec![b.changes.pop()?],
             };
             h.deliveries.insert(i + 1, Delivery::Batch(tail));
@@ -566,7 +747,7 @@ fn mutate(truth: &Truth, h: &mut History, m: u8, pick: usize) -> Option<Vec<Kind
             };
             Some(vec![Kind::Content])
         }
-        // Relist (after a reconnect) with a resync missing one change.
+        // Resync (of a lagging subscriber) missing one change.
         7 => {
             let i = choose(&all)?;
             let r = get_batch(h, i).revision;
@@ -578,10 +759,9 @@ fn mutate(truth: &Truth, h: &mut History, m: u8, pick: usize) -> Option<Vec<Kind
             diff.remove(pick % diff.len());
             h.deliveries[i] = Delivery::Batch(Batch {
                 revision: r,
-                resync: true,
+                resync: Some(Resync::Lagged),
                 changes: diff,
             });
-            h.deliveries.insert(i, Delivery::Reconnected);
             Some(vec![Kind::Resync])
         }
         // A progress mark going back.
@@ -591,6 +771,34 @@ fn mutate(truth: &Truth, h: &mut History, m: u8, pick: usize) -> Option<Vec<Kind
             h.deliveries
                 .insert(i + 1, Delivery::Progress { revision: r - 1 });
             Some(vec![Kind::Ordered])
+        }
+        // Relist on reconnect, exactly, with no compaction in truth.
+        9 => {
+            let i = choose(&all)?;
+            let r = get_batch(h, i).revision;
+            let diff = replay_state(h, i).diff(&truth.state_at(r, &prefix()));
+            h.deliveries[i] = Delivery::Batch(Batch {
+                revision: r,
+                resync: Some(Resync::Compacted),
+                changes: diff,
+            });
+            h.deliveries.insert(i, Delivery::Reconnected);
+            Some(vec![Kind::Relist])
+        }
+        // Restart with a file at a batch's revision, and ignore it.
+        10 => {
+            let i = choose(&all)?;
+            let r = get_batch(h, i).revision;
+            let last = truth.through();
+            h.deliveries.truncate(i + 1);
+            h.deliveries.push(Delivery::Restarted { file: Some(r) });
+            h.deliveries.push(Delivery::Batch(Batch {
+                revision: last,
+                resync: Some(Resync::InitialList),
+                changes: State::default().diff(&truth.state_at(last, &prefix())),
+            }));
+            h.deliveries.push(Delivery::Progress { revision: last });
+            Some(vec![Kind::Resumable])
         }
         _ => None,
     }
@@ -608,12 +816,13 @@ fn replay_state(h: &History, i: usize) -> State {
 }
 
 /// Changes a correct history into another correct one: bookmarks at the
-/// current revision, reconnect markers, and runs of batches compressed into
-/// one exact resync (as after a compaction).
-fn vary(truth: &Truth, h: &mut History, what: u8, pick: usize) {
+/// current revision, reconnect markers, runs of batches compressed into one
+/// exact resync after a compaction (returned, for the truth), and restarts
+/// from a snapshot file.
+fn vary(truth: &Truth, h: &mut History, what: u8, pick: usize) -> Option<Compaction> {
     let all = batches(h, |_| true);
     if all.is_empty() {
-        return;
+        return None;
     }
     let i = all[pick % all.len()];
     match what {
@@ -623,6 +832,16 @@ fn vary(truth: &Truth, h: &mut History, what: u8, pick: usize) {
                 .insert(i + 1, Delivery::Progress { revision: r });
         }
         1 => h.deliveries.insert(i, Delivery::Reconnected),
+        2 => {
+            let r = get_batch(h, i).revision;
+            h.deliveries.splice(
+                i + 1..i + 1,
+                [
+                    Delivery::Restarted { file: Some(r) },
+                    first_state(truth, r, Resync::Subscribed),
+                ],
+            );
+        }
         _ => {
             let j = all[(pick / 7 % all.len()).max(all.iter().position(|&x| x == i).unwrap_or(0))];
             let r = get_batch(h, j).revision;
@@ -634,30 +853,37 @@ fn vary(truth: &Truth, h: &mut History, what: u8, pick: usize) {
                     Delivery::Reconnected,
                     Delivery::Batch(Batch {
                         revision: r,
-                        resync: true,
+                        resync: Some(Resync::Compacted),
                         changes: diff,
                     }),
                 ],
             );
+            return Some(Compaction {
+                revision: r,
+                not_before: r,
+            });
         }
     }
+    None
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn correct_histories_pass(truth in truth_strategy(), start in 1i64..6, edits in prop::collection::vec((0u8..3, any::<usize>()), 0..4)) {
+    fn correct_histories_pass(truth in truth_strategy(), start in 1i64..6, edits in prop::collection::vec((0u8..4, any::<usize>()), 0..4)) {
         let mut h = reference_history(&truth, &prefix(), start.min(truth.through()));
+        let mut compactions = Vec::new();
         for (what, pick) in edits {
-            vary(&truth, &mut h, what, pick);
+            compactions.extend(vary(&truth, &mut h, what, pick));
         }
+        let truth = truth.with_compactions(compactions);
         let result = Checker::new(&truth, prefix()).check(&h);
         prop_assert!(result.is_ok(), "{}", result.err().map(|v| v.to_string()).unwrap_or_default());
     }
 
     #[test]
-    fn every_single_mutation_is_flagged(truth in truth_strategy(), m in 0u8..9, pick in any::<usize>()) {
+    fn every_single_mutation_is_flagged(truth in truth_strategy(), m in 0u8..11, pick in any::<usize>()) {
         let mut h = reference_history(&truth, &prefix(), 1);
         let expected = mutate(&truth, &mut h, m, pick);
         prop_assume!(expected.is_some());

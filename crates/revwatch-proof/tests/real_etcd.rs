@@ -93,7 +93,7 @@ async fn workload_truth_matches_etcd_and_a_raw_watch_passes_the_checker() {
         .map(|(revision, changes)| {
             Delivery::Batch(Batch {
                 revision,
-                resync: false,
+                resync: None,
                 changes,
             })
         })

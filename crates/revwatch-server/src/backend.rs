@@ -12,6 +12,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use crate::error::ServerError;
 use crate::mvcc::{Record, Revision};
+use crate::wal::Storage;
 
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
 const LEASES: TableDefinition<i64, i64> = TableDefinition::new("leases");
@@ -125,15 +126,26 @@ fn random_id() -> u64 {
 
 impl Backend {
     /// Opens (or creates) the database in `dir` and bumps the term.
-    pub fn open(dir: &Path) -> Result<(Self, Identity), ServerError> {
-        std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    pub fn open<S: Storage>(storage: &S, dir: &Path) -> Result<(Self, Identity), ServerError> {
+        storage
+            .create_dir_all(dir)
+            .map_err(|source| ServerError::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        // The data directory's own entry, for one created just now: without it the
+        // whole directory may vanish at a power loss.
+        if let Some(parent) = dir.parent() {
+            storage
+                .sync_dir(parent)
+                .map_err(|source| ServerError::DataDir {
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
+        }
         let path = dir.join(DB_FILE);
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
+        let db = storage
+            .database(Database::builder().set_cache_size(CACHE_BYTES), &path)
             .map_err(redb::Error::from)?;
         let backend = Self { db, path };
         let identity = backend.init_identity()?;

@@ -16,7 +16,7 @@ use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, Batch};
-use crate::wal;
+use crate::wal::{self, Storage};
 
 /// Log bytes that trigger a checkpoint before the interval is up.
 pub(crate) const MAX_BACKLOG_BYTES: usize = 64 << 20;
@@ -71,8 +71,9 @@ impl Drop for Feeder {
 
 /// Starts the checkpoint thread. `on_error` is called when a checkpoint fails; the thread
 /// stops then, and the log keeps every record.
-pub(crate) fn spawn(
+pub(crate) fn spawn<S: Storage>(
     backend: Backend,
+    storage: S,
     wal_dir: PathBuf,
     policy: Policy,
     on_error: impl Fn() + Send + 'static,
@@ -85,6 +86,7 @@ pub(crate) fn spawn(
         .spawn(move || {
             let mut ckpt = Checkpointer {
                 backend,
+                storage,
                 wal_dir,
                 backlog: thread_backlog,
                 pending: Vec::new(),
@@ -104,8 +106,9 @@ pub(crate) fn spawn(
     Ok((feeder, handle))
 }
 
-struct Checkpointer {
+struct Checkpointer<S> {
     backend: Backend,
+    storage: S,
     wal_dir: PathBuf,
     backlog: Arc<AtomicUsize>,
     pending: Vec<Batch>,
@@ -113,7 +116,7 @@ struct Checkpointer {
     bytes: usize,
 }
 
-impl Checkpointer {
+impl<S: Storage> Checkpointer<S> {
     /// Checkpoints until the queue closes, then once more so that a clean shutdown leaves
     /// nothing to replay.
     fn run(&mut self, rx: &mpsc::Receiver<Logged>, policy: Policy) -> Result<(), ()> {
@@ -164,7 +167,7 @@ impl Checkpointer {
         self.pending.clear();
         self.backlog.fetch_sub(self.bytes, Ordering::Relaxed);
         self.bytes = 0;
-        if let Err(e) = wal::remove_covered(&self.wal_dir, self.last_seq) {
+        if let Err(e) = wal::remove_covered(&self.storage, &self.wal_dir, self.last_seq) {
             // Harmless for correctness: replay skips checkpointed records.
             tracing::warn!(error = %e, "could not delete checkpointed log segments");
         }

@@ -30,7 +30,7 @@ use crate::error::{EtcdError, ServerError};
 use crate::faults::Faults;
 use crate::lease::{LeaseInfo, LeaseTable};
 use crate::mvcc::{self, MvccState};
-use crate::wal::{self, Wal};
+use crate::wal::{self, Disk, Storage, Wal};
 
 /// The log's directory inside the data directory.
 const WAL_DIR: &str = "wal";
@@ -65,6 +65,17 @@ pub(crate) struct StoreOptions {
     pub auto_compaction: Option<AutoCompaction>,
 }
 
+/// Where and how the store keeps its durable state. [`Store::open`] uses the real disk and
+/// the default sizes; tests swap the file system and shrink segments.
+pub(crate) struct Layout<S> {
+    pub storage: S,
+    pub segment_bytes: u64,
+    pub checkpoints: checkpoint::Policy,
+    /// A sync for the log to leave out.
+    #[cfg(test)]
+    pub mutation: Option<wal::Mutation>,
+}
+
 pub(crate) struct Store {
     shared: Arc<Shared>,
     identity: Identity,
@@ -88,28 +99,49 @@ impl Store {
         opts: StoreOptions,
         faults: Arc<Faults>,
     ) -> Result<Self, ServerError> {
-        let policy = checkpoint::Policy {
-            interval: opts.checkpoint_interval,
-            max_bytes: checkpoint::MAX_BACKLOG_BYTES,
+        let layout = Layout {
+            storage: Disk,
+            segment_bytes: wal::SEGMENT_BYTES,
+            checkpoints: checkpoint::Policy {
+                interval: opts.checkpoint_interval,
+                max_bytes: checkpoint::MAX_BACKLOG_BYTES,
+            },
+            #[cfg(test)]
+            mutation: None,
         };
-        Self::open_with(dir, opts, faults, policy)
+        Self::open_with(dir, opts, faults, layout)
     }
 
-    /// [`Store::open`] with an explicit checkpoint policy.
-    pub(crate) fn open_with(
+    /// [`Store::open`] with an explicit layout.
+    pub(crate) fn open_with<S: Storage>(
         dir: &std::path::Path,
         opts: StoreOptions,
         faults: Arc<Faults>,
-        policy: checkpoint::Policy,
+        layout: Layout<S>,
     ) -> Result<Self, ServerError> {
-        let (backend, identity) = Backend::open(dir)?;
+        let storage = layout.storage;
+        let (backend, identity) = Backend::open(&storage, dir)?;
         let wal_dir = dir.join(WAL_DIR);
-        let (wal, replay) = Wal::open(&wal_dir, backend.checkpointed()?, wal::SEGMENT_BYTES)?;
+        let checkpointed = backend.checkpointed()?;
+        // Opening the log also syncs the data directory, which makes the entry of a
+        // database file created just above durable.
+        let (wal, replay) = Wal::open_in(
+            storage.clone(),
+            &wal_dir,
+            checkpointed,
+            layout.segment_bytes,
+        )?;
+        #[cfg(test)]
+        let wal = {
+            let mut wal = wal;
+            wal.mutation = layout.mutation;
+            wal
+        };
         // Checkpoint what the log adds right away: loading then reads one consistent state.
         if let Some((last, _)) = replay.last() {
             tracing::info!(records = replay.len(), "replaying the write-ahead log");
             backend.checkpoint(replay.iter().map(|(_, b)| b), *last)?;
-            if let Err(e) = wal::remove_covered(&wal_dir, *last) {
+            if let Err(e) = wal::remove_covered(&storage, &wal_dir, *last) {
                 tracing::warn!(error = %e, "could not delete checkpointed log segments");
             }
         }
@@ -132,10 +164,10 @@ impl Store {
             source,
         };
         let ckpt_shared = shared.clone();
-        let (feeder, checkpointer) = checkpoint::spawn(backend, wal_dir, policy, move || {
-            ckpt_shared.failed.store(true, Ordering::Release);
-        })
-        .map_err(spawn_error)?;
+        let on_error = move || ckpt_shared.failed.store(true, Ordering::Release);
+        let (feeder, checkpointer) =
+            checkpoint::spawn(backend, storage, wal_dir, layout.checkpoints, on_error)
+                .map_err(spawn_error)?;
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
         let mut log = LogWriter {
@@ -417,12 +449,17 @@ impl Apply<'_> {
 }
 
 /// The writer thread's log: appends, then hands the records to the checkpointer.
-struct LogWriter {
-    wal: Wal,
+struct LogWriter<S: Storage> {
+    wal: Wal<S>,
     checkpoints: Feeder,
 }
 
-fn run_writer(shared: &Shared, log: &mut LogWriter, rx: &mpsc::Receiver<Job>, opts: StoreOptions) {
+fn run_writer<S: Storage>(
+    shared: &Shared,
+    log: &mut LogWriter<S>,
+    rx: &mpsc::Receiver<Job>,
+    opts: StoreOptions,
+) {
     let mut next_lease_check = Instant::now() + opts.lease_check_interval;
     let mut compactor = opts.auto_compaction.and_then(|auto| {
         Compactor::new(
@@ -486,9 +523,9 @@ fn auto_compact(rev: i64) -> Job {
 
 /// Applies jobs from `jobs` (up to [`MAX_GROUP_BYTES`]), logs them as one record and
 /// answers their callers.
-fn commit_group(
+fn commit_group<S: Storage>(
     shared: &Shared,
-    log: &mut LogWriter,
+    log: &mut LogWriter<S>,
     jobs: &mut impl Iterator<Item = Job>,
     expire: bool,
     min_ttl: i64,

@@ -3,7 +3,10 @@
 //! * [`etcd::EtcdCluster`] runs `/usr/bin/etcd` (or `$REVWATCH_ETCD_BIN`) as a
 //!   single member or a 3-member cluster on free loopback ports, optionally
 //!   with TLS and auth, and can `kill -9`, freeze (SIGSTOP), thaw and restart
-//!   members, find the leader and compact.
+//!   members, find or move the leader and compact. With
+//!   [`ClusterOptions::peer_links`](etcd::ClusterOptions::peer_links) peer
+//!   traffic runs through per-link fault proxies, so a member can be cut off
+//!   from its peers while clients still reach it ([`etcd::EtcdCluster::isolate`]).
 //! * [`proxy::FaultProxy`] sits between a client and one member and injects
 //!   blackholes, connection resets, latency and bandwidth limits at runtime.
 //!

@@ -56,7 +56,9 @@ pub enum Fault {
     },
 }
 
-struct Shared {
+/// The fault state of one proxy, or of one peer link of a cluster: the fault
+/// in force, a reset generation, and connection counts.
+pub(crate) struct Shared {
     fault: watch::Sender<Fault>,
     /// Bumped by `reset_all`; every connection alive at that moment resets.
     resets: watch::Sender<u64>,
@@ -85,6 +87,69 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+impl Shared {
+    pub(crate) fn new() -> Self {
+        Self {
+            fault: watch::Sender::new(Fault::None),
+            resets: watch::Sender::new(0),
+            accepted: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn set(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
+
+    pub(crate) fn fault(&self) -> Fault {
+        *self.fault.borrow()
+    }
+
+    /// Resets every connection open now; returns how many there were.
+    pub(crate) fn reset_all(&self) -> usize {
+        self.resets.send_modify(|n| *n += 1);
+        self.active_connections()
+    }
+
+    pub(crate) fn accepted_connections(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a new connection as accepted and active until the guard drops,
+    /// and subscribes to resets from this moment on.
+    pub(crate) fn open(self: &Arc<Self>) -> (ActiveGuard, watch::Receiver<u64>) {
+        self.accepted.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let mut resets = self.resets.subscribe();
+        resets.mark_unchanged();
+        (ActiveGuard(self.clone()), resets)
+    }
+
+    /// Waits until the fault lets bytes through (neither a blackhole nor zero
+    /// bandwidth). Returns false if a reset came first.
+    pub(crate) async fn wait_passable(&self, resets: &mut watch::Receiver<u64>) -> bool {
+        let mut fault = self.fault.subscribe();
+        loop {
+            let current = *fault.borrow_and_update();
+            if !matches!(
+                current,
+                Fault::Blackhole | Fault::Bandwidth { bytes_per_sec: 0 }
+            ) {
+                return true;
+            }
+            tokio::select! {
+                // The sender lives as long as `self`.
+                _ = fault.changed() => {}
+                _ = resets.changed() => return false,
+            }
+        }
+    }
+}
+
 impl FaultProxy {
     /// Binds a free loopback port and starts forwarding to `upstream`.
     /// Must be called within a tokio runtime.
@@ -95,12 +160,7 @@ impl FaultProxy {
         let addr = listener
             .local_addr()
             .map_err(|e| TestkitError::io("reading the fault proxy's address", e))?;
-        let shared = Arc::new(Shared {
-            fault: watch::Sender::new(Fault::None),
-            resets: watch::Sender::new(0),
-            accepted: AtomicU64::new(0),
-            active: AtomicUsize::new(0),
-        });
+        let shared = Arc::new(Shared::new());
         let accept_task = tokio::spawn(accept_loop(listener, upstream, shared.clone()));
         Ok(Self {
             addr,
@@ -127,7 +187,7 @@ impl FaultProxy {
 
     /// Switches the fault; applies to existing connections at once.
     pub fn set(&self, fault: Fault) {
-        self.shared.fault.send_replace(fault);
+        self.shared.set(fault);
     }
 
     /// Back to [`Fault::None`].
@@ -137,25 +197,24 @@ impl FaultProxy {
 
     /// The fault in force.
     pub fn fault(&self) -> Fault {
-        *self.shared.fault.borrow()
+        self.shared.fault()
     }
 
     /// Closes every current connection, on both sides, with a TCP RST.
     /// Returns how many connections were open. The sockets close as soon as
     /// their tasks run, i.e. right away unless the runtime is blocked.
     pub fn reset_all(&self) -> usize {
-        self.shared.resets.send_modify(|n| *n += 1);
-        self.active_connections()
+        self.shared.reset_all()
     }
 
     /// Connections accepted since start.
     pub fn accepted_connections(&self) -> u64 {
-        self.shared.accepted.load(Ordering::Relaxed)
+        self.shared.accepted_connections()
     }
 
     /// Connections currently open.
     pub fn active_connections(&self) -> usize {
-        self.shared.active.load(Ordering::Relaxed)
+        self.shared.active_connections()
     }
 }
 
@@ -173,7 +232,6 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((client, _)) => {
-                    shared.accepted.fetch_add(1, Ordering::Relaxed);
                     conns.spawn(proxy_connection(client, upstream, shared.clone()));
                 }
                 Err(e) => {
@@ -188,7 +246,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
 }
 
 /// Decrements the active count however the connection task ends.
-struct ActiveGuard(Arc<Shared>);
+pub(crate) struct ActiveGuard(Arc<Shared>);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -196,21 +254,38 @@ impl Drop for ActiveGuard {
     }
 }
 
-async fn proxy_connection(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
-    shared.active.fetch_add(1, Ordering::Relaxed);
-    let _guard = ActiveGuard(shared.clone());
-    let mut resets = shared.resets.subscribe();
-    resets.mark_unchanged();
-
-    let connect = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream));
-    let mut server = match connect.await {
-        Ok(Ok(s)) => s,
-        _ => {
-            // Upstream down: the client sees a reset, like a refused connection.
-            let _ = client.set_zero_linger();
-            return;
-        }
+async fn proxy_connection(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
+    let (_guard, resets) = shared.open();
+    let Some(server) = connect_upstream(&client, upstream).await else {
+        return;
     };
+    relay(client, server, &shared, resets).await;
+}
+
+/// Connects to `upstream` for `client`; on failure the client is set to
+/// close with a reset, like a refused connection.
+pub(crate) async fn connect_upstream(
+    client: &TcpStream,
+    upstream: SocketAddr,
+) -> Option<TcpStream> {
+    let connect = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream));
+    match connect.await {
+        Ok(Ok(s)) => Some(s),
+        _ => {
+            let _ = client.set_zero_linger();
+            None
+        }
+    }
+}
+
+/// Forwards both directions under `shared`'s fault until both sides close,
+/// or until a reset, which closes both with an RST.
+pub(crate) async fn relay(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    shared: &Shared,
+    mut resets: watch::Receiver<u64>,
+) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
 

@@ -20,6 +20,7 @@ use revwatch::client::{Client, PutRequest};
 use revwatch::mirror::{Mirror, MirrorConfig, ReconnectCause, State};
 use revwatch_testkit::etcd::{ClusterOptions, EtcdCluster};
 use revwatch_testkit::grpc_proxy::GrpcProxy;
+use revwatch_testkit::proxy::{Fault, FaultProxy};
 
 scenario_tests! {
     target: etcd::single().await;
@@ -177,6 +178,57 @@ async fn unanswered_progress_behind_grpc_proxy_is_explained() {
         let r = put(&w, &format!("{P}b"), "2").await;
         mirror.snapshot_at_least(r, WAIT).await.unwrap();
         assert_converged(&mirror, &w).await;
+    })
+    .await;
+}
+
+/// A direct connection to etcd that goes silent right after the watch was created
+/// answers no progress request either, like a grpc-proxy; but the stall's probe read
+/// on the same connection goes unanswered too, so the message says the connection
+/// went silent, names no proxy, and the stall is not counted as one of ignored
+/// progress requests. Once the network is back, the mirror converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_direct_connection_is_not_blamed_on_grpc_proxy() {
+    run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
+        put(&etcd, &format!("{P}a"), "1").await;
+        let proxy = FaultProxy::start(cluster.client_addr(0)).await.unwrap();
+        // The first progress request goes out 2 s after the last reply: the
+        // blackhole below comes long before, so none of them is answered.
+        let config = mirror_config()
+            .with_progress_interval(Duration::from_secs(2))
+            .with_stall_timeout(Duration::from_secs(4));
+        let mirror = start(vec![proxy.endpoint()], config).await;
+        mirror.wait_ready().await.unwrap();
+        let r = put(&etcd, &format!("{P}b"), "2").await;
+        mirror.snapshot_at_least(r, WAIT).await.unwrap();
+        let mut changes = mirror.status_changes();
+        proxy.set(Fault::Blackhole);
+
+        // The stall's error lasts until the next attempt fails: watch for it.
+        let stalled = |st: &revwatch::mirror::Status| {
+            st.last_error
+                .as_ref()
+                .is_some_and(|e| e.message.contains("nothing received"))
+        };
+        let st = tokio::time::timeout(WAIT, changes.wait_for(stalled))
+            .await
+            .unwrap_or_else(|_| panic!("no stall: {:?}", mirror.status()))
+            .unwrap()
+            .clone();
+        let message = &st.last_error.as_ref().unwrap().message;
+        assert!(!message.contains("grpc-proxy"), "{message}");
+        assert!(!message.contains("--experimental"), "{message}");
+        assert!(message.contains("progress request"), "{message}");
+        assert!(message.contains("went silent"), "{message}");
+        assert!(st.reconnects.contains_key(&ReconnectCause::Stall), "{st:?}");
+        assert_eq!(st.unanswered_progress_stalls, 0, "{st:?}");
+
+        proxy.heal();
+        let r = put(&etcd, &format!("{P}c"), "3").await;
+        mirror.snapshot_at_least(r, WAIT).await.unwrap();
+        assert_eq!(mirror.status().unanswered_progress_stalls, 0);
+        assert!(mirror.status().relists.is_empty());
+        assert_converged(&mirror, &etcd).await;
     })
     .await;
 }

@@ -2,6 +2,7 @@
 //! panicking decoder: against real etcd 3.4 where a user would look, and against
 //! the embedded server (fault injection) for the faults only it produces on cue: a
 //! stalled stream, a member serving old reads, a stream dropped at a chosen moment.
+//! A list's progress is checked against both: their `count` must agree.
 
 mod mirror_support;
 
@@ -15,15 +16,15 @@ use mirror_support::eventually;
 use mirror_support::metrics::scrape;
 use mirror_support::setup::{
     P, Target, WAIT, assert_converged, assert_not_ready, followed_mirror, followed_mirror_with,
-    mirror_config, put, put_bytes, source, start, start_with,
+    mirror_config, put, put_bytes, put_op, source, start, start_with, txn,
 };
 use prometheus_client::registry::Registry;
 use revwatch::client::{
     Client, Error, RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse, WatchStream,
 };
 use revwatch::mirror::{
-    ClientSource, FailureKind, Mirror, MirrorConfig, MirrorError, ReconnectCause, ResyncReason,
-    Source, State, Status, WatchHandle,
+    ClientSource, FailureKind, ListProgress, Mirror, MirrorConfig, MirrorError, ReconnectCause,
+    ResyncReason, Source, State, Status, WatchHandle,
 };
 use revwatch_testkit::proxy::{Fault, FaultProxy};
 use tokio::sync::watch;
@@ -772,6 +773,134 @@ async fn status_is_never_behind_what_was_published() {
         }
         stop.store(true, Ordering::Relaxed);
         assert!(reader.await.unwrap() > 0);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// List progress.
+
+/// A source whose range requests each wait for a permit, and can be told to fail
+/// its next page as compacted: the test steps a list page by page.
+#[derive(Clone)]
+struct Stepped {
+    inner: ClientSource,
+    permits: Arc<tokio::sync::Semaphore>,
+    fail_next: Arc<AtomicBool>,
+}
+
+impl Source for Stepped {
+    type Watch = WatchStream;
+
+    async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
+        self.permits.acquire().await.unwrap().forget();
+        if self.fail_next.swap(false, Ordering::SeqCst) {
+            return Err(Error::Compacted {
+                compact_revision: None,
+                endpoint: "stepped".into(),
+            });
+        }
+        self.inner.range(req).await
+    }
+
+    async fn watch(&self, req: WatchCreateRequest) -> Result<WatchStream, Error> {
+        self.inner.watch(req).await
+    }
+}
+
+/// The list in progress once `status` reports it after `pages` pages.
+async fn listing_after(status: &mut watch::Receiver<Status>, pages: u32) -> ListProgress {
+    let waited = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| s.listing.is_some_and(|l| l.pages == pages)),
+    )
+    .await
+    .map(|st| st.unwrap().listing);
+    match waited {
+        Ok(listing) => listing.unwrap(),
+        Err(_) => panic!("no list progress at page {pages}: {:?}", status.borrow()),
+    }
+}
+
+/// The first list, page by page (7 keys each): a status subscriber sees the list's
+/// revision, the total the first page counted (the server's `count` covers the
+/// whole prefix, whatever the limit) and the keys received so far, rising page by
+/// page; a page that fails clears the progress, and the list begins again; once
+/// listed and Ready the progress is gone.
+async fn list_progress_page_by_page(endpoints: Vec<String>, etcd: &Client) {
+    const KEYS: usize = 40;
+    let ops = (0..KEYS)
+        .map(|i| put_op(&format!("{P}{i:03}"), "v"))
+        .collect();
+    txn(etcd, ops).await;
+    let r = put(etcd, "other/x", "outside the prefix").await;
+    let stepped = Stepped {
+        inner: source(endpoints),
+        permits: Arc::new(tokio::sync::Semaphore::new(0)),
+        fail_next: Arc::new(AtomicBool::new(false)),
+    };
+    let mirror = start_with(stepped.clone(), embedded_config(), |b| b).await;
+    let mut status = mirror.status_changes();
+    assert_eq!(status.borrow_and_update().listing, None, "no page yet");
+
+    // Two pages, then a failing one.
+    stepped.permits.add_permits(1);
+    let first = listing_after(&mut status, 1).await;
+    assert_eq!(
+        (first.reason, first.revision, first.total, first.keys_listed),
+        (ResyncReason::InitialList, r, KEYS as u64, 7)
+    );
+    assert!(first.started_at <= SystemTime::now());
+    stepped.permits.add_permits(1);
+    assert_eq!(listing_after(&mut status, 2).await.keys_listed, 14);
+    stepped.fail_next.store(true, Ordering::SeqCst);
+    stepped.permits.add_permits(1);
+    let failed = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| s.listing.is_none() && s.failing.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    assert_eq!(failed.state, State::Syncing, "{failed:?}");
+
+    // The list again, from its first page, to the one before the last (the last
+    // is published at once, its progress cleared).
+    let pages = KEYS.div_ceil(7) as u32;
+    let mut seen = Vec::new();
+    for page in 1..pages {
+        stepped.permits.add_permits(1);
+        let l = listing_after(&mut status, page).await;
+        assert_eq!((l.revision, l.total), (r, KEYS as u64), "{l:?}");
+        assert!(l.started_at > first.started_at, "a new list: {l:?}");
+        seen.push(l.keys_listed);
+    }
+    assert_eq!(seen, [7, 14, 21, 28, 35]);
+    // The last page, the watch, and whatever else, run freely.
+    stepped.permits.add_permits(1_000);
+    ready(&mirror).await;
+    let st = mirror.status();
+    assert_eq!(
+        (st.listing, st.keys, st.revision),
+        (None, KEYS, r),
+        "{st:?}"
+    );
+    assert_converged(&mirror, etcd).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_progress_is_reported_page_by_page_against_etcd() {
+    run_on_etcd(Duration::from_secs(60), async |cluster, etcd| {
+        list_progress_page_by_page(cluster.endpoints(), &etcd).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_progress_is_reported_page_by_page_against_the_embedded_server() {
+    run_on_embedded(Duration::from_secs(60), async |server, etcd| {
+        list_progress_page_by_page(server.endpoints(), &etcd).await;
     })
     .await;
 }

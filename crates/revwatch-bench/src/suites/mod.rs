@@ -6,3 +6,4 @@ pub mod load;
 pub mod mirror;
 pub mod policy;
 pub mod server;
+pub mod sidecar;

@@ -3,25 +3,34 @@
 //! same RBAC workload and the same queries: 1,000 users in 100 roles, 10,000 grants
 //! (role, resource, action), about a quarter of the queries allowed. Single thread, medians.
 //! It also runs the indexes' differential proof at a million requests per backend, and
-//! times reloads of the same set as a tree of files (one file per role) through the
-//! activation pipeline's [`Compiler`]: from scratch, and after one key changed.
+//! times reloads of the same set as a tree of keys (one file per role) through the
+//! activation pipeline a user runs (a mirror of the embedded server feeding `Policies`):
+//! a fresh start, and a one-key change.
+//! Last, the end-to-end latency from a policy change to a decision that reflects it
+//! ([`put_to_decision`]).
+
+mod put_to_decision;
 
 use std::str::FromStr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use cedar_policy::{Context, Decision, Entities, EntityUid, PolicySet, Request};
+use etcd_proto::etcdserverpb::PutRequest;
 use rand::{Rng, SeedableRng, rngs::StdRng};
+use revwatch::mirror::{ClientSource, Mirror};
 use revwatch_policy::index::casbin::{CasbinIndex, Row, plain_enforcer};
 use revwatch_policy::index::cedar::CedarIndex;
 use revwatch_policy::index::{differential_casbin, differential_cedar};
-use revwatch_policy::layout::{Tree, TreeFile};
-use revwatch_policy::{Backend, Compiler, Limits};
+use revwatch_policy::layout::Tree;
+use revwatch_policy::{Backend, LoadOutcome, Policies, PolicyConfig};
 use serde_json::json;
 
 use crate::{
     report::Report,
     stats::{Samples, median, ratio},
+    suites::{embedded::EmbeddedChild, load},
 };
 
 const USERS: usize = 1_000;
@@ -102,10 +111,22 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     }
 
     let reload_rounds = if quick { 5 } else { 15 };
-    let reloads = [Backend::Cedar, Backend::Casbin]
-        .map(|backend| Reload::measure(&workload, backend, reload_rounds));
-    let [cedar_reload, casbin_reload] = reloads;
-    let (cedar_reload, casbin_reload) = (cedar_reload?, casbin_reload?);
+    let embedded = EmbeddedChild::start().await?;
+    let cedar_reload = Reload::measure(
+        &workload,
+        Backend::Cedar,
+        reload_rounds,
+        &embedded.endpoint(),
+    )
+    .await?;
+    let casbin_reload = Reload::measure(
+        &workload,
+        Backend::Casbin,
+        reload_rounds,
+        &embedded.endpoint(),
+    )
+    .await?;
+    drop(embedded);
 
     let cedar_run = differential_cedar(SEED, differential);
     let casbin_run = differential_casbin(SEED, differential);
@@ -163,6 +184,7 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     {
         eprintln!("differential mismatch: {example}");
     }
+    put_to_decision::measure(quick, &mut report).await?;
     Ok(report)
 }
 
@@ -365,62 +387,99 @@ fn reload_file(backend: Backend, role: usize) -> String {
     }
 }
 
-/// Median compile times of the workload's tree, in milliseconds.
+/// Median load times of the workload's tree through the activation pipeline a user runs
+/// (`Policies` following a mirror of the embedded server), in milliseconds: each is the
+/// pipeline's own [`LoadReport`](revwatch_policy::LoadReport) duration, from reading the
+/// mirror's new snapshot (the active tree) through compiling to the set being active.
 struct Reload {
-    /// A fresh compiler (empty caches), as after a start or a panic.
+    /// The first load of a freshly started `Policies` (empty caches).
     full_ms: f64,
-    /// The compiler that compiled the tree, after one role file gained a grant; the
+    /// A load after one key changed (a role file gained a grant, or lost it again); the
     /// previous set stays alive, as the active set does during a reload.
     incremental_ms: f64,
 }
 
 impl Reload {
-    fn measure(workload: &Workload, backend: Backend, rounds: usize) -> anyhow::Result<Reload> {
-        const PREFIX: &str = "bench/";
+    async fn measure(
+        workload: &Workload,
+        backend: Backend,
+        rounds: usize,
+        endpoint: &str,
+    ) -> anyhow::Result<Reload> {
+        const WAIT: Duration = Duration::from_secs(60);
+        let prefix = format!("bench-reload-{backend:?}/");
+        let writer = load::connect(endpoint).await?;
+        let put = |path: String, value: Bytes| {
+            let writer = &writer;
+            let key = format!("{prefix}{path}").into_bytes();
+            async move {
+                let response = writer
+                    .put(PutRequest {
+                        key,
+                        value: value.to_vec(),
+                        ..Default::default()
+                    })
+                    .await
+                    .with_context(|| format!("putting {path}"))?;
+                anyhow::Ok(response.header.context("put without header")?.revision)
+            }
+        };
         let tree = workload.tree(backend)?;
+        let mut written = 0;
+        for (path, file) in &tree.files {
+            written = put(path.clone(), file.value.clone()).await?;
+        }
         let mut full = Vec::with_capacity(rounds);
-        let mut incremental = Vec::with_capacity(rounds);
+        let mut incremental = Vec::with_capacity(2 * rounds);
         for round in 0..rounds {
-            let mut compiler: Box<dyn Compiler> = backend.compiler(Limits::default());
-            let t = Instant::now();
-            let before = compiler
-                .compile(&tree, PREFIX)
-                .map_err(|r| anyhow::anyhow!("{backend:?} full compile: {r}"))?;
-            full.push(t.elapsed().as_secs_f64() * 1e3);
-            anyhow::ensure!(
-                before.policy_count() == GRANTS,
-                "{backend:?}: full set size"
-            );
+            let mirror = Mirror::builder(prefix.as_str())
+                .start(ClientSource::new(load::connect(endpoint).await?))
+                .await
+                .context("starting the mirror")?;
+            let config = PolicyConfig::new(backend).debounce(Duration::from_millis(1));
+            let policies = Policies::start(mirror.clone(), prefix.as_str(), config);
+            let load_at = |revision: i64, count: usize| {
+                let policies = &policies;
+                async move {
+                    let active = policies
+                        .wait_for_revision(revision, WAIT)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{backend:?}: no set at {revision}: {e}"))?;
+                    anyhow::ensure!(active.policy_count == count, "{backend:?}: set size");
+                    let load = policies
+                        .status()
+                        .last_load
+                        .context("an active set was loaded")?;
+                    anyhow::ensure!(
+                        load.outcome == LoadOutcome::Activated && load.revision >= revision,
+                        "{backend:?}: the last load is not the activation at {revision}"
+                    );
+                    anyhow::Ok(load.duration.as_secs_f64() * 1e3)
+                }
+            };
+            full.push(load_at(written, GRANTS).await?);
 
             let role = round * 7 % ROLES;
-            let mut changed = tree.clone();
             let path = reload_file(backend, role);
-            let file = changed
+            let original = tree
                 .files
-                .get_mut(&path)
-                .context("the changed file is in the tree")?;
-            let mut text = String::from_utf8(file.value.to_vec())?;
+                .get(&path)
+                .context("the changed file is in the tree")?
+                .value
+                .clone();
+            let mut text = String::from_utf8(original.to_vec())?;
             // A resource no grant uses, so the grant is new.
             let grant = (role, RESOURCES + round, 0);
             text.push_str(&match backend {
                 Backend::Cedar => cedar_grant(grant),
                 Backend::Casbin => casbin_grant(grant),
             });
-            changed.revision += 1;
-            *file = TreeFile {
-                value: text.into(),
-                mod_revision: changed.revision,
-            };
-            let t = Instant::now();
-            let after = compiler
-                .compile(&changed, PREFIX)
-                .map_err(|r| anyhow::anyhow!("{backend:?} incremental compile: {r}"))?;
-            incremental.push(t.elapsed().as_secs_f64() * 1e3);
-            anyhow::ensure!(
-                after.policy_count() == GRANTS + 1,
-                "{backend:?}: the changed set's size"
-            );
-            drop(before);
+            let changed = put(path.clone(), Bytes::from(text)).await?;
+            incremental.push(load_at(changed, GRANTS + 1).await?);
+            written = put(path, original).await?;
+            incremental.push(load_at(written, GRANTS).await?);
+            drop(policies);
+            mirror.shutdown().await.context("stopping the mirror")?;
         }
         Ok(Reload {
             full_ms: median(&full),

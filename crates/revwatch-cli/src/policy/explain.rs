@@ -1,12 +1,11 @@
 //! `revwatch policy explain`: replays a decision against the policy set as it was
 //! at an etcd revision (the revision every decision and decision-log line carries).
 
-use std::{io::Read, time::Duration};
+use std::io::Read;
 
 use anyhow::Context;
 use clap::Args;
-use etcd_proto::{etcdserverpb::WatchCreateRequest, key_range::KeyRange};
-use revwatch::client::Client;
+use etcd_proto::key_range::KeyRange;
 use revwatch_policy::{
     Backend, Limits,
     engine::decide_contained,
@@ -16,6 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{EtcdTarget, backend_name};
+use crate::connect::compacted_at;
 use crate::serve::{
     BackendArg,
     api::{AuthorizeRequest, Question, effect_name},
@@ -42,9 +42,6 @@ pub struct ExplainArgs {
     pub request: String,
 }
 
-/// How long to wait for etcd to name its compaction revision.
-const COMPACTION_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-
 pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
     let text = if args.request == "-" {
         let mut text = String::new();
@@ -69,7 +66,7 @@ pub async fn run(args: ExplainArgs) -> anyhow::Result<()> {
     let tree = match read_tree_at(&client, prefix, revision).await {
         Ok(tree) => tree,
         Err(PublishError::Etcd(e)) if e.is_compacted() => {
-            let oldest = match compacted_at(&client, prefix, revision).await {
+            let oldest = match compacted_at(&client, &KeyRange::prefix(prefix), revision).await {
                 Some(c) => format!("the oldest available is {c}"),
                 None => "etcd did not say which is the oldest available".to_owned(),
             };
@@ -134,32 +131,4 @@ fn parse_request(text: &str) -> anyhow::Result<(Question, Option<i64>)> {
     // Consistency asks for a fresh set; a replay names its revision instead.
     let (question, _consistency) = request.split();
     Ok((question, None))
-}
-
-/// The revision etcd compacted at, asked with a watch from `revision` (etcd's
-/// range errors do not carry it; a watch's cancellation does).
-async fn compacted_at(client: &Client, prefix: &[u8], revision: i64) -> Option<i64> {
-    let range = KeyRange::prefix(prefix);
-    let request = WatchCreateRequest {
-        key: range.key().to_vec(),
-        range_end: range.range_end().to_vec(),
-        start_revision: revision,
-        ..Default::default()
-    };
-    let query = async {
-        let mut stream = client.watch(request).await.ok()?;
-        loop {
-            let message = stream.message().await.ok()??;
-            if message.compact_revision > 0 {
-                return Some(message.compact_revision);
-            }
-            if message.canceled || !message.events.is_empty() {
-                return None;
-            }
-        }
-    };
-    tokio::time::timeout(COMPACTION_QUERY_TIMEOUT, query)
-        .await
-        .ok()
-        .flatten()
 }

@@ -299,7 +299,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Registered once the first set is in (or the wait is over): the registration is
     // a write under the prefix, which must not move the revision start-up reports.
     let registrar = tokio::select! {
-        () = startup::report_first_set(&policies, FIRST_SET_WAIT) => Some(
+        () = startup::report_first_set(&policies, &mirror, FIRST_SET_WAIT) => Some(
             register::Registrar::start(
                 client_config,
                 &args.prefix,

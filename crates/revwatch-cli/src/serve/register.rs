@@ -11,8 +11,9 @@ use revwatch::{
 };
 use revwatch_policy::{
     Policies, PolicyState, PolicyStatus,
-    layout::{Layout, active_tree},
+    layout::{Layout, Tree, active_tree},
 };
+use sha3::{Digest, Sha3_256};
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use crate::fleet::{Fleet, READY, Registration, fleet_prefix, unix_now};
@@ -61,20 +62,25 @@ struct Observer<T> {
 }
 
 impl<T: Send + Sync + 'static> Observer<T> {
-    /// The registration now. Its revision is that of the newest change to the
-    /// active set's files (see [`policy_revision`]), computed at each activation:
-    /// instances serving the same files then register the same revision whenever
-    /// they loaded them, and registration writes (under the mirrored prefix) never
-    /// move it, so instances do not rewrite each other's keys forever.
+    /// The registration now. Its revision and digest are those of the active set's
+    /// files (see [`policy_files`]), computed at each activation: instances serving
+    /// the same files then register the same values whenever they loaded them, and
+    /// registration writes (under the mirrored prefix) never move them, so instances
+    /// do not rewrite each other's keys forever.
     fn current(&mut self) -> Registration {
         let status = self.policies.status();
         if self.activations != Some(status.activations) {
             self.activations = Some(status.activations);
-            self.base.active_revision = match status.active_revision {
-                0 => 0,
-                _ => policy_revision(&self.mirror.snapshot(), &self.layout)
-                    .unwrap_or(status.compiled_revision),
+            let files = match status.active_revision {
+                0 => None,
+                _ => policy_files(&self.mirror.snapshot(), &self.layout),
             };
+            (self.base.active_revision, self.base.policy_digest) = match files {
+                Some(files) => (files.revision, files.digest),
+                None if status.active_revision == 0 => (0, String::new()),
+                None => (status.compiled_revision, String::new()),
+            };
+            self.base.compiled_revision = status.compiled_revision;
         }
         Registration {
             state: state_name(&status.state).to_owned(),
@@ -83,18 +89,44 @@ impl<T: Send + Sync + 'static> Observer<T> {
     }
 }
 
-/// The revision of the newest change to the active policy files of `snapshot`: the
-/// newest `mod_revision` of its files and of the generation pointer. (A file
-/// deleted in direct mode leaves no key to date it, so an instance that missed
-/// only a deletion is not told apart.) `None` when the tree breaks the layout.
-fn policy_revision<T>(snapshot: &Snapshot<T>, layout: &Layout) -> Option<i64> {
+/// What identifies the active policy files of a snapshot.
+#[derive(Debug, PartialEq, Eq)]
+struct PolicyFiles {
+    /// The newest `mod_revision` of the files and of the generation pointer.
+    revision: i64,
+    /// SHA3-256 (first 16 hex digits) of the generation pointer's `mod_revision` and
+    /// each file's path and `mod_revision`, in path order: it changes with every
+    /// put or delete of a file, even one that leaves `revision` as it was.
+    digest: String,
+}
+
+/// The [`PolicyFiles`] of `snapshot`; `None` when the tree breaks the layout.
+fn policy_files<T>(snapshot: &Snapshot<T>, layout: &Layout) -> Option<PolicyFiles> {
     let tree = active_tree(snapshot, layout.prefix()).ok()?;
     let pointer = snapshot.get(&layout.pointer()).map(|e| e.mod_revision);
-    tree.files
-        .values()
-        .map(|f| f.mod_revision)
-        .chain(pointer)
-        .max()
+    Some(files_of(&tree, pointer))
+}
+
+fn files_of(tree: &Tree, pointer: Option<i64>) -> PolicyFiles {
+    let mut hash = Sha3_256::new();
+    hash.update(pointer.unwrap_or(0).to_be_bytes());
+    for (path, file) in &tree.files {
+        // Length-prefixed, so no two trees hash the same bytes.
+        hash.update((path.len() as u64).to_be_bytes());
+        hash.update(path.as_bytes());
+        hash.update(file.mod_revision.to_be_bytes());
+    }
+    let digest = hash.finalize();
+    PolicyFiles {
+        revision: tree
+            .files
+            .values()
+            .map(|f| f.mod_revision)
+            .chain(pointer)
+            .max()
+            .unwrap_or(0),
+        digest: digest[..8].iter().map(|b| format!("{b:02x}")).collect(),
+    }
 }
 
 /// The running registration; [`stop`](Self::stop) removes it from the fleet.
@@ -118,6 +150,8 @@ impl Registrar {
         let base = Registration {
             instance,
             active_revision: 0,
+            compiled_revision: 0,
+            policy_digest: String::new(),
             state: state_name(&PolicyState::NotReady).to_owned(),
             started: unix_now(),
             listen: url.to_owned(),
@@ -321,4 +355,46 @@ pub fn register_metrics<T: Send + Sync + 'static>(
             degraded.set(count(fleet.degraded()));
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(files: &[(&str, i64)]) -> Tree {
+        let mut tree = Tree::from_files(files.iter().map(|(p, _)| (*p, "x"))).unwrap();
+        for (path, revision) in files {
+            tree.files.get_mut(*path).unwrap().mod_revision = *revision;
+        }
+        tree
+    }
+
+    #[test]
+    fn deleting_an_older_file_changes_the_digest_not_the_revision() {
+        let before = files_of(&tree(&[("a.cedar", 3), ("b.cedar", 7)]), None);
+        let after = files_of(&tree(&[("b.cedar", 7)]), None);
+        assert_eq!((before.revision, after.revision), (7, 7));
+        assert_ne!(before.digest, after.digest);
+        assert_eq!(after.digest.len(), 16);
+    }
+
+    #[test]
+    fn the_digest_follows_names_revisions_and_the_pointer_only() {
+        let files = [("a.cedar", 3), ("b.cedar", 7)];
+        assert_eq!(files_of(&tree(&files), None), files_of(&tree(&files), None));
+        // A rewrite, even of the same bytes, is a new file version.
+        assert_ne!(
+            files_of(&tree(&files), None).digest,
+            files_of(&tree(&[("a.cedar", 8), ("b.cedar", 7)]), None).digest
+        );
+        assert_ne!(
+            files_of(&tree(&files), None).digest,
+            files_of(&tree(&files), Some(9)).digest
+        );
+        // Path boundaries count: "ab" + "c" is not "a" + "bc".
+        assert_ne!(
+            files_of(&tree(&[("ab", 1), ("c", 1)]), None).digest,
+            files_of(&tree(&[("a", 1), ("bc", 1)]), None).digest
+        );
+    }
 }

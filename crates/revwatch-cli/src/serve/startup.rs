@@ -6,10 +6,12 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use revwatch::client::{Client, ClientConfig};
+use revwatch::mirror::Mirror;
 use revwatch_policy::{Backend, Policies, PolicyStatus};
 use tokio::sync::{broadcast::error::RecvError, watch};
 
 use super::{metrics::Metrics, seed};
+use crate::progress;
 
 /// Writes the example set if the prefix is empty, and tells how to use it.
 pub async fn seed(
@@ -50,9 +52,11 @@ where
         .await
 }
 
-/// Waits up to `wait` for a first active set and says which, or why there is none.
-pub async fn report_first_set(policies: &Policies, wait: Duration) {
-    match policies.wait_active(wait).await {
+/// Waits up to `wait` for a first active set and says which, or why there is none;
+/// meanwhile a long first list of `mirror` draws a progress bar on a terminal.
+pub async fn report_first_set(policies: &Policies, mirror: &Mirror, wait: Duration) {
+    let first = policies.wait_active(wait);
+    match progress::while_running(mirror.status_changes(), first).await {
         Ok(set) => eprintln!(
             "revwatch serve: ready: policy set at revision {} ({} policies)",
             set.revision, set.policy_count
@@ -85,9 +89,11 @@ pub async fn follow_status(policies: Policies, metrics: Metrics) {
                 }
                 let now = changes.borrow_and_update().clone();
                 metrics.observe(&before, &now);
-                for line in event_lines(&before, &now) {
-                    eprintln!("{line}");
-                }
+                progress::suspend(|| {
+                    for line in event_lines(&before, &now) {
+                        eprintln!("{line}");
+                    }
+                });
                 before = now;
             }
             report = loads.recv() => match report {

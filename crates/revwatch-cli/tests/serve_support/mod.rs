@@ -1,27 +1,24 @@
-//! What the `serve` tests share: the process, a minimal HTTP/1.1 client, etcdctl.
+//! What the `serve` tests share: the process and a minimal HTTP/1.1 client (with
+//! the binary's common test support, which a test file declares as `mod common;`).
 
 #![allow(dead_code)]
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::{TcpListener, TcpStream},
+    io::{Read, Write},
+    net::TcpStream,
     os::unix::net::UnixStream,
     path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
-    time::Duration,
+    process::{Command, ExitStatus, Stdio},
 };
 
-use nix::{sys::signal::Signal, unistd::Pid};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_revwatch");
-pub const WAIT: Duration = Duration::from_secs(30);
+use crate::common::{BIN, Process, WAIT, free_addr};
 
 /// A `revwatch serve` process; killed on drop.
 pub struct Serve {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
+    process: Process,
     /// The HTTP API's address.
     pub addr: String,
     /// The etcd endpoint it follows.
@@ -45,11 +42,6 @@ fn serve_command(leading: &[&str], args: &[&str], env: &[(&str, &str)]) -> Comma
     command
 }
 
-pub fn free_addr() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
-}
-
 impl Serve {
     /// `serve` on the embedded server with its data in `dir`, plus `extra` flags.
     pub fn embedded(dir: &Path, extra: &[&str]) -> Serve {
@@ -68,21 +60,8 @@ impl Serve {
     /// `serve` with `args` (and `--listen` on a free port), following `etcd`.
     pub fn spawn(args: &[&str], etcd: &str, env: &[(&str, &str)]) -> Serve {
         let addr = free_addr();
-        let mut child = serve_command(&["--listen", &addr], args, env)
-            .spawn()
-            .expect("spawn revwatch serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
         let serve = Serve {
-            child,
-            stderr: rx,
+            process: Process::spawn(serve_command(&["--listen", &addr], args, env)),
             addr,
             etcd: etcd.to_owned(),
             token: None,
@@ -93,19 +72,7 @@ impl Serve {
 
     /// Waits for a stderr line containing `needle`; the lines up to it.
     pub fn await_stderr(&self, needle: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            match self.stderr.recv_timeout(WAIT) {
-                Ok(line) => {
-                    let found = line.contains(needle);
-                    seen.push(line);
-                    if found {
-                        return seen;
-                    }
-                }
-                Err(e) => panic!("no stderr line with {needle:?} ({e}); got {seen:#?}"),
-            }
-        }
+        self.process.await_stderr(needle)
     }
 
     /// One request; the status code and the body (JSON, or a string if it is not).
@@ -128,23 +95,13 @@ impl Serve {
     }
 
     /// SIGTERM; the exit status (within 10 s).
-    pub fn terminate(mut self) -> ExitStatus {
-        let pid = Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, Signal::SIGTERM).expect("SIGTERM");
-        for _ in 0..200 {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("serve did not exit within 10 s of SIGTERM");
+    pub fn terminate(self) -> ExitStatus {
+        self.process.stop(Signal::SIGTERM).0
     }
-}
 
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 }
 
@@ -196,52 +153,13 @@ fn exchange(
     (code, body.to_owned())
 }
 
-/// Runs etcdctl (API v3) against `endpoint`; its stdout.
-pub fn etcdctl(endpoint: &str, args: &[&str]) -> String {
-    let out = Command::new("/usr/bin/etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg("--endpoints")
-        .arg(endpoint)
-        .args(args)
-        .output()
-        .expect("run etcdctl");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Puts `value` at `key`; the revision of the put.
-pub fn put(endpoint: &str, key: &str, value: &str) -> i64 {
-    let out = etcdctl(endpoint, &["put", key, value, "-w", "json"]);
-    serde_json::from_str::<Value>(&out).expect("json")["header"]["revision"]
-        .as_i64()
-        .expect("revision")
-}
-
 /// Runs `revwatch serve ARGS` expecting it to exit by itself (within [`WAIT`]);
 /// its exit status and stderr.
 pub fn serve_exits(args: &[&str]) -> (ExitStatus, String) {
-    let mut child = serve_command(&[], args, &[])
-        .spawn()
-        .expect("spawn revwatch serve");
-    let deadline = std::time::Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("serve {args:?} did not exit within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr);
-    }
-    (status, stderr)
+    let mut process = Process::spawn(serve_command(&[], args, &[]));
+    let status = process.wait_exit();
+    // The pipe is closed: this reads it to its end.
+    let stderr: Vec<String> =
+        std::iter::from_fn(|| process.stderr.recv_timeout(WAIT).ok()).collect();
+    (status, stderr.join("\n"))
 }

@@ -14,12 +14,15 @@
 //! policies are reported exactly as the full evaluation reports them.
 
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Decision, Effect, Entities, EntityTypeName, EntityUid, Policy,
     PolicyId, PolicySet, PrincipalConstraint, Request, ResourceConstraint, Response,
 };
 use smallvec::SmallVec;
+
+use super::PersistentMap;
 
 /// Dimension ids are packed three to a `u64` bucket key.
 const DIMENSION_BITS: u32 = 21;
@@ -32,10 +35,17 @@ type Candidates = SmallVec<[u32; 8]>;
 ///
 /// [`CedarIndex::is_authorized`] returns the same decision, the same determining policy ids and
 /// the same evaluation errors as `Authorizer::new().is_authorized(request, &set, entities)`.
+///
+/// The index is persistent: [`CedarIndex::with_changes`] shares every unchanged policy and
+/// bucket with the index it starts from, so changing a few policies of a large set costs
+/// O(changed), not O(set).
 #[derive(Debug, Clone)]
 pub struct CedarIndex {
-    /// The full set, for requests whose components are not all known.
-    full: PolicySet,
+    /// The full set, for requests whose components are not all known and for sets the index
+    /// cannot represent. Given by [`CedarIndex::build`]; after [`CedarIndex::with_changes`]
+    /// assembled from the indexed policies on first use (decisions of complete requests never
+    /// need it).
+    full: OnceLock<PolicySet>,
     authorizer: Authorizer,
     /// `None` when the set could not be indexed (see [`CedarIndex::is_indexed`]).
     index: Option<ScopeIndex>,
@@ -45,37 +55,59 @@ impl CedarIndex {
     /// Prepares `set`. Never fails: a set the index cannot represent is decided by the full
     /// evaluation, which [`CedarIndex::is_indexed`] reports.
     pub fn build(set: &PolicySet) -> CedarIndex {
+        CedarIndex::from_set(set.clone())
+    }
+
+    /// As [`CedarIndex::build`], taking the set (no copy of it).
+    pub fn from_set(set: PolicySet) -> CedarIndex {
+        let index = ScopeIndex::build(&set);
         CedarIndex {
-            full: set.clone(),
+            full: OnceLock::from(set),
             authorizer: Authorizer::new(),
-            index: ScopeIndex::build(set),
+            index,
         }
     }
 
-    /// The index of `set`, which is this index's set without the policies `removed` and with
-    /// `added` (all of them static policies of `set`): the unchanged policies keep their
-    /// buckets instead of being filed again. Decides exactly as [`CedarIndex::build`] on `set`
-    /// would. `None` when this index is not indexed, a removed id is unknown, or too many
-    /// removed policies are still held as tombstones (build the index instead).
+    /// This index without its copy of the full set when the index decides every complete
+    /// request (the set is assembled again if a partial request needs it). A compiler keeps
+    /// indexes this way so that the activation replacing one later does not free a whole
+    /// set on its path.
+    pub fn without_set(mut self) -> CedarIndex {
+        if self.index.as_ref().is_some_and(|i| !i.has_templates) {
+            self.full = OnceLock::new();
+        }
+        self
+    }
+
+    /// This index without the policies `removed` (by id) and with the static policies
+    /// `added`, deciding exactly as [`CedarIndex::build`] on the resulting set would. The
+    /// unchanged policies keep their buckets, shared with this index: the cost is O(changed).
+    /// `None` (build the index instead) when this index is not indexed or holds template
+    /// links, a removed id is unknown, an added id is already in the set, an added policy is
+    /// template-linked, or the scope ids no longer fit a bucket key.
     pub fn with_changes<'p>(
         &self,
-        set: PolicySet,
         removed: impl IntoIterator<Item = &'p PolicyId>,
         added: impl IntoIterator<Item = &'p Policy>,
     ) -> Option<CedarIndex> {
         let mut index = self.index.clone()?;
+        if index.has_templates {
+            return None;
+        }
         for id in removed {
             index.remove(id)?;
         }
         for policy in added {
-            index.add(&set, policy)?;
+            if policy.template_id().is_some() {
+                return None;
+            }
+            index.add(None, policy)?;
         }
-        let live = index.positions.len();
-        if index.policies.len() - live > live.max(64) || !index.fits() {
+        if !index.fits() {
             return None;
         }
         Some(CedarIndex {
-            full: set,
+            full: OnceLock::new(),
             authorizer: Authorizer::new(),
             index: Some(index),
         })
@@ -88,17 +120,31 @@ impl CedarIndex {
 
     /// Number of policies (static and template-linked) in the set.
     pub fn len(&self) -> usize {
-        self.full.policies().count()
+        match &self.index {
+            Some(index) => index.policies.len(),
+            None => self.policy_set().policies().count(),
+        }
     }
 
     /// Whether the set has no policies.
     pub fn is_empty(&self) -> bool {
-        self.full.is_empty()
+        self.len() == 0
     }
 
-    /// The policy set this index was built from.
+    /// The policy set this index decides (assembled on first call after
+    /// [`CedarIndex::with_changes`]: O(set) once).
     pub fn policy_set(&self) -> &PolicySet {
-        &self.full
+        self.full.get_or_init(|| {
+            let mut set = PolicySet::new();
+            if let Some(index) = &self.index {
+                // Ids are unique in the index and every policy is static (`with_changes`
+                // refuses the rest), so no add can fail.
+                for policy in index.policies.values() {
+                    let _ = set.add(policy.policy.clone());
+                }
+            }
+            set
+        })
     }
 
     /// Decides `request` as Cedar's authorizer would on the whole set.
@@ -109,7 +155,9 @@ impl CedarIndex {
             request.action(),
             request.resource(),
         ) else {
-            return self.authorizer.is_authorized(request, &self.full, entities);
+            return self
+                .authorizer
+                .is_authorized(request, self.policy_set(), entities);
         };
         let scopes = RequestScopes {
             principal: index
@@ -123,7 +171,7 @@ impl CedarIndex {
                 .candidates(resource, entities, &index.uids, &index.types),
         };
         let mut outcome = Outcome::default();
-        let mut conditioned: SmallVec<[u32; 16]> = SmallVec::new();
+        let mut conditioned: SmallVec<[&IndexedPolicy; 16]> = SmallVec::new();
         let mut conditioned_may_repeat = false;
         for &p in &scopes.principal {
             for &a in &scopes.action {
@@ -131,21 +179,19 @@ impl CedarIndex {
                     let Some(bucket) = index.buckets.get(&bucket_key(p, a, r)) else {
                         continue;
                     };
-                    let bucket = &index.bucket_list[*bucket as usize];
-                    outcome.permits.extend(bucket.permits.iter().copied());
-                    outcome.forbids.extend(bucket.forbids.iter().copied());
-                    conditioned.extend(bucket.conditioned.iter().copied());
+                    outcome.permits.extend(bucket.permits.iter().map(|p| &**p));
+                    outcome.forbids.extend(bucket.forbids.iter().map(|p| &**p));
+                    conditioned.extend(bucket.conditioned.iter().map(|p| &**p));
                     conditioned_may_repeat |= bucket.has_shared_conditioned;
                 }
             }
         }
         if conditioned_may_repeat {
-            conditioned.sort_unstable();
-            conditioned.dedup();
+            conditioned.sort_unstable_by_key(|p| p.position);
+            conditioned.dedup_by_key(|p| p.position);
         }
         let mut errors = Vec::new();
-        for &policy in &conditioned {
-            let policy = &index.policies[policy as usize];
+        for policy in conditioned {
             let Some(single) = &policy.single else {
                 continue;
             };
@@ -153,30 +199,26 @@ impl CedarIndex {
             errors.extend(response.diagnostics().errors().cloned());
             if response.diagnostics().reason().next().is_some() {
                 match policy.effect {
-                    Effect::Permit => outcome.permits.push(policy.position),
-                    Effect::Forbid => outcome.forbids.push(policy.position),
+                    Effect::Permit => outcome.permits.push(policy),
+                    Effect::Forbid => outcome.forbids.push(policy),
                 }
             }
         }
-        outcome.into_response(&index.policies, errors)
+        outcome.into_response(errors)
     }
 }
 
-/// Satisfied policies of one request, by position in [`ScopeIndex::policies`].
+/// Satisfied policies of one request.
 #[derive(Default)]
-struct Outcome {
-    permits: SmallVec<[u32; 8]>,
-    forbids: SmallVec<[u32; 8]>,
+struct Outcome<'i> {
+    permits: SmallVec<[&'i IndexedPolicy; 8]>,
+    forbids: SmallVec<[&'i IndexedPolicy; 8]>,
 }
 
-impl Outcome {
+impl Outcome<'_> {
     /// Cedar's rule: any satisfied forbid denies and is the reason; else any satisfied permit
     /// allows and is the reason; else the default deny has no reason.
-    fn into_response(
-        self,
-        policies: &[IndexedPolicy],
-        errors: Vec<cedar_policy::AuthorizationError>,
-    ) -> Response {
+    fn into_response(self, errors: Vec<cedar_policy::AuthorizationError>) -> Response {
         let (decision, determining) = if !self.forbids.is_empty() {
             (Decision::Deny, &self.forbids)
         } else if !self.permits.is_empty() {
@@ -184,10 +226,7 @@ impl Outcome {
         } else {
             (Decision::Deny, &self.forbids)
         };
-        let reason: HashSet<PolicyId> = determining
-            .iter()
-            .map(|&position| policies[position as usize].id.clone())
-            .collect();
+        let reason: HashSet<PolicyId> = determining.iter().map(|p| p.id.clone()).collect();
         Response::new(decision, reason, errors)
     }
 }
@@ -200,42 +239,45 @@ struct RequestScopes {
 
 #[derive(Debug, Clone)]
 struct ScopeIndex {
-    /// Every entity uid named by a scope, interned.
-    uids: foldhash::HashMap<EntityUid, u32>,
+    /// Every entity uid named by a scope, interned (never forgotten: a stale id files nothing).
+    uids: PersistentMap<EntityUid, u32>,
     /// Every entity type named by an `is` scope, interned.
-    types: foldhash::HashMap<EntityTypeName, u32>,
+    types: PersistentMap<EntityTypeName, u32>,
     principal: Dimension,
     action: Dimension,
     resource: Dimension,
-    buckets: foldhash::HashMap<u64, u32>,
-    bucket_list: Vec<Bucket>,
-    /// By position; a removed policy stays as a tombstone filed in no bucket.
-    policies: Vec<IndexedPolicy>,
-    /// Position of each policy of the set.
-    positions: foldhash::HashMap<PolicyId, u32>,
+    buckets: PersistentMap<u64, Arc<Bucket>>,
+    /// Every policy of the set, by id.
+    policies: PersistentMap<PolicyId, Arc<IndexedPolicy>>,
+    /// The next policy's position (positions only order conditioned policies).
+    next_position: u32,
+    /// Whether the set holds templates (a delta would have to carry them).
+    has_templates: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct IndexedPolicy {
-    /// Position in [`ScopeIndex::policies`].
+    /// Unique in its index; orders a request's conditioned policies.
     position: u32,
     id: PolicyId,
     effect: Effect,
+    /// The policy, to assemble the full set when it is needed.
+    policy: Policy,
     /// A set holding only this policy, for policies with conditions.
     single: Option<PolicySet>,
-    /// The buckets it is filed in (by slot in [`ScopeIndex::bucket_list`]).
-    slots: SmallVec<[u32; 1]>,
+    /// The keys of the buckets it is filed in.
+    keys: SmallVec<[u64; 1]>,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Bucket {
     /// Condition-free policies, satisfied whenever the bucket's scope holds.
-    permits: Vec<u32>,
-    forbids: Vec<u32>,
+    permits: Vec<Arc<IndexedPolicy>>,
+    forbids: Vec<Arc<IndexedPolicy>>,
     /// Policies whose conditions Cedar must evaluate.
-    conditioned: Vec<u32>,
-    /// Whether a conditioned policy here is filed in other buckets too (an `action in [..]`
-    /// list), so one request may reach it twice.
+    conditioned: Vec<Arc<IndexedPolicy>>,
+    /// Whether a conditioned policy here is (or was) filed in other buckets too (an
+    /// `action in [..]` list), so one request may reach it twice.
     has_shared_conditioned: bool,
 }
 
@@ -259,8 +301,9 @@ struct Scope {
 /// The distinct scopes used for one request component (principal, action or resource).
 #[derive(Debug, Clone, Default)]
 struct Dimension {
-    ids: foldhash::HashMap<Scope, u32>,
-    /// Which kinds of scope occur, so a request skips the lookups that cannot succeed.
+    ids: PersistentMap<Scope, u32>,
+    /// Which kinds of scope occur (or occurred), so a request skips the lookups that cannot
+    /// succeed.
     typed: bool,
     has_any: bool,
     has_eq: bool,
@@ -284,8 +327,8 @@ impl Dimension {
         &self,
         uid: &EntityUid,
         entities: &Entities,
-        uids: &foldhash::HashMap<EntityUid, u32>,
-        types: &foldhash::HashMap<EntityTypeName, u32>,
+        uids: &PersistentMap<EntityUid, u32>,
+        types: &PersistentMap<EntityTypeName, u32>,
     ) -> Candidates {
         let mut anchors: SmallVec<[Anchor; 8]> = SmallVec::new();
         if self.has_any {
@@ -345,18 +388,18 @@ impl ScopeIndex {
     /// to pack; the caller then evaluates the full set.
     fn build(set: &PolicySet) -> Option<ScopeIndex> {
         let mut index = ScopeIndex {
-            uids: foldhash::HashMap::default(),
-            types: foldhash::HashMap::default(),
+            uids: PersistentMap::default(),
+            types: PersistentMap::default(),
             principal: Dimension::default(),
             action: Dimension::default(),
             resource: Dimension::default(),
-            buckets: foldhash::HashMap::default(),
-            bucket_list: Vec::new(),
-            policies: Vec::new(),
-            positions: foldhash::HashMap::default(),
+            buckets: PersistentMap::default(),
+            policies: PersistentMap::default(),
+            next_position: 0,
+            has_templates: set.templates().next().is_some(),
         };
         for policy in set.policies() {
-            index.add(set, policy)?;
+            index.add(Some(set), policy)?;
         }
         index.fits().then_some(index)
     }
@@ -372,46 +415,43 @@ impl ScopeIndex {
         widest < MAX_DIMENSIONS
     }
 
-    /// Unfiles the policy `id`, leaving a tombstone at its position. `None` if unknown.
+    /// Unfiles the policy `id`. `None` if unknown.
     fn remove(&mut self, id: &PolicyId) -> Option<()> {
-        let position = self.positions.remove(id)?;
-        let policy = self.policies.get_mut(position as usize)?;
-        policy.single = None;
-        for slot in std::mem::take(&mut policy.slots) {
-            let bucket = self.bucket_list.get_mut(slot as usize)?;
+        let policy = self.policies.remove(id)?;
+        for key in &policy.keys {
+            let bucket = self.buckets.get_mut(key)?;
+            let bucket = Arc::make_mut(bucket);
             for list in [
                 &mut bucket.permits,
                 &mut bucket.forbids,
                 &mut bucket.conditioned,
             ] {
-                list.retain(|&p| p != position);
+                list.retain(|p| p.position != policy.position);
+            }
+            if bucket.permits.is_empty()
+                && bucket.forbids.is_empty()
+                && bucket.conditioned.is_empty()
+            {
+                self.buckets.remove(key);
             }
         }
         Some(())
     }
 
-    fn add(&mut self, set: &PolicySet, policy: &Policy) -> Option<()> {
-        let position = u32::try_from(self.policies.len()).ok()?;
+    /// Files `policy`; `set` holds its template when it is template-linked. `None` when its
+    /// id is already filed or its single-policy set cannot be built.
+    fn add(&mut self, set: Option<&PolicySet>, policy: &Policy) -> Option<()> {
+        if self.policies.contains_key(policy.id()) {
+            return None;
+        }
+        let position = self.next_position;
+        self.next_position = position.checked_add(1)?;
         let conditioned = policy.has_non_scope_constraint();
         let single = if conditioned {
             Some(single_policy_set(set, policy)?)
         } else {
             None
         };
-        if self
-            .positions
-            .insert(policy.id().clone(), position)
-            .is_some()
-        {
-            return None;
-        }
-        self.policies.push(IndexedPolicy {
-            position,
-            id: policy.id().clone(),
-            effect: policy.effect(),
-            single,
-            slots: SmallVec::new(),
-        });
 
         let principal = match policy.principal_constraint() {
             PrincipalConstraint::Any => self.scope(Anchor::Any, None),
@@ -442,25 +482,30 @@ impl ScopeIndex {
         let principal = self.principal.id(principal);
         let resource = self.resource.id(resource);
         let shared = actions.len() > 1;
-        for action in actions {
-            let action = self.action.id(action);
-            let key = bucket_key(principal, action, resource);
-            let next = u32::try_from(self.bucket_list.len()).ok()?;
-            let slot = *self.buckets.entry(key).or_insert(next);
-            if slot == next {
-                self.bucket_list.push(Bucket::default());
-            }
-            self.policies[position as usize].slots.push(slot);
-            let bucket = &mut self.bucket_list[slot as usize];
-            match (conditioned, policy.effect()) {
+        let keys: SmallVec<[u64; 1]> = actions
+            .into_iter()
+            .map(|action| bucket_key(principal, self.action.id(action), resource))
+            .collect();
+        let indexed = Arc::new(IndexedPolicy {
+            position,
+            id: policy.id().clone(),
+            effect: policy.effect(),
+            policy: policy.clone(),
+            single,
+            keys,
+        });
+        for key in &indexed.keys {
+            let bucket = Arc::make_mut(self.buckets.entry(*key).or_default());
+            match (conditioned, indexed.effect) {
                 (true, _) => {
-                    bucket.conditioned.push(position);
+                    bucket.conditioned.push(Arc::clone(&indexed));
                     bucket.has_shared_conditioned |= shared;
                 }
-                (false, Effect::Permit) => bucket.permits.push(position),
-                (false, Effect::Forbid) => bucket.forbids.push(position),
+                (false, Effect::Permit) => bucket.permits.push(Arc::clone(&indexed)),
+                (false, Effect::Forbid) => bucket.forbids.push(Arc::clone(&indexed)),
             }
         }
+        self.policies.insert(indexed.id.clone(), indexed);
         Some(())
     }
 
@@ -487,12 +532,12 @@ impl ScopeIndex {
     }
 }
 
-/// A set with only `policy` (and its template when it is linked), keeping its id.
-fn single_policy_set(set: &PolicySet, policy: &Policy) -> Option<PolicySet> {
+/// A set with only `policy` (and its template, from `set`, when it is linked), keeping its id.
+fn single_policy_set(set: Option<&PolicySet>, policy: &Policy) -> Option<PolicySet> {
     let mut single = PolicySet::new();
     match (policy.template_id(), policy.template_links()) {
         (Some(template_id), Some(links)) => {
-            let template = set.template(template_id)?.clone();
+            let template = set?.template(template_id)?.clone();
             single.add_template(template).ok()?;
             single
                 .link(template_id.clone(), policy.id().clone(), links)

@@ -12,10 +12,11 @@
 //! | `Atomic` | the batch at R holds every change truth has at R in the range (a revision is never split) |
 //! | `Content` | every change in a batch is exactly truth's change for that key at R |
 //! | `Reliable` | no revision that touches the range is skipped between the first and the last delivery, or up to a bookmark or [`History::expect_through`] |
-//! | `Resumable` | after [`Delivery::Reconnected`], the first batch is exactly the next revision that touches the range |
+//! | `Resumable` | after [`Delivery::Reconnected`], the first batch is exactly the next revision that touches the range; after a restart marker with a file, the first delivery is the file's state and the next batch resumes right after it |
+//! | `Relist` | a resync is explained: a subscription's first state, the mirror's first list, a lagging subscriber, or a relist for a compaction that truth shows above the revision the watch resumed after |
 //! | `Bookmarkable` | nothing at or below a delivered progress revision arrives later |
 //! | `Resync` | a resync batch equals the true diff from the subscriber's state to truth's state at its revision |
-//! | `Snapshot` | every published snapshot hash (and sampled full snapshot) equals truth's at its revision, and published revisions never decrease |
+//! | `Snapshot` | every published snapshot hash (and sampled full snapshot) equals truth's at its revision, and published revisions never decrease (except where a restarted mirror's begin) |
 //! | `Convergence` | the mirror's final state equals etcd's range at the same revision ([`check_convergence`]) |
 //! | `Future` | a revision beyond the end of truth |
 
@@ -47,8 +48,11 @@ pub enum Kind {
     Content,
     /// A revision was skipped.
     Reliable,
-    /// A reconnect did not continue at exactly the next revision.
+    /// A reconnect (or a restart from a snapshot file) did not continue at
+    /// exactly the next revision.
     Resumable,
+    /// A resync that nothing explains.
+    Relist,
     /// Something at or below a bookmark arrived after it.
     Bookmarkable,
     /// A resync batch is not the true diff.
@@ -97,12 +101,17 @@ pub struct CheckSummary {
     pub batches: usize,
     /// Resync batches checked.
     pub resyncs: usize,
+    /// Relists checked and explained by a compaction in truth.
+    pub relists: usize,
+    /// Mirror restarts the subscriber went through.
+    pub restarts: usize,
     /// Progress deliveries checked.
     pub progress: usize,
     /// Changes checked.
     pub changes: usize,
-    /// Truth revisions in the range that were verified delivered (or covered
-    /// by a verified resync).
+    /// Truth revisions in the range that were verified delivered, or covered
+    /// by a verified resync other than a subscription's first state; each
+    /// counted once, even if delivered again after a restart.
     pub revisions_checked: usize,
     /// Snapshot hashes compared.
     pub snapshot_hashes: usize,
@@ -190,6 +199,11 @@ impl<'a> Checker<'a> {
         let mut cursor = self.truth.cursor(self.range.clone());
         let mut last = i64::MIN;
         for (i, s) in history.snapshots.iter().enumerate() {
+            if history.restarts.iter().any(|&(at, _)| at == i) {
+                // A restarted mirror's own sequence begins.
+                cursor = self.truth.cursor(self.range.clone());
+                last = i64::MIN;
+            }
             self.published(i, s.revision, &mut last)?;
             let want = cursor.advance_to(s.revision).hash();
             if s.hash != want {
@@ -210,6 +224,10 @@ impl<'a> Checker<'a> {
         let mut cursor = self.truth.cursor(self.range.clone());
         let mut last = i64::MIN;
         for (i, s) in history.full_snapshots.iter().enumerate() {
+            if history.restarts.iter().any(|&(_, at)| at == i) {
+                cursor = self.truth.cursor(self.range.clone());
+                last = i64::MIN;
+            }
             self.published(i, s.revision, &mut last)?;
             let want = cursor.advance_to(s.revision);
             if let Some(d) = first_difference(&s.state, want) {

@@ -1,6 +1,6 @@
 //! The history a perfect subscriber would see.
 
-use crate::history::{Batch, Delivery, History};
+use crate::history::{Batch, Delivery, History, Resync};
 use crate::keys::KeyRange;
 use crate::state::State;
 use crate::truth::Truth;
@@ -16,7 +16,7 @@ pub fn reference_history(truth: &Truth, range: &KeyRange, start: i64) -> History
     let initial = truth.state_at(start, range);
     let mut deliveries = vec![Delivery::Batch(Batch {
         revision: start,
-        resync: true,
+        resync: Some(Resync::Subscribed),
         changes: State::default().diff(&initial),
     })];
     for (revision, _) in truth.revisions().filter(|(r, _)| *r > start) {
@@ -24,7 +24,7 @@ pub fn reference_history(truth: &Truth, range: &KeyRange, start: i64) -> History
         if !changes.is_empty() {
             deliveries.push(Delivery::Batch(Batch {
                 revision,
-                resync: false,
+                resync: None,
                 changes,
             }));
         }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{CheckSummary, Checker, Kind};
-use crate::history::{Batch, Change, Delivery, History, Op};
+use crate::history::{Batch, Change, Delivery, History, Op, Resync};
 use crate::keys::show;
 use crate::state::State;
 use crate::truth::Cursor;
@@ -47,6 +47,17 @@ pub(super) struct Replay<'c, 'a> {
     reconnected: Option<usize>,
     /// Delivery index of each batch revision.
     delivered: HashMap<i64, usize>,
+    /// What the subscriber knew when the mirror's current watch began (at a
+    /// reconnect, a resync or a subscription): a compaction explains a relist
+    /// only if it is above this.
+    stream_from: i64,
+    /// No batch yet since the subscription began.
+    fresh: bool,
+    /// A restart marker not yet followed by a batch: its index and file.
+    restart: Option<(usize, Option<i64>)>,
+    /// The highest revision counted in `revisions_checked` (or covered by a
+    /// first list), over every subscription: nothing is counted twice.
+    counted_through: i64,
     pub summary: CheckSummary,
 }
 
@@ -61,6 +72,10 @@ impl<'c, 'a> Replay<'c, 'a> {
             bookmark: (0, None),
             reconnected: None,
             delivered: HashMap::new(),
+            stream_from: 0,
+            fresh: true,
+            restart: None,
+            counted_through: 0,
             summary: CheckSummary::default(),
         }
     }
@@ -74,10 +89,36 @@ impl<'c, 'a> Replay<'c, 'a> {
         match d {
             Delivery::Reconnected => {
                 self.reconnected = Some(at);
+                self.stream_from = self.known();
+                Ok(())
+            }
+            Delivery::Restarted { file } => {
+                // A new mirror process: the subscriber starts over.
+                self.state = State::default();
+                self.truth = self.checker.truth.cursor(self.checker.range.clone());
+                self.applied = (0, None);
+                self.bookmark = (0, None);
+                self.delivered.clear();
+                self.reconnected = None;
+                self.stream_from = 0;
+                self.fresh = true;
+                self.restart = Some((at, *file));
+                self.summary.restarts += 1;
                 Ok(())
             }
             Delivery::Progress { revision } => {
                 self.summary.progress += 1;
+                if let Some((marker, Some(file))) = self.restart {
+                    return Err(Found {
+                        kind: Kind::Resumable,
+                        at,
+                        since: marker,
+                        revision: *revision,
+                        detail: format!(
+                            "after a restart from a snapshot file at {file}, progress at {revision} came before the file's state"
+                        ),
+                    });
+                }
                 self.future(at, *revision)?;
                 if *revision < self.known() {
                     let since = self.bookmark.1.max(self.applied.1).unwrap_or(at);
@@ -142,6 +183,26 @@ impl<'c, 'a> Replay<'c, 'a> {
     fn batch(&mut self, at: usize, b: &Batch) -> Result<(), Found> {
         let r = b.revision;
         self.future(at, r)?;
+        // After a restart with a good file, the new mirror's first state is
+        // the file's, and what follows resumes right after it.
+        let resumes_file = match self.restart.take() {
+            Some((marker, Some(file))) => {
+                if b.resync != Some(Resync::Subscribed) || r != file {
+                    return Err(Found {
+                        kind: Kind::Resumable,
+                        at,
+                        since: marker,
+                        revision: r,
+                        detail: format!(
+                            "after a restart from a snapshot file at {file}, the first delivery is {} at {r}, not the file's state",
+                            b.resync.map_or("a batch", |c| c.name())
+                        ),
+                    });
+                }
+                Some(marker)
+            }
+            _ => None,
+        };
         let mut keys = HashSet::new();
         if let Some(dup) = b.changes.iter().find(|c| !keys.insert(c.key.as_slice())) {
             return Err(Found::here(
@@ -179,7 +240,7 @@ impl<'c, 'a> Replay<'c, 'a> {
             ));
         }
         let (mark, mark_at) = self.bookmark;
-        if r < mark || (r == mark && !(b.resync && b.changes.is_empty())) {
+        if r < mark || (r == mark && !(b.resync.is_some() && b.changes.is_empty())) {
             return Err(Found {
                 kind: Kind::Bookmarkable,
                 at,
@@ -188,15 +249,18 @@ impl<'c, 'a> Replay<'c, 'a> {
                 detail: format!("batch at {r} after a progress mark at {mark}"),
             });
         }
-        if b.resync {
-            self.resync(at, b)?;
-        } else {
-            self.incremental(at, b)?;
+        match b.resync {
+            Some(cause) => {
+                self.explain(at, b, cause)?;
+                self.resync(at, b, cause)?;
+            }
+            None => self.incremental(at, b)?,
         }
         self.state.apply_all(&b.changes);
         self.applied = (r, Some(at));
         self.delivered.insert(r, at);
-        self.reconnected = None;
+        self.reconnected = resumes_file;
+        self.fresh = false;
         self.summary.batches += 1;
         self.summary.changes += b.changes.len();
         self.summary.last_revision = r;
@@ -210,9 +274,61 @@ impl<'c, 'a> Replay<'c, 'a> {
         }
     }
 
-    /// A resync may jump, but must hold exactly the diff to truth at its revision.
-    fn resync(&mut self, at: usize, b: &Batch) -> Result<(), Found> {
-        let before = self.truth.revision();
+    /// Whether something explains a resync (rule `Relist`): a subscription
+    /// begins with one; the mirror's first list comes before anything else;
+    /// a subscriber that lagged is brought up to date; and a relist for
+    /// compaction needs a compaction in truth above the revision the watch
+    /// resumed after, made before the list. Nothing explains a relist for
+    /// validation.
+    fn explain(&mut self, at: usize, b: &Batch, cause: Resync) -> Result<(), Found> {
+        let r = b.revision;
+        let why = match cause {
+            Resync::Lagged => return Ok(()),
+            Resync::Subscribed if self.fresh => return Ok(()),
+            Resync::Subscribed => "a subscription's first state in the middle of it".to_owned(),
+            Resync::InitialList if self.known() == 0 => return Ok(()),
+            Resync::InitialList => {
+                format!("a first list after revision {} was delivered", self.known())
+            }
+            Resync::Compacted => {
+                if let Some(c) = self
+                    .checker
+                    .truth
+                    .compaction_explaining(self.stream_from, r)
+                {
+                    tracing::debug!(
+                        "relist at {r} explained by the compaction at {}",
+                        c.revision
+                    );
+                    self.summary.relists += 1;
+                    return Ok(());
+                }
+                format!(
+                    "a relist for compaction, but truth has no compaction above {} made before {r} (compactions: {})",
+                    self.stream_from,
+                    compactions(self.checker.truth.compactions())
+                )
+            }
+            Resync::Validation => {
+                "a relist because a response failed validation: nothing in truth explains it"
+                    .to_owned()
+            }
+        };
+        let since = self.reconnected.or(self.applied.1).unwrap_or(at);
+        Err(Found {
+            kind: Kind::Relist,
+            at,
+            since,
+            revision: r,
+            detail: format!("resync at {r} unexplained: {why}"),
+        })
+    }
+
+    /// A resync may jump, but must hold exactly the diff to truth at its
+    /// revision. The revisions it covers count as checked, except those a
+    /// subscription's first state covers.
+    fn resync(&mut self, at: usize, b: &Batch, cause: Resync) -> Result<(), Found> {
+        let before = self.counted_through.max(self.applied.0);
         let want = self.state.diff(self.truth.advance_to(b.revision));
         if let Some(detail) = mismatch(&b.changes, &want) {
             return Err(Found {
@@ -224,7 +340,15 @@ impl<'c, 'a> Replay<'c, 'a> {
             });
         }
         self.summary.resyncs += 1;
-        self.summary.revisions_checked += self.touching(before + 1, b.revision);
+        if !matches!(cause, Resync::Subscribed | Resync::InitialList) {
+            self.summary.revisions_checked += self.touching(before + 1, b.revision);
+        }
+        self.counted_through = self.counted_through.max(b.revision);
+        if cause != Resync::Lagged {
+            // A list (or a subscription) is followed by a watch from it; a
+            // lagging subscriber's catch-up leaves the mirror's watch as it was.
+            self.stream_from = b.revision;
+        }
         Ok(())
     }
 
@@ -299,8 +423,9 @@ impl<'c, 'a> Replay<'c, 'a> {
                 format!("{extra} did not happen at {r}"),
             ));
         }
-        if !want.is_empty() {
+        if !want.is_empty() && r > self.counted_through {
             self.summary.revisions_checked += 1;
+            self.counted_through = r;
         }
         Ok(())
     }
@@ -364,4 +489,16 @@ fn mismatch(got: &[Change], want: &[Change]) -> Option<String> {
     got.iter()
         .find(|c| !want_map.contains_key(c.key.as_slice()))
         .map(|c| format!("unexpected {c}"))
+}
+
+/// Compactions, briefly.
+fn compactions(cs: &[crate::truth::Compaction]) -> String {
+    if cs.is_empty() {
+        return "none".into();
+    }
+    let list: Vec<String> = cs
+        .iter()
+        .map(|c| format!("{} (made at or after {})", c.revision, c.not_before))
+        .collect();
+    list.join(", ")
 }

@@ -1,12 +1,14 @@
 //! A subscriber that records what it receives, can be told to stop reading
 //! for a while (a slow subscriber), and follows the mirror across restarts.
+//! The mirror's watch reconnects, read from its status, are recorded as
+//! reconnect markers in the history, so that every resume is checked.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use revwatch::mirror::{ResyncReason, Subscription, Update};
+use revwatch::mirror::{Mirror, ResyncReason, Status, Subscription, Update};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -21,12 +23,37 @@ const POLL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub(super) struct Collector {
     /// New subscriptions (after a mirror restart) go here.
-    subscriptions: mpsc::UnboundedSender<Subscription<Bytes>>,
+    subscriptions: mpsc::UnboundedSender<Feed>,
     paused: watch::Sender<bool>,
     target: watch::Sender<i64>,
     reached: watch::Receiver<i64>,
     counters: Arc<Counters>,
     task: JoinHandle<MirrorAdapter>,
+}
+
+/// One subscription and what goes with it.
+#[derive(Debug)]
+pub(super) struct Feed {
+    sub: Subscription<Bytes>,
+    /// The mirror's status, for its reconnects.
+    status: watch::Receiver<Status>,
+    /// For the subscription of a restarted mirror: the revision of the file it
+    /// was given (`None`: no file). Unused for the first subscription.
+    file: Option<i64>,
+}
+
+impl Feed {
+    /// A subscription of `mirror`, given a snapshot file at `file` if it is a
+    /// restarted one.
+    pub(super) fn new(mirror: &Mirror, file: Option<i64>) -> Self {
+        // Status first: a reconnect after it is then seen as a change.
+        let status = mirror.status_changes();
+        Self {
+            sub: mirror.subscribe(),
+            status,
+            file,
+        }
+    }
 }
 
 /// What a collector has received, by kind.
@@ -40,7 +67,7 @@ pub(super) struct Counters {
 
 impl Collector {
     /// Starts collecting from `first`.
-    pub(super) fn start(first: Subscription<Bytes>) -> Self {
+    pub(super) fn start(first: Feed) -> Self {
         let (subscriptions, subs_rx) = mpsc::unbounded_channel();
         // Cannot fail: the receiver is alive.
         let _ = subscriptions.send(first);
@@ -65,10 +92,10 @@ impl Collector {
         }
     }
 
-    /// Continues on `sub` once the current subscription ends.
-    pub(super) fn resubscribe(&self, sub: Subscription<Bytes>) {
+    /// Continues on `feed` once the current subscription ends.
+    pub(super) fn resubscribe(&self, feed: Feed) {
         // Fails only if the task ended, which `finish` reports.
-        let _ = self.subscriptions.send(sub);
+        let _ = self.subscriptions.send(feed);
     }
 
     pub(super) fn pause(&self, paused: bool) {
@@ -119,8 +146,13 @@ impl Collector {
     }
 }
 
+/// Total watch reconnects in `status`.
+fn reconnects(status: &Status) -> u64 {
+    status.reconnects.values().sum()
+}
+
 async fn collect(
-    mut subs: mpsc::UnboundedReceiver<Subscription<Bytes>>,
+    mut subs: mpsc::UnboundedReceiver<Feed>,
     mut paused: watch::Receiver<bool>,
     target: watch::Receiver<i64>,
     reached: watch::Sender<i64>,
@@ -128,9 +160,15 @@ async fn collect(
 ) -> MirrorAdapter {
     let mut adapter = MirrorAdapter::new();
     let mut batches = 0u64;
-    let Some(mut sub) = subs.recv().await else {
+    let Some(Feed {
+        mut sub,
+        mut status,
+        ..
+    }) = subs.recv().await
+    else {
         return adapter;
     };
+    let mut seen = reconnects(&status.borrow_and_update());
     while adapter.known() < *target.borrow() {
         if *paused.borrow() {
             // A slow subscriber: not reading lets its queue overflow.
@@ -144,14 +182,27 @@ async fn collect(
                 // The mirror stopped (a restart): go on with the new one.
                 match subs.recv().await {
                     Some(next) => {
-                        sub = next;
-                        adapter.reconnected();
+                        sub = next.sub;
+                        status = next.status;
+                        seen = reconnects(&status.borrow_and_update());
+                        adapter.restarted(next.file);
                         continue;
                     }
                     None => break,
                 }
             }
         };
+        // The mirror counts a reconnect before it publishes anything from the
+        // new stream, so the marker comes before every batch of that stream
+        // (and maybe before a few of the previous one, which is harmless:
+        // they too must follow on exactly).
+        if status.has_changed().unwrap_or(false) {
+            let now = reconnects(&status.borrow_and_update());
+            if now > seen {
+                adapter.reconnected();
+            }
+            seen = now;
+        }
         counters.updates.fetch_add(1, Ordering::Relaxed);
         if let Update::Batch(b) = &update {
             if b.resync == Some(ResyncReason::SubscriberLagged) {

@@ -11,7 +11,10 @@
 //! to reach that revision, then checks every subscriber's
 //! history, every published snapshot hash, sampled full snapshots, what each
 //! restarted mirror loaded from its file, and the final state against
-//! etcd's range.
+//! etcd's range. The truth carries the compactions of the run (those the
+//! executor makes, and with auto-compaction those a probe finds), which
+//! alone explain a relist. A run that checked fewer acknowledged writes or
+//! prefix revisions than its stated minimum fails.
 //!
 //! The same [`RunConfig`] (seed included) gives the same workload plan and
 //! fault schedule, so a failing run can be replayed alone.
@@ -35,7 +38,7 @@ use rand::{Rng, SeedableRng};
 use revwatch::mirror::MirrorConfig;
 use tokio::time::Instant;
 
-use self::collect::Collector;
+use self::collect::{Collector, Feed};
 use self::executor::{Executor, RECOVERY_TIMEOUT};
 use self::rig::MirrorRig;
 use self::topology::Topology;
@@ -55,6 +58,10 @@ use crate::workload::{self, WorkloadConfig};
 const SUBSCRIBER_BUFFER: usize = 32;
 /// Longest wait for the end of a run (collectors, truth, final catch-up).
 const END_TIMEOUT: Duration = Duration::from_secs(60);
+/// Acknowledged writes each second of a run must at least bring.
+pub const MIN_WRITES_PER_SEC: u64 = 10;
+/// Prefix revisions each second of a run must at least bring to be checked.
+pub const MIN_REVISIONS_PER_SEC: u64 = 5;
 
 /// What one run does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +84,11 @@ pub struct RunConfig {
     pub pause: (Duration, Duration),
     /// The mirror's stall timeout: short, so frozen members are left fast.
     pub stall_timeout: Duration,
+    /// Acknowledged writes the run must check at least, or it fails.
+    pub min_writes: usize,
+    /// Prefix revisions the steady subscriber must have checked at least
+    /// (`revisions_checked`), or the run fails.
+    pub min_revisions: usize,
 }
 
 impl RunConfig {
@@ -92,6 +104,8 @@ impl RunConfig {
             fault_length: (Duration::from_millis(500), Duration::from_secs(3)),
             pause: (Duration::from_millis(300), Duration::from_millis(1500)),
             stall_timeout: Duration::from_secs(3),
+            min_writes: per_sec(MIN_WRITES_PER_SEC, run_length),
+            min_revisions: per_sec(MIN_REVISIONS_PER_SEC, run_length),
         }
     }
 
@@ -142,6 +156,11 @@ impl RunConfig {
     }
 }
 
+/// `rate` per second over `length`.
+fn per_sec(rate: u64, length: Duration) -> usize {
+    usize::try_from(rate.saturating_mul(length.as_secs())).unwrap_or(usize::MAX)
+}
+
 /// With auto-compaction the truth recorder must never fall a second behind,
 /// so members are not killed or frozen: only faults between the mirror and
 /// etcd, and the mirror's own.
@@ -162,6 +181,9 @@ pub struct FaultOutcome {
     pub fault: FaultType,
     /// From healed until the mirror reached etcd's revision at that moment.
     pub recovery: Duration,
+    /// A peer partition of the member the mirror watched, which the mirror
+    /// left for the majority (reaching its revision) while it was cut off.
+    pub left_minority: bool,
 }
 
 /// What a passing run covered.
@@ -179,6 +201,10 @@ pub struct RunReport {
     pub last_revision: i64,
     /// Writes issued.
     pub writes: usize,
+    /// Writes etcd acknowledged, each found in truth with its effect.
+    pub acked_writes: usize,
+    /// Compactions in the truth (made by the run or found).
+    pub compactions: usize,
     /// Relists by cause, over every mirror instance.
     pub relists: BTreeMap<String, u64>,
     /// Watch resumptions by cause, over every mirror instance.
@@ -211,6 +237,17 @@ pub enum RunError {
         /// Where the mirror was.
         detail: String,
     },
+    /// A restarted mirror did not load its snapshot file as it should.
+    #[error("restart after {fault}: {detail}")]
+    Restart {
+        /// The fault.
+        fault: String,
+        /// What the new mirror's status showed.
+        detail: String,
+    },
+    /// The run checked less than its stated minimum.
+    #[error("too little checked: {0}")]
+    TooLittle(String),
     /// A slow subscriber was not resynced exactly once.
     #[error("slow subscriber: {detail}")]
     SlowSubscriber {
@@ -242,8 +279,16 @@ impl RunError {
     pub fn is_violation(&self) -> bool {
         matches!(
             self,
-            RunError::Violation(_) | RunError::NoRecovery { .. } | RunError::SlowSubscriber { .. }
+            RunError::Violation(_)
+                | RunError::NoRecovery { .. }
+                | RunError::SlowSubscriber { .. }
+                | RunError::Restart { .. }
         )
+    }
+
+    /// Whether the mirror relisted with nothing to explain it.
+    pub fn is_unexplained_relist(&self) -> bool {
+        matches!(self, RunError::Violation(v) if v.kind == crate::checker::Kind::Relist)
     }
 }
 
@@ -297,15 +342,19 @@ async fn run_schedule(config: &RunConfig, schedule: &Schedule) -> Result<RunRepo
     let prefix = KeyRange::prefix(&workload_config.prefix);
     let mut topo = Topology::start(config).await?;
     let members = topo.member_endpoints();
-    let recorder = TruthRecorder::start(members.clone());
+    let mut recorder = TruthRecorder::start(members.clone());
+    if config.auto_compaction {
+        recorder.follow_compactions(members[0].clone());
+    }
     let mut rig = MirrorRig::start(
         workload_config.prefix.clone(),
         topo.mirror_endpoints(),
         config.mirror(),
+        config.seed,
     )
     .await?;
-    let steady = Collector::start(rig.mirror()?.subscribe());
-    let slow = Collector::start(rig.mirror()?.subscribe());
+    let steady = Collector::start(Feed::new(rig.mirror()?, None));
+    let slow = Collector::start(Feed::new(rig.mirror()?, None));
 
     let start = Instant::now();
     let writers = {
@@ -362,7 +411,7 @@ async fn run_schedule(config: &RunConfig, schedule: &Schedule) -> Result<RunRepo
         slow.finish(last, END_TIMEOUT).await,
     ];
     let truth = recorder.finish(last, END_TIMEOUT).await?;
-    truth.verify_records(&out.records, &out.leases)?;
+    let attribution = truth.verify_records(&out.records, &out.leases)?;
 
     let ctx = RunContext {
         seed: config.seed,
@@ -382,12 +431,22 @@ async fn run_schedule(config: &RunConfig, schedule: &Schedule) -> Result<RunRepo
         history.expect_through = Some(last);
         checks.push(checker.check(&history).map_err(RunError::Violation)?);
     }
+    // Each restart loaded its own file: their revisions need not increase.
+    let full_snapshots = std::mem::take(&mut rig.loaded);
     let loaded = History {
-        full_snapshots: std::mem::take(&mut rig.loaded),
+        restarts: (0..full_snapshots.len()).map(|i| (0, i)).collect(),
+        full_snapshots,
         ..History::default()
     };
     checker.check(&loaded).map_err(RunError::Violation)?;
     check_convergence(&mirror_final, &etcd_final, &ctx).map_err(RunError::Violation)?;
+    let revisions_checked = checks.first().map_or(0, |c| c.revisions_checked);
+    if attribution.acked < config.min_writes || revisions_checked < config.min_revisions {
+        return Err(RunError::TooLittle(format!(
+            "{} acknowledged writes and {revisions_checked} prefix revisions, below the minimum of {} and {}",
+            attribution.acked, config.min_writes, config.min_revisions
+        )));
+    }
 
     let (relists, reconnects) = rig.counters();
     Ok(RunReport {
@@ -397,6 +456,8 @@ async fn run_schedule(config: &RunConfig, schedule: &Schedule) -> Result<RunRepo
         checks,
         last_revision: last,
         writes: out.records.len(),
+        acked_writes: attribution.acked,
+        compactions: truth.compactions().len(),
         relists,
         reconnects,
         lagged_resyncs,

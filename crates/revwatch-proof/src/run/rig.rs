@@ -1,4 +1,12 @@
 //! The mirror under test, restartable from its snapshot file.
+//!
+//! Restarts take turns (the first drawn from the run's seed): a crash (the mirror dropped without its final write,
+//! so the file is the last timed one), a clean shutdown (the file holds the
+//! last published revision), and a shutdown whose file is then removed (the
+//! new mirror must list afresh). After each, the rig asserts from the new
+//! mirror's status, before it reached etcd, that it loaded the file (or, with
+//! the file removed, nothing), and hands the collectors a subscription at
+//! once, so that the checker sees the loaded state and everything after it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +17,7 @@ use tempfile::TempDir;
 use tokio::time::Instant;
 
 use super::RunError;
-use super::collect::Collector;
+use super::collect::{Collector, Feed};
 use crate::adapter::state_of;
 use crate::history::FullSnapshot;
 
@@ -29,15 +37,39 @@ pub(super) struct MirrorRig {
     pub(super) reconnects: BTreeMap<String, u64>,
     /// What each restarted instance loaded from the file, before any watch.
     pub(super) loaded: Vec<FullSnapshot>,
+    /// Restarts so far, plus the seed's offset into the turns.
+    restarts: u64,
     _dir: TempDir,
 }
 
+/// How a restart stops the old mirror and treats its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RestartKind {
+    /// Dropped without a final write: the file is the last timed one.
+    Crash,
+    /// Shut down: the file holds the last published revision.
+    Shutdown,
+    /// Shut down (so that no write of the old mirror is still in flight),
+    /// and its file removed.
+    FileRemoved,
+}
+
+/// A stopped mirror, to restart.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Stopped {
+    kind: RestartKind,
+    /// The revision the old mirror had published.
+    reached: i64,
+}
+
 impl MirrorRig {
-    /// Starts a mirror of `prefix` through `endpoints` and waits until ready.
+    /// Starts a mirror of `prefix` through `endpoints` and waits until ready;
+    /// `seed` picks the first restart's turn.
     pub(super) async fn start(
         prefix: Vec<u8>,
         endpoints: Vec<String>,
         mut config: MirrorConfig,
+        seed: u64,
     ) -> Result<Self, RunError> {
         let dir = tempfile::Builder::new()
             .prefix("revwatch-proof-")
@@ -52,6 +84,7 @@ impl MirrorRig {
             relists: BTreeMap::new(),
             reconnects: BTreeMap::new(),
             loaded: Vec::new(),
+            restarts: seed % 3,
             _dir: dir,
         };
         let mirror = rig.spawn().await.map_err(RunError::Setup)?;
@@ -77,39 +110,99 @@ impl MirrorRig {
             .ok_or_else(|| RunError::Setup("the mirror is not running".into()))
     }
 
-    /// Stops the mirror (its subscriptions end) and returns the revision it
-    /// had published.
-    pub(super) fn stop(&mut self) -> i64 {
+    /// Stops the mirror (its subscriptions end), in the way this restart's
+    /// turn says.
+    pub(super) async fn stop(&mut self) -> Result<Stopped, String> {
+        let mut kind = match self.restarts % 3 {
+            0 => RestartKind::Crash,
+            1 => RestartKind::Shutdown,
+            _ => RestartKind::FileRemoved,
+        };
+        self.restarts += 1;
+        let path = self.config.snapshot_file.clone().unwrap_or_default();
+        if kind == RestartKind::Crash && !path.exists() {
+            // Not written yet (a fresh list after a removal): a crash would
+            // leave no file to prove anything with.
+            kind = RestartKind::Shutdown;
+        }
         let Some(mirror) = self.mirror.take() else {
-            return 0;
+            return Err("the mirror is not running".into());
         };
         self.add_counters(&mirror);
-        mirror.snapshot().revision()
+        let reached = mirror.snapshot().revision();
+        tracing::info!(?kind, reached, "stopping the mirror for a restart");
+        match kind {
+            RestartKind::Crash => drop(mirror),
+            RestartKind::Shutdown => mirror
+                .shutdown()
+                .await
+                .map_err(|e| format!("shutdown before a restart: {e}"))?,
+            RestartKind::FileRemoved => {
+                mirror
+                    .shutdown()
+                    .await
+                    .map_err(|e| format!("shutdown before a restart: {e}"))?;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(format!("removing {}: {e}", path.display())),
+                }
+            }
+        }
+        Ok(Stopped { kind, reached })
     }
 
-    /// Starts a new mirror on the same snapshot file, records what it
-    /// loaded, waits until it is back at `reached` (a new process would not
-    /// serve subscribers an older state than the one they had), and hands a
-    /// new subscription to each collector.
+    /// Starts a new mirror on the same snapshot file, asserts from its status
+    /// that it loaded the file (or nothing, if the file was removed), records
+    /// what it loaded, and at once hands a new subscription to each collector
+    /// (before the new mirror has reached etcd, so that the checker sees its
+    /// first state and everything after it).
     pub(super) async fn restart(
         &mut self,
-        reached: i64,
+        stopped: Stopped,
         collectors: [&Collector; 2],
     ) -> Result<(), String> {
         let mirror = self.spawn().await?;
-        if mirror.status().loaded_snapshot_written_at.is_some() {
+        let status = mirror.status();
+        let loaded = status.loaded_snapshot_written_at.is_some();
+        let file = match stopped.kind {
+            RestartKind::FileRemoved if loaded || status.revision != 0 => {
+                return Err(format!(
+                    "its snapshot file was removed, yet it starts at revision {} (loaded: {loaded})",
+                    status.revision
+                ));
+            }
+            RestartKind::FileRemoved => None,
+            _ if !loaded || status.revision <= 0 => {
+                return Err(format!(
+                    "it did not load its snapshot file: status at revision {} (loaded: {loaded})",
+                    status.revision
+                ));
+            }
+            RestartKind::Shutdown if status.revision != stopped.reached => {
+                return Err(format!(
+                    "after a clean shutdown at {}, it loaded its file at {}",
+                    stopped.reached, status.revision
+                ));
+            }
+            _ if status.revision > stopped.reached => {
+                return Err(format!(
+                    "it loaded its file at {}, beyond the {} the old mirror reached",
+                    status.revision, stopped.reached
+                ));
+            }
+            _ => Some(status.revision),
+        };
+        for c in collectors {
+            c.resubscribe(Feed::new(&mirror, file));
+        }
+        tracing::info!(?file, "restarted mirror subscribed");
+        if file.is_some() {
             let loaded = mirror.snapshot();
             self.loaded.push(FullSnapshot {
                 revision: loaded.revision(),
                 state: state_of(&loaded),
             });
-        }
-        mirror
-            .snapshot_at_least(reached, START_TIMEOUT)
-            .await
-            .map_err(|e| format!("restarted mirror: {e}; status {:?}", mirror.status()))?;
-        for c in collectors {
-            c.resubscribe(mirror.subscribe());
         }
         self.mirror = Some(mirror);
         Ok(())

@@ -1,11 +1,12 @@
 //! Figures over many runs, as the soak prints and writes them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::Serialize;
 
-use super::{RunFailure, RunReport};
+use super::{RunConfig, RunFailure, RunReport};
+use crate::schedule::FaultType;
 
 /// Totals over runs, with recovery times per fault type.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -16,16 +17,37 @@ pub struct SoakSummary {
     pub faults_injected: usize,
     /// Faults injected, by type.
     pub faults_by_type: BTreeMap<String, usize>,
-    /// Distinct fault types injected.
+    /// Distinct faults injected (a type that is another one in a different
+    /// topology counts once, see [`FaultType::distinct`]).
+    ///
+    /// [`FaultType::distinct`]: crate::schedule::FaultType::distinct
     pub fault_types_covered: usize,
     /// Changes checked, over every subscriber.
     pub events_checked: usize,
-    /// Revisions in the prefix verified delivered (steady subscriber).
+    /// Revisions in the prefix verified delivered, or covered by a resync
+    /// after the first list (steady subscriber; each counted once).
     pub revisions_checked: usize,
     /// Writes issued.
     pub writes: usize,
+    /// Writes etcd acknowledged, each found in truth with its effect.
+    pub acked_writes: usize,
+    /// Acknowledged writes each run had to check at least (the largest
+    /// minimum of the runs), or it failed.
+    pub min_writes_per_run: usize,
+    /// Prefix revisions each run had to check at least, or it failed.
+    pub min_revisions_per_run: usize,
     /// Runs where the mirror broke a guarantee or did not recover.
     pub violations: usize,
+    /// Runs failed because the mirror relisted with nothing in truth to
+    /// explain it (also counted in `violations`).
+    pub unexplained_relists: usize,
+    /// Relists by compaction that a compaction in truth explained.
+    pub explained_relists: usize,
+    /// Mirror restarts after which the subscriber resumed from the file.
+    pub restarts_checked: usize,
+    /// Peer partitions of the member the mirror watched, which the mirror
+    /// left for the majority while it was still cut off.
+    pub minority_left: usize,
     /// Runs that failed for another reason (setup, truth).
     pub errors: usize,
     /// Relists by cause.
@@ -42,23 +64,33 @@ pub struct SoakSummary {
     pub failures: Vec<String>,
     #[serde(skip)]
     recoveries: BTreeMap<String, Vec<u64>>,
+    #[serde(skip)]
+    distinct: BTreeSet<FaultType>,
 }
 
 impl SoakSummary {
     /// Adds a passing run.
     pub fn add(&mut self, report: &RunReport) {
         self.runs += 1;
+        self.minimums(&report.config);
         self.faults_injected += report.faults.len();
         for f in &report.faults {
+            self.distinct.insert(f.fault.distinct());
             let name = f.fault.name().to_owned();
             *self.faults_by_type.entry(name.clone()).or_default() += 1;
             let ms = u64::try_from(f.recovery.as_millis()).unwrap_or(u64::MAX);
             self.recoveries.entry(name).or_default().push(ms);
+            self.minority_left += usize::from(f.left_minority);
         }
-        self.fault_types_covered = self.faults_by_type.len();
+        self.fault_types_covered = self.distinct.len();
         self.events_checked += report.checks.iter().map(|c| c.changes).sum::<usize>();
-        self.revisions_checked += report.checks.first().map_or(0, |c| c.revisions_checked);
+        if let Some(steady) = report.checks.first() {
+            self.revisions_checked += steady.revisions_checked;
+            self.explained_relists += steady.relists;
+            self.restarts_checked += steady.restarts;
+        }
         self.writes += report.writes;
+        self.acked_writes += report.acked_writes;
         for (cause, n) in &report.relists {
             *self.relists.entry(cause.clone()).or_default() += n;
         }
@@ -78,13 +110,24 @@ impl SoakSummary {
     /// Adds a failed run.
     pub fn add_failure(&mut self, failure: &RunFailure) {
         self.runs += 1;
+        self.minimums(&failure.config);
         if failure.error.is_violation() {
             self.violations += 1;
+            if failure.error.is_unexplained_relist() {
+                self.unexplained_relists += 1;
+            }
         } else {
             self.errors += 1;
         }
         self.failures
             .push(format!("seed {}: {}", failure.config.seed, failure.error));
+    }
+}
+
+impl SoakSummary {
+    fn minimums(&mut self, config: &RunConfig) {
+        self.min_writes_per_run = self.min_writes_per_run.max(config.min_writes);
+        self.min_revisions_per_run = self.min_revisions_per_run.max(config.min_revisions);
     }
 }
 
@@ -104,10 +147,29 @@ impl fmt::Display for SoakSummary {
                 self.median_recovery_ms.get(name).copied().unwrap_or(0)
             )?;
         }
-        writeln!(f, "writes issued:      {}", self.writes)?;
+        writeln!(
+            f,
+            "writes issued:      {} ({} acknowledged; at least {} a run)",
+            self.writes, self.acked_writes, self.min_writes_per_run
+        )?;
         writeln!(f, "events checked:     {}", self.events_checked)?;
-        writeln!(f, "revisions checked:  {}", self.revisions_checked)?;
+        writeln!(
+            f,
+            "revisions checked:  {} (at least {} a run)",
+            self.revisions_checked, self.min_revisions_per_run
+        )?;
         writeln!(f, "violations:         {}", self.violations)?;
+        writeln!(f, "unexplained relists: {}", self.unexplained_relists)?;
+        writeln!(
+            f,
+            "relists explained by a compaction: {}; restarts resumed from file: {}",
+            self.explained_relists, self.restarts_checked
+        )?;
+        writeln!(
+            f,
+            "peer partitions of the watched member left for the majority: {}",
+            self.minority_left
+        )?;
         writeln!(f, "other errors:       {}", self.errors)?;
         writeln!(f, "relists by cause:   {:?}", self.relists)?;
         writeln!(f, "reconnects by cause: {:?}", self.reconnects)?;

@@ -1,5 +1,7 @@
-//! What a run talks to: etcd members, one fault proxy per member between the
-//! mirror and etcd, and optionally `etcd grpc-proxy` in front of those.
+//! What a run talks to: etcd members (on 3 members, with their peer traffic
+//! through per-link proxies that a peer partition cuts), one fault proxy per
+//! member between the mirror and etcd, and optionally `etcd grpc-proxy` in
+//! front of those.
 
 use revwatch_testkit::etcd::{ClusterOptions, CompactionMode, EtcdCluster};
 use revwatch_testkit::grpc_proxy::GrpcProxy;
@@ -20,6 +22,9 @@ impl Topology {
     pub(super) async fn start(config: &RunConfig) -> Result<Self, RunError> {
         let mut opts = ClusterOptions {
             members: config.members,
+            // Peer traffic through per-link proxies, so that a member can be
+            // cut off from its peers (a real partition) while clients reach it.
+            peer_links: config.members >= 3,
             ..ClusterOptions::default()
         };
         if config.grpc_proxy {

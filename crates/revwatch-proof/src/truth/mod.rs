@@ -24,6 +24,7 @@
 //! take no part in it.
 
 mod cursor;
+mod probe;
 pub mod recorder;
 mod verify;
 
@@ -116,11 +117,23 @@ pub enum TruthError {
     RecorderStopped(String),
 }
 
-/// Every change, revision by revision, from revision 2 up to `through`.
+/// A compaction of etcd's history, as the run made it or found it made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// The compaction revision: history below it is gone.
+    pub revision: i64,
+    /// A revision etcd had certainly reached when the compaction was made (at
+    /// least `revision`): a list read at a lower revision came before it.
+    pub not_before: i64,
+}
+
+/// Every change, revision by revision, from revision 2 up to `through`, and
+/// the compactions made meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Truth {
     revisions: BTreeMap<i64, Vec<Change>>,
     through: i64,
+    compactions: Vec<Compaction>,
 }
 
 impl Truth {
@@ -149,7 +162,38 @@ impl Truth {
             }
             state.apply_all(changes);
         }
-        Ok(Self { revisions, through })
+        Ok(Self {
+            revisions,
+            through,
+            compactions: Vec::new(),
+        })
+    }
+
+    /// The same truth, with the compactions made while it was recorded.
+    pub fn with_compactions(mut self, mut compactions: Vec<Compaction>) -> Self {
+        compactions.sort_by_key(|c| (c.revision, c.not_before));
+        self.compactions = compactions;
+        self
+    }
+
+    /// The compactions made while the truth was recorded, by revision.
+    pub fn compactions(&self) -> &[Compaction] {
+        &self.compactions
+    }
+
+    /// A compaction that explains a relist read at `list_revision` by a watch
+    /// that resumed after `resumed_after`: its revision is above
+    /// `resumed_after` (so it removed history the watch needed) and it was
+    /// made before etcd passed `list_revision`.
+    pub fn compaction_explaining(
+        &self,
+        resumed_after: i64,
+        list_revision: i64,
+    ) -> Option<Compaction> {
+        self.compactions
+            .iter()
+            .find(|c| c.revision > resumed_after && c.not_before <= list_revision)
+            .copied()
     }
 
     /// The truth that `ops`, run one at a time on an empty etcd, would
@@ -172,6 +216,7 @@ impl Truth {
         Truth {
             revisions,
             through: revision,
+            compactions: Vec::new(),
         }
     }
 
@@ -266,6 +311,7 @@ impl Truth {
         Truth {
             revisions,
             through: self.through,
+            compactions: self.compactions.clone(),
         }
     }
 }

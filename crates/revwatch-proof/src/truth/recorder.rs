@@ -13,7 +13,7 @@ use etcd_proto::mvccpb::event::EventType;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::{Truth, TruthError};
+use super::{Compaction, Truth, TruthError, probe};
 use crate::etcd::{connect, entry_of};
 use crate::history::{Change, Op};
 use crate::keys::KeyRange;
@@ -39,11 +39,13 @@ pub struct TruthRecorder {
     shared: Arc<Mutex<Recorded>>,
     reached: watch::Receiver<i64>,
     task: JoinHandle<()>,
+    probe: Option<JoinHandle<()>>,
 }
 
 #[derive(Debug, Default)]
 struct Recorded {
     revisions: BTreeMap<i64, Vec<Change>>,
+    compactions: Vec<Compaction>,
     last: i64,
     fatal: Option<TruthError>,
     last_error: String,
@@ -74,6 +76,29 @@ impl TruthRecorder {
             shared,
             reached,
             task,
+            probe: None,
+        }
+    }
+
+    /// Records a compaction the run makes itself; call it before asking etcd,
+    /// so that no relist can come before the record of its cause.
+    pub fn compacted(&self, compaction: Compaction) {
+        self.lock().compactions.push(compaction);
+    }
+
+    /// Also follows the compaction revision at `endpoint` (for etcd
+    /// compacting on its own), recording each compaction found.
+    pub fn follow_compactions(&mut self, endpoint: String) {
+        let shared = Arc::clone(&self.shared);
+        let found = move |c: Compaction| {
+            let mut rec = shared.lock().unwrap_or_else(PoisonError::into_inner);
+            rec.compactions.push(c);
+        };
+        if let Some(old) = self
+            .probe
+            .replace(tokio::spawn(probe::follow(endpoint, found)))
+        {
+            old.abort();
         }
     }
 
@@ -110,8 +135,10 @@ impl TruthRecorder {
     /// for etcd's version rules and for missing revisions.
     /// Only meaningful for a recorder of the whole keyspace.
     pub async fn finish(self, through: i64, timeout: Duration) -> Result<Truth, TruthError> {
+        self.wait_through(through, timeout).await?;
+        let compactions = self.lock().compactions.clone();
         let revisions = self.finish_raw(through, timeout).await?;
-        let truth = Truth::new(revisions, through)?;
+        let truth = Truth::new(revisions, through)?.with_compactions(compactions);
         truth.require_contiguous()?;
         Ok(truth)
     }
@@ -125,6 +152,9 @@ impl TruthRecorder {
     ) -> Result<BTreeMap<i64, Vec<Change>>, TruthError> {
         self.wait_through(through, timeout).await?;
         self.task.abort();
+        if let Some(p) = &self.probe {
+            p.abort();
+        }
         let mut revisions = std::mem::take(&mut self.lock().revisions);
         revisions.retain(|r, _| *r <= through);
         Ok(revisions)
@@ -134,6 +164,9 @@ impl TruthRecorder {
 impl Drop for TruthRecorder {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(p) = &self.probe {
+            p.abort();
+        }
     }
 }
 

@@ -12,10 +12,11 @@
 //! part ends. Frames start at multiples of 8, so that recovery can look for intact frames
 //! behind a damaged one without trying every byte offset.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+use super::storage::{Storage, StorageFile};
 
 pub(crate) const HEADER: usize = 16;
 const EXT: &str = "wal";
@@ -128,11 +129,9 @@ pub(crate) fn name(first_seq: u64) -> String {
 }
 
 /// Segment files in `dir`, by first sequence number.
-pub(crate) fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+pub(crate) fn list<S: Storage>(fs: &S, dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        let file_name = entry.file_name();
+    for file_name in fs.list(dir)? {
         let Some(s) = file_name.to_str() else {
             continue;
         };
@@ -142,7 +141,7 @@ pub(crate) fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
             .filter(|s| s.len() == 16)
             .and_then(|s| u64::from_str_radix(s, 16).ok())
         {
-            out.push((seq, entry.path()));
+            out.push((seq, dir.join(s)));
         }
     }
     out.sort_unstable();
@@ -150,20 +149,14 @@ pub(crate) fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 }
 
 /// Makes a zero-filled segment of `size` bytes under [`PREPARING`], durable.
-pub(crate) fn prepare(dir: &Path, size: u64) -> io::Result<File> {
-    let path = dir.join(PREPARING);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)?;
+pub(crate) fn prepare<S: Storage>(fs: &S, dir: &Path, size: u64) -> io::Result<S::File> {
+    let file = fs.create(&dir.join(PREPARING))?;
     let chunk = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        file.write_all(&chunk[..n])?;
-        left -= n as u64;
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(chunk.len() as u64) as usize;
+        file.write_all_at(&chunk[..n], at)?;
+        at += n as u64;
     }
     file.sync_all()?;
     Ok(file)
@@ -171,19 +164,24 @@ pub(crate) fn prepare(dir: &Path, size: u64) -> io::Result<File> {
 
 /// Gives the prepared segment its name, durably: records written to it must not vanish
 /// with a lost rename.
-pub(crate) fn install(dir: &Path, first_seq: u64) -> io::Result<PathBuf> {
-    let path = dir.join(name(first_seq));
-    fs::rename(dir.join(PREPARING), &path)?;
-    sync_dir(dir)?;
+pub(crate) fn install<S: Storage>(fs: &S, dir: &Path, first_seq: u64) -> io::Result<PathBuf> {
+    let path = name_prepared(fs, dir, first_seq)?;
+    fs.sync_dir(dir)?;
     Ok(path)
 }
 
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// Renames the prepared segment to its name, not durably yet.
+pub(crate) fn name_prepared<S: Storage>(fs: &S, dir: &Path, first_seq: u64) -> io::Result<PathBuf> {
+    let path = dir.join(name(first_seq));
+    fs.rename(&dir.join(PREPARING), &path)?;
+    Ok(path)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
+    use super::super::storage::Disk;
     use super::*;
 
     fn log(seqs: Range<u64>) -> Vec<u8> {
@@ -252,7 +250,7 @@ mod tests {
             File::create(dir.path().join(name(seq))).expect("create");
         }
         File::create(dir.path().join(PREPARING)).expect("create");
-        let seqs: Vec<u64> = list(dir.path())
+        let seqs: Vec<u64> = list(&Disk, dir.path())
             .expect("list")
             .into_iter()
             .map(|(s, _)| s)

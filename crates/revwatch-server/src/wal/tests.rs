@@ -1,3 +1,4 @@
+use std::fs;
 use std::sync::Arc;
 
 use super::*;
@@ -42,7 +43,7 @@ fn seqs(replay: &[(u64, Batch)]) -> Vec<u64> {
 
 /// The only segment in `dir`.
 fn only_segment(dir: &Path) -> PathBuf {
-    let segs = segment::list(dir).expect("list");
+    let segs = segment::list(&Disk, dir).expect("list");
     assert_eq!(segs.len(), 1, "{segs:?}");
     segs[0].1.clone()
 }
@@ -134,7 +135,7 @@ fn damage_in_an_earlier_segment_is_an_error() {
     let (mut wal, _) = Wal::open(dir.path(), 0, 512).expect("open");
     append_all(&mut wal, 0..40);
     drop(wal);
-    let segs = segment::list(dir.path()).expect("list");
+    let segs = segment::list(&Disk, dir.path()).expect("list");
     assert!(segs.len() > 2, "{segs:?}");
     let (first, path) = &segs[0];
     let mut bytes = fs::read(path).expect("read");
@@ -169,22 +170,22 @@ fn covered_segments_are_deleted_and_the_log_goes_on() {
     let (mut wal, _) = Wal::open(dir.path(), 0, 512).expect("open");
     let written = append_all(&mut wal, 0..40);
     let last = *written.last().expect("written");
-    let segs = segment::list(dir.path()).expect("list");
+    let segs = segment::list(&Disk, dir.path()).expect("list");
     assert!(segs.len() > 3, "{segs:?}");
 
     // A checkpoint in the middle of the second segment keeps it and what follows.
     let mid = (segs[1].0 + segs[2].0) / 2;
-    assert_eq!(remove_covered(dir.path(), mid).expect("remove"), 1);
-    let left = segment::list(dir.path()).expect("list");
+    assert_eq!(remove_covered(&Disk, dir.path(), mid).expect("remove"), 1);
+    let left = segment::list(&Disk, dir.path()).expect("list");
     assert_eq!(left[0].0, segs[1].0);
 
     // A checkpoint of everything keeps only the last segment.
     assert_eq!(
-        remove_covered(dir.path(), last).expect("remove"),
+        remove_covered(&Disk, dir.path(), last).expect("remove"),
         segs.len() - 2
     );
     assert_eq!(
-        segment::list(dir.path()).expect("list"),
+        segment::list(&Disk, dir.path()).expect("list"),
         vec![segs[segs.len() - 1].clone()]
     );
     assert_eq!(append_all(&mut wal, 40..41), vec![last + 1]);
@@ -217,7 +218,7 @@ mod store {
     use crate::backend::Backend;
     use crate::checkpoint::Policy;
     use crate::faults::Faults;
-    use crate::store::{Store, StoreOptions};
+    use crate::store::{Layout, Store, StoreOptions};
 
     use super::*;
 
@@ -233,7 +234,13 @@ mod store {
             interval: Duration::from_secs(3600),
             max_bytes: usize::MAX,
         };
-        Store::open_with(dir, opts, Arc::new(Faults::default()), policy).expect("open store")
+        let layout = Layout {
+            storage: Disk,
+            segment_bytes: SEGMENT_BYTES,
+            checkpoints: policy,
+            mutation: None,
+        };
+        Store::open_with(dir, opts, Arc::new(Faults::default()), layout).expect("open store")
     }
 
     async fn put(s: &Store, key: &str, value: &str, lease: i64) -> i64 {
@@ -290,7 +297,7 @@ mod store {
         assert_eq!(commits, 5);
         {
             // The copy has records after the checkpoint, so this really replays.
-            let (backend, _) = Backend::open(&crashed).expect("backend");
+            let (backend, _) = Backend::open(&Disk, &crashed).expect("backend");
             let checkpointed = backend.checkpointed().expect("checkpointed");
             drop(backend);
             let (_, replay) = Wal::open(&crashed.join("wal"), checkpointed, 512).expect("wal");

@@ -22,6 +22,8 @@ pub(crate) struct Member {
     pub(crate) log_path: PathBuf,
     /// The full etcd command line, reused verbatim by restarts.
     args: Vec<String>,
+    /// Environment changes: set to `Some`, removed if `None`.
+    env: Vec<(&'static str, Option<String>)>,
     /// `None` once killed. A mutex so that `is_running(&self)` can reap.
     child: Mutex<Option<Child>>,
     pub(crate) frozen: bool,
@@ -36,6 +38,7 @@ impl Member {
         peer_port: u16,
         log_path: PathBuf,
         args: Vec<String>,
+        env: Vec<(&'static str, Option<String>)>,
     ) -> Self {
         Self {
             index,
@@ -43,6 +46,7 @@ impl Member {
             peer_port,
             log_path,
             args,
+            env,
             child: Mutex::new(None),
             frozen: false,
             id: 0,
@@ -70,6 +74,12 @@ impl Member {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        for (name, value) in &self.env {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
         let child = spawn_tied(command)
             .map_err(|e| TestkitError::io(format!("spawning {}", etcd.display()), e))?;
         *self.child() = Some(child);

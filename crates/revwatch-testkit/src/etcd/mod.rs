@@ -5,9 +5,24 @@
 //! [`EtcdCluster`] is dropped, also while a test panics. If the test process
 //! itself dies without running destructors, the kernel kills the members
 //! (they are spawned with a parent-death signal).
+//!
+//! # Partitions
+//!
+//! With [`ClusterOptions::peer_links`], member `i` reaches member `j` only
+//! through link `(i, j)`, a fault proxy in the test process, so
+//! [`EtcdCluster::isolate`] cuts a member (leader or follower) off from its
+//! peers in both directions while its client port stays reachable, and
+//! [`EtcdCluster::set_peer_link`] faults single links (one-way cuts, latency).
+//! How: each member gets its own SOCKS5 proxy through `HTTP_PROXY`, which
+//! etcd's peer transport honours, so the proxy knows the dialer; members
+//! advertise peer URLs on the unroutable `192.0.2.1` with their real peer
+//! port, so the proxy knows the target and nothing can bypass it (the
+//! cluster would not form). Same-host source addresses are no alternative:
+//! etcd cannot bind one, and all loopback connections come from `127.0.0.1`.
 
 mod member;
 mod options;
+mod peers;
 mod ports;
 mod queries;
 mod rpc;
@@ -29,6 +44,8 @@ pub use self::options::{
     ClusterOptions, CompactionMode, DEFAULT_ETCD_BIN, DEFAULT_ETCDCTL_BIN, etcd_binary,
 };
 use self::options::{cluster_token, member_args};
+pub use self::peers::PeerCut;
+use self::peers::PeerNet;
 pub use self::tls::TlsFiles;
 use crate::TestkitError;
 
@@ -46,6 +63,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 pub struct EtcdCluster {
     // Field order matters: members are killed before the directory goes.
     members: Vec<Member>,
+    /// Routers of a cluster with peer links, dropped after the members.
+    peer_net: Option<PeerNet>,
     opts: ClusterOptions,
     etcd_bin: PathBuf,
     tls: Option<(TlsFiles, ClientTlsConfig)>,
@@ -71,6 +90,17 @@ impl EtcdCluster {
     pub async fn three() -> Result<Self, TestkitError> {
         Self::start(ClusterOptions {
             members: 3,
+            ..ClusterOptions::default()
+        })
+        .await
+    }
+
+    /// Starts a 3-member cluster whose peer traffic runs through per-link proxies,
+    /// so that [`isolate`](Self::isolate) can cut a member off from its peers.
+    pub async fn three_partitionable() -> Result<Self, TestkitError> {
+        Self::start(ClusterOptions {
+            members: 3,
+            peer_links: true,
             ..ClusterOptions::default()
         })
         .await
@@ -116,6 +146,12 @@ impl EtcdCluster {
         };
         let ports = ports::free_ports(2 * opts.members)?;
         let token = cluster_token();
+        let peer_net = if opts.peer_links {
+            let peer_ports: Vec<u16> = (0..opts.members).map(|i| ports[2 * i + 1]).collect();
+            Some(PeerNet::start(&peer_ports).await?)
+        } else {
+            None
+        };
 
         let mut members = Vec::with_capacity(opts.members);
         for i in 0..opts.members {
@@ -134,11 +170,16 @@ impl EtcdCluster {
                 ports[2 * i + 1],
                 log_path,
                 args,
+                peer_net
+                    .as_ref()
+                    .map(|net| net.member_env(i))
+                    .unwrap_or_default(),
             ));
         }
 
         let mut cluster = Self {
             members,
+            peer_net,
             opts: opts.clone(),
             etcd_bin: etcd_bin.to_owned(),
             tls,

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::TlsFiles;
+use super::peers::ADVERTISED_PEER_HOST;
 use crate::TestkitError;
 
 /// etcd's `--auto-compaction-mode`.
@@ -49,6 +50,12 @@ pub struct ClusterOptions {
     /// leader after 1-2x this, so it bounds leader-loss test time. Much lower
     /// values cause spurious elections on a busy 2-core machine.
     pub election_timeout: Duration,
+    /// Route peer (raft) traffic through one fault proxy per ordered pair of
+    /// members, so that [`EtcdCluster::isolate`](super::EtcdCluster::isolate)
+    /// and [`EtcdCluster::set_peer_link`](super::EtcdCluster::set_peer_link)
+    /// can partition members while clients still reach them. Members then
+    /// advertise an unroutable peer address (see the `etcd` module docs).
+    pub peer_links: bool,
     /// Further etcd flags, appended last.
     pub extra_args: Vec<String>,
     /// The etcd binary; `None` means `$REVWATCH_ETCD_BIN`, else [`DEFAULT_ETCD_BIN`].
@@ -66,6 +73,7 @@ impl Default for ClusterOptions {
             progress_notify_interval: None,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
+            peer_links: false,
             extra_args: Vec::new(),
             etcd_bin: None,
         }
@@ -115,7 +123,15 @@ pub(crate) fn member_args(
     i: usize,
 ) -> Vec<String> {
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let peer_url = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+    // With peer links, peers are reached through SOCKS routers that map the
+    // advertised (unroutable) address's port to the loopback listener.
+    let peer_host = if opts.peer_links {
+        ADVERTISED_PEER_HOST
+    } else {
+        "127.0.0.1"
+    };
+    let peer_url = |i: usize| format!("http://{peer_host}:{}", ports[2 * i + 1]);
+    let listen_peer_url = format!("http://127.0.0.1:{}", ports[2 * i + 1]);
     let initial_cluster = (0..opts.members)
         .map(|i| format!("m{i}={}", peer_url(i)))
         .collect::<Vec<_>>()
@@ -126,7 +142,7 @@ pub(crate) fn member_args(
         format!("--data-dir={}", dir.join(format!("m{i}.etcd")).display()),
         format!("--listen-client-urls={client_url}"),
         format!("--advertise-client-urls={client_url}"),
-        format!("--listen-peer-urls={}", peer_url(i)),
+        format!("--listen-peer-urls={listen_peer_url}"),
         format!("--initial-advertise-peer-urls={}", peer_url(i)),
         format!("--initial-cluster={initial_cluster}"),
         "--initial-cluster-state=new".into(),
@@ -204,6 +220,28 @@ mod tests {
             Some("--quota-backend-bytes=1000000")
         );
         assert!(!args.iter().any(|a| a.contains("cert")));
+    }
+
+    #[test]
+    fn peer_links_advertise_the_unroutable_host_and_listen_on_loopback() {
+        let opts = ClusterOptions {
+            members: 3,
+            peer_links: true,
+            ..Default::default()
+        };
+        let ports = [10, 11, 20, 21, 30, 31];
+        let args = member_args(&opts, Path::new("/d"), &ports, "tok", None, 2);
+        for expected in [
+            "--listen-peer-urls=http://127.0.0.1:31",
+            "--initial-advertise-peer-urls=http://192.0.2.1:31",
+            "--initial-cluster=m0=http://192.0.2.1:11,m1=http://192.0.2.1:21,m2=http://192.0.2.1:31",
+            "--listen-client-urls=http://127.0.0.1:30",
+        ] {
+            assert!(
+                args.iter().any(|a| a == expected),
+                "{expected} missing from {args:?}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use etcd_proto::etcdserverpb::kv_client::KvClient;
 use etcd_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use etcd_proto::etcdserverpb::{CompactionRequest, RangeRequest, StatusRequest, StatusResponse};
+use etcd_proto::etcdserverpb::{
+    CompactionRequest, MoveLeaderRequest, RangeRequest, StatusRequest, StatusResponse,
+};
 use tonic::transport::Channel;
 
 use super::options::DEFAULT_ETCDCTL_BIN;
@@ -181,6 +183,51 @@ impl EtcdCluster {
                 }
                 Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
             }
+        }
+    }
+
+    /// Hands leadership to member `to` (etcd's MoveLeader, sent to the
+    /// current leader) and waits until every reachable member agrees that
+    /// `to` leads. A no-op if it already does.
+    pub async fn move_leader(&self, to: usize, timeout: Duration) -> Result<(), TestkitError> {
+        let target_id = self.member(to)?.id;
+        let deadline = Instant::now() + timeout;
+        let leader = self.wait_for_leader(timeout).await?;
+        if leader != to {
+            let conn = self.conn_with(leader, self.opts.auth.as_ref()).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut maintenance = MaintenanceClient::new(conn.channel.clone());
+            let call = maintenance.move_leader(conn.request(MoveLeaderRequest { target_id }));
+            tokio::time::timeout(left, call)
+                .await
+                .map_err(|_| TestkitError::Timeout {
+                    what: format!("MoveLeader to member {to}"),
+                    after: timeout,
+                    last_error: "no answer".into(),
+                })?
+                .map_err(|s| TestkitError::rpc(format!("MoveLeader on member {leader}"), s))?;
+        }
+        // The others learn of the new term with its first heartbeat.
+        loop {
+            let mut disagree = String::new();
+            for i in (0..self.len()).filter(|&i| self.is_running(i) && !self.is_frozen(i)) {
+                match self.status(i).await {
+                    Ok(s) if s.leader == target_id => {}
+                    Ok(s) => disagree = format!("member {i} sees leader {:x}", s.leader),
+                    Err(e) => disagree = format!("member {i}: {e}"),
+                }
+            }
+            if disagree.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(TestkitError::Timeout {
+                    what: format!("member {to} to lead"),
+                    after: timeout,
+                    last_error: disagree,
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
 

@@ -2,10 +2,12 @@
 
 use std::sync::Arc;
 
+use etcd_proto::etcdserverpb::kv_client::KvClient;
 use etcd_proto::etcdserverpb::watch_client::WatchClient;
 use etcd_proto::etcdserverpb::watch_request::RequestUnion;
 use etcd_proto::etcdserverpb::{
-    WatchCancelRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+    RangeRequest, RangeResponse, WatchCancelRequest, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest, WatchResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,6 +56,7 @@ impl Client {
             })
             .await?;
         Ok(WatchStream {
+            client: self.clone(),
             sender: WatchSender {
                 tx,
                 endpoint: endpoint.name.clone(),
@@ -68,6 +71,8 @@ impl Client {
 /// [`WatchSender::create`]). Dropping it closes the stream.
 #[derive(Debug)]
 pub struct WatchStream {
+    /// For the auth token and request timeout of [`probe`](Self::probe).
+    client: Client,
     endpoint: Arc<Endpoint>,
     sender: WatchSender,
     inbound: Streaming<WatchResponse>,
@@ -82,6 +87,25 @@ impl WatchStream {
     /// Sends a WatchProgressRequest; the reply arrives through [`message`](Self::message).
     pub async fn request_progress(&self) -> Result<(), Error> {
         self.sender.request_progress().await
+    }
+
+    /// KV.Range on this stream's own endpoint and connection, once (no retry, no
+    /// failover), bounded by the client's request timeout: tells whether the
+    /// endpoint still answers when the stream has gone quiet. A transport failure
+    /// or `Unavailable` also takes the endpoint out of the client's rotation.
+    pub async fn probe(&self, req: RangeRequest) -> Result<RangeResponse, Error> {
+        let retrier = self.client.retrier();
+        let mut request = tonic::Request::new(req);
+        retrier.auth.apply(&mut request)?;
+        let mut kv = KvClient::new(self.endpoint.channel.clone());
+        match tokio::time::timeout(retrier.timeout, kv.range(request)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(self.endpoint.failed(status)),
+            Err(_) => Err(Error::Timeout {
+                endpoint: self.endpoint.name.clone(),
+                after: retrier.timeout,
+            }),
+        }
     }
 
     /// A cloneable handle for sending requests on this stream from another task.

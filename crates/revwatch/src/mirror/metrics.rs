@@ -15,7 +15,7 @@
 //! | `apply_seconds` | histogram | time to apply and publish one watched revision |
 //! | `decode_errors_total` | counter | values that failed to decode (or whose decoder panicked) |
 //! | `rejected_responses_total{cause}` | counter | responses rejected by validation (`header`, `event`, `list`) or progress replies not trusted (`untrusted_progress`) |
-//! | `unanswered_progress_stalls_total` | counter | stalls of streams whose creation was answered but no progress request (see [`Status::unanswered_progress_stalls`](super::Status::unanswered_progress_stalls)) |
+//! | `unanswered_progress_stalls_total` | counter | stalls of streams whose creation was answered but no progress request, on an endpoint that still answered a read (see [`Status::unanswered_progress_stalls`](super::Status::unanswered_progress_stalls)) |
 //! | `subscribers` | gauge | live subscriptions |
 //! | `subscriber_lagged_total` | counter | times a subscriber's buffer overflowed (it is then marked lagging) |
 //! | `subscriber_resyncs_total` | counter | resync batches delivered to lagging subscribers |

@@ -128,6 +128,7 @@
 mod batch;
 mod config;
 mod decode;
+mod digest;
 mod error;
 mod hub;
 mod key;
@@ -150,6 +151,7 @@ use tokio::sync::{Notify, watch};
 pub use batch::{Batch, Change, ChangeKind, ResyncReason, Update, diff};
 pub use config::{MirrorConfig, ProgressTrust};
 pub use decode::{DecodeError, DecodeFailure, DecodePolicy, Decoder, RawBytes};
+pub use digest::{Digest, DigestBuilder, DigestEntry, DigestError};
 pub use error::{FailureKind, MirrorError};
 pub use hub::Subscription;
 pub use key::Key;
@@ -158,7 +160,7 @@ pub use snapshot::{Entry, Snapshot};
 pub use source::{ClientSource, Source, WatchHandle};
 #[cfg(feature = "test-util")]
 pub use source::{MemoryOp, MemorySource};
-pub use status::{LastError, ReconnectCause, State, Status};
+pub use status::{LastError, ListProgress, ReconnectCause, State, Status};
 
 use crate::client::{Error, RangeRequest};
 use hub::Hub;

@@ -6,6 +6,8 @@
 //! - events a watcher of [`Mirror::status_changes`](super::Mirror::status_changes)
 //!   cares about (state, errors, reconnects, relists, rejections, the reported
 //!   decode failures) wake its receivers;
+//! - a list's progress wakes them at every page (a list is rare, its pages few:
+//!   a progress bar can follow it without polling);
 //! - the live figures (revisions, keys, counts of untrusted replies and stalls)
 //!   are updated silently: [`Mirror::status`](super::Mirror::status) reads them.
 //!
@@ -22,7 +24,7 @@ use super::batch::ResyncReason;
 use super::decode::DecodeFailure;
 use super::error::FailureKind;
 use super::metrics::Metrics;
-use super::status::{LastError, ReconnectCause, State, Status};
+use super::status::{LastError, ListProgress, ReconnectCause, State, Status};
 
 /// What replies told about the server.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -212,6 +214,27 @@ impl Reporter {
                 s.state = State::Reconnecting;
             }
         });
+    }
+
+    /// A list got its first page: `listing` is its progress before any page.
+    pub(crate) fn listing(&self, listing: ListProgress) {
+        self.status.send_modify(|s| s.listing = Some(listing));
+    }
+
+    /// The list in progress received a page of `keys` keys.
+    pub(crate) fn listed_page(&self, keys: usize) {
+        self.status.send_if_modified(|s| match &mut s.listing {
+            Some(l) => {
+                l.page(keys as u64);
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// The list in progress ended (published, failed or canceled).
+    pub(crate) fn list_ended(&self) {
+        self.status.send_if_modified(|s| s.listing.take().is_some());
     }
 
     /// The watch resumes, for `cause`.
@@ -410,6 +433,32 @@ mod tests {
         assert_eq!(state_after_failure(Other, true, true), State::Reconnecting);
         assert_eq!(state_after_failure(Unreachable, false, true), State::Stale);
         assert_eq!(state_after_failure(Other, false, false), State::Syncing);
+    }
+
+    #[test]
+    fn list_progress_wakes_receivers_at_every_page_until_it_ends() {
+        let r = reporter();
+        let mut rx = r.subscribe();
+        r.listed_page(5);
+        assert!(!rx.has_changed().unwrap(), "no list in progress");
+        let at = SystemTime::now();
+        r.listing(ListProgress::new(ResyncReason::Compacted, 9, 12, at));
+        assert!(rx.has_changed().unwrap());
+        let l = rx.borrow_and_update().listing.unwrap();
+        assert_eq!(
+            (l.reason, l.revision, l.keys_listed, l.total, l.pages),
+            (ResyncReason::Compacted, 9, 0, 12, 0)
+        );
+        r.listed_page(5);
+        r.listed_page(7);
+        assert!(rx.has_changed().unwrap());
+        let l = rx.borrow_and_update().listing.unwrap();
+        assert_eq!((l.keys_listed, l.pages, l.started_at), (12, 2, at));
+        r.list_ended();
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().listing, None);
+        r.list_ended();
+        assert!(!rx.has_changed().unwrap(), "nothing to clear");
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! Immutable snapshots of the mirrored prefix.
 
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use etcd_proto::mvccpb::KeyValue;
 use imbl::OrdMap;
 
 use super::key::Key;
+use super::persist::{PersistError, file};
 
 /// One key's state at a snapshot's revision, as etcd reports it.
 #[derive(Debug)]
@@ -126,5 +130,79 @@ impl<T> Snapshot<T> {
             .range::<_, [u8]>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(move |(k, _)| k.starts_with(prefix))
             .map(|(k, s)| (k, &*s.0))
+    }
+}
+
+/// A snapshot file as written by a mirror with
+/// [`MirrorConfig::snapshot_file`](super::MirrorConfig::snapshot_file), read
+/// without starting a mirror (e.g. to check it against etcd).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotFile {
+    /// The revision the state is exact at.
+    pub revision: i64,
+    /// When the mirror wrote it.
+    pub written_at: SystemTime,
+    /// The raw state of the prefix, in ascending key order, as an etcd range at
+    /// `revision` would return it.
+    pub kvs: Vec<KeyValue>,
+}
+
+impl SnapshotFile {
+    /// Reads and checks the snapshot file at `path`, written by a mirror of
+    /// `prefix`. A missing, damaged or foreign file (another prefix, bad checksum,
+    /// keys out of order) is an error.
+    pub fn read(path: &Path, prefix: &[u8]) -> Result<SnapshotFile, PersistError> {
+        let loaded = file::load(path, prefix)?.ok_or_else(|| PersistError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        })?;
+        Ok(SnapshotFile {
+            revision: loaded.revision,
+            written_at: loaded.written_at,
+            kvs: loaded.kvs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::batch::ResyncReason;
+    use crate::mirror::decode::{DecodePolicy, RawBytes};
+    use crate::mirror::store::Writer;
+
+    #[test]
+    fn a_snapshot_file_reads_back_as_written_and_a_missing_one_is_an_error() {
+        let kvs = vec![KeyValue {
+            key: b"p/a".to_vec(),
+            value: b"1".to_vec(),
+            create_revision: 2,
+            mod_revision: 3,
+            version: 2,
+            lease: 5,
+        }];
+        let mut w = Writer::new(
+            &Snapshot::empty(0),
+            Arc::new(RawBytes),
+            DecodePolicy::DropKey,
+        );
+        let mut l = w.relist(4, ResyncReason::InitialList);
+        l.page(kvs.clone()).unwrap();
+        let snap = l.finish().snapshot;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        file::write(&path, b"p/", &snap).unwrap();
+
+        let read = SnapshotFile::read(&path, b"p/").unwrap();
+        assert_eq!((read.revision, read.kvs), (4, kvs));
+        assert!(matches!(
+            SnapshotFile::read(&path, b"q/"),
+            Err(PersistError::OtherPrefix { .. })
+        ));
+        let missing = SnapshotFile::read(&dir.path().join("none"), b"p/").unwrap_err();
+        assert!(
+            matches!(&missing, PersistError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{missing}"
+        );
     }
 }

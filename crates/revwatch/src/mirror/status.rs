@@ -78,6 +78,46 @@ pub struct LastError {
     pub at: SystemTime,
 }
 
+/// A list of the prefix in progress, updated at every page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListProgress {
+    /// Why the mirror lists: [`ResyncReason::InitialList`], [`ResyncReason::Compacted`]
+    /// or [`ResyncReason::Validation`].
+    pub reason: ResyncReason,
+    /// The revision every page is read at (the first page's).
+    pub revision: i64,
+    /// Keys received so far.
+    pub keys_listed: u64,
+    /// Keys in the whole prefix at `revision`, as the first page counted them.
+    pub total: u64,
+    /// Pages received so far.
+    pub pages: u32,
+    /// When the list began (before its first page was asked for).
+    pub started_at: SystemTime,
+}
+
+impl ListProgress {
+    /// The progress of a list for `reason` that began at `started_at`, once its
+    /// first page, read at `revision`, counted `total` keys in the prefix.
+    pub fn new(reason: ResyncReason, revision: i64, total: u64, started_at: SystemTime) -> Self {
+        ListProgress {
+            reason,
+            revision,
+            keys_listed: 0,
+            total,
+            pages: 0,
+            started_at,
+        }
+    }
+
+    /// Records a page of `keys` keys.
+    pub(crate) fn page(&mut self, keys: u64) {
+        self.keys_listed += keys;
+        self.pages = self.pages.saturating_add(1);
+    }
+}
+
 /// A point-in-time report, from [`Mirror::status`](super::Mirror::status).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -109,8 +149,10 @@ pub struct Status {
     /// yet confirmable).
     pub untrusted_progress: u64,
     /// Stalls of streams whose creation the server answered but none of whose progress
-    /// requests: the mark of etcd 3.4's grpc-proxy when etcd sends no periodic progress
-    /// notifications (a member frozen right after answering looks the same once).
+    /// requests, while the same endpoint still answered a read sent at the stall: the
+    /// mark of etcd 3.4's grpc-proxy when etcd sends no periodic progress notifications.
+    /// A stall whose endpoint answered no read either (a connection or member gone
+    /// silent) is not counted, and its message does not name the proxy.
     pub unanswered_progress_stalls: u64,
     /// Keys whose current value failed to decode (at most
     /// `max_reported_decode_failures`).
@@ -121,6 +163,10 @@ pub struct Status {
     pub loaded_snapshot_written_at: Option<SystemTime>,
     /// Keys in the published snapshot.
     pub keys: usize,
+    /// The list in progress, if the mirror is listing: set at the first page,
+    /// updated (waking [`Mirror::status_changes`](super::Mirror::status_changes)
+    /// receivers) at every page, cleared once the list is published or failed.
+    pub listing: Option<ListProgress>,
 }
 
 impl Status {
@@ -144,6 +190,7 @@ impl Status {
             decode_failure_count: 0,
             loaded_snapshot_written_at: None,
             keys: 0,
+            listing: None,
         }
     }
 

@@ -11,22 +11,41 @@
 //! allocations, and not the cache misses of freeing replies built long before (a
 //! feed built up front made the figure fall with the number of events).
 //!
-//! The mirror runs alone on a current-thread runtime in its own OS thread: one core.
-//! The clock stops when the round's task runs again after the mirror asked for the
-//! reply after the last one: the mirror may ask while a run of replies is still
-//! being published, but on this runtime the round's task runs only once the
-//! mirror's task has finished that and waits for more.
+//! Two paths are measured ([`Path`]):
+//!
+//! * **Subscribed** (the headline): one live subscriber, a task consuming every
+//!   batch as `tail`, the soak and the policy crate do, so every revision is
+//!   published on its own with its snapshot and batch. Replies arrive in reads of
+//!   [`REPLIES_PER_READ`]: after each, the feed yields once, as a socket with no
+//!   more buffered data would, and the subscriber runs (without that, nothing
+//!   would stop the mirror from applying the whole feed before the subscriber
+//!   ever ran, and the subscriber would only see one resync).
+//! * **Quiet**: no subscriber, and replies always ready, so the mirror publishes
+//!   once per run of up to 16,384 events.
+//!
+//! The mirror and its subscriber share a current-thread runtime in one OS thread:
+//! one core. The clock stops when the mirror has asked for the reply after the last
+//! one and, when subscribed, the subscriber has consumed the last revision.
+//!
+//! The baseline ([`persistent_events_per_s`]) is what a user would write with the
+//! same parts as the mirror: a persistent `imbl::OrdMap` updated per revision and
+//! published behind an `arc_swap::ArcSwap`, with its changes, and a consumer that
+//! reads every published version and does the subscriber's work on it, on one core.
 
 use std::collections::HashMap;
+use std::hint::black_box;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use etcd_proto::etcdserverpb::ResponseHeader;
 use etcd_proto::mvccpb::{Event, KeyValue, event::EventType};
 use revwatch::client::{Error, RangeRequest, RangeResponse, WatchCreateRequest, WatchResponse};
-use revwatch::mirror::{Entry, Mirror, MirrorConfig, Source, WatchHandle};
+use revwatch::mirror::{
+    ChangeKind, Entry, Mirror, MirrorConfig, Source, Subscription, Update, WatchHandle,
+};
 use tokio::sync::{oneshot, watch};
 
 /// Keys in the mirrored prefix.
@@ -35,6 +54,18 @@ const PREFIX: &str = "/bench/apply/";
 const VALUE_LEN: usize = 64;
 /// Longest a round may take before it is declared broken.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Replies per read on the subscribed path: well under the subscriber's default
+/// buffer of 1,024 updates, so that a subscriber keeping up never lags.
+pub const REPLIES_PER_READ: usize = 256;
+
+/// Which of the mirror's publication paths a round measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// One live subscriber consuming every batch: a snapshot and batch per revision.
+    Subscribed,
+    /// No subscriber: one publication per run of replies.
+    Quiet,
+}
 
 /// The synthetic history: the listed state, then one put per revision.
 struct Feed {
@@ -145,6 +176,8 @@ struct FeedSource {
     puts: Arc<Mutex<Option<Vec<Put>>>>,
     gate: watch::Receiver<bool>,
     drained: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    /// Replies per read, or `None` for replies always ready.
+    read: Option<usize>,
 }
 
 impl Source for FeedSource {
@@ -183,6 +216,8 @@ impl Source for FeedSource {
             gate: self.gate.clone(),
             open: false,
             drained: lock(&self.drained).take(),
+            read: self.read,
+            yield_due: false,
         })
     }
 }
@@ -200,6 +235,9 @@ struct FeedWatch {
     gate: watch::Receiver<bool>,
     open: bool,
     drained: Option<oneshot::Sender<()>>,
+    read: Option<usize>,
+    /// A read ended: yield once before the next reply.
+    yield_due: bool,
 }
 
 impl WatchHandle for FeedWatch {
@@ -220,7 +258,13 @@ impl WatchHandle for FeedWatch {
             }
             self.open = true;
         }
+        if self.yield_due {
+            // Cancel-safe: dropped while pending, the yield is still due.
+            tokio::task::yield_now().await;
+            self.yield_due = false;
+        }
         if let Some((n, put)) = self.puts.next() {
+            self.yield_due = self.read.is_some_and(|read| (n + 1) % read == 0);
             return Ok(Some(reply(&self.keys, self.listed_at, n, put)));
         }
         // Asked again after the last reply: everything is applied.
@@ -239,8 +283,8 @@ impl WatchHandle for FeedWatch {
     }
 }
 
-/// Events per second through a mirror fed `events` single-put revisions.
-pub async fn mirror_events_per_s(events: usize) -> anyhow::Result<f64> {
+/// Events per second through a mirror fed `events` single-put revisions, on `path`.
+pub async fn mirror_events_per_s(events: usize, path: Path) -> anyhow::Result<f64> {
     let feed = Feed::new(events);
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
@@ -250,13 +294,13 @@ pub async fn mirror_events_per_s(events: usize) -> anyhow::Result<f64> {
                 .enable_all()
                 .build()
                 .context("building the apply runtime")
-                .and_then(|rt| rt.block_on(mirror_round(feed)));
+                .and_then(|rt| rt.block_on(mirror_round(feed, path)));
             let _ = done_tx.send(outcome);
         })?;
     done_rx.await.context("apply thread died")?
 }
 
-async fn mirror_round(feed: Feed) -> anyhow::Result<f64> {
+async fn mirror_round(feed: Feed, path: Path) -> anyhow::Result<f64> {
     let last = feed.last_revision();
     let events = feed.puts.len();
     let (gate_tx, gate_rx) = watch::channel(false);
@@ -268,6 +312,7 @@ async fn mirror_round(feed: Feed) -> anyhow::Result<f64> {
         puts: Arc::new(Mutex::new(Some(feed.puts))),
         gate: gate_rx,
         drained: Arc::new(Mutex::new(Some(drained_tx))),
+        read: (path == Path::Subscribed).then_some(REPLIES_PER_READ),
     };
     // No progress requests or stall handling during a round.
     let config = MirrorConfig::default()
@@ -276,20 +321,184 @@ async fn mirror_round(feed: Feed) -> anyhow::Result<f64> {
     let mirror = Mirror::builder(PREFIX).config(config).start(source).await?;
     mirror.wait_ready().await?;
     anyhow::ensure!(mirror.snapshot().len() == KEYS, "initial list incomplete");
+    // On this runtime, so on the mirror's core.
+    let consumer =
+        (path == Path::Subscribed).then(|| tokio::spawn(consume(mirror.subscribe(), last)));
 
     let started = Instant::now();
     gate_tx.send_replace(true);
-    tokio::time::timeout(ROUND_TIMEOUT, drained_rx)
+    let consumed = async {
+        drained_rx.await.context("feed dropped")?;
+        match consumer {
+            Some(task) => task.await.context("subscriber panicked")?.map(Some),
+            None => Ok(None),
+        }
+    };
+    let consumed = tokio::time::timeout(ROUND_TIMEOUT, consumed)
         .await
-        .context("the mirror did not drain the feed in time")?
-        .context("feed dropped")?;
+        .context("the mirror did not drain the feed in time")??;
     let elapsed = started.elapsed();
+    if let Some(consumed) = consumed {
+        anyhow::ensure!(
+            consumed.batches == events && consumed.events == events,
+            "subscriber consumed {} batches of {} events, expected {events} of one",
+            consumed.batches,
+            consumed.events
+        );
+        black_box(consumed.digest);
+    }
     let snap = mirror.snapshot();
     anyhow::ensure!(
         snap.revision() == last && snap.len() == KEYS,
         "mirror at revision {} with {} keys, expected {last} with {KEYS}",
         snap.revision(),
         snap.len()
+    );
+    Ok(events as f64 / elapsed.as_secs_f64())
+}
+
+/// What a subscriber consumed.
+struct Consumed {
+    batches: usize,
+    events: usize,
+    /// Folds what was read, so that reading it is not optimized away.
+    digest: u64,
+}
+
+/// A subscriber's work per change: read its key and entry, as a consumer would.
+fn digest(key: &[u8], entry: Option<&Entry<Bytes>>) -> u64 {
+    let entry = entry.map_or(0, |e| e.value.len() as u64 ^ e.mod_revision as u64);
+    (key.len() as u64).wrapping_mul(31) ^ entry
+}
+
+/// Consumes every update until revision `last`, demanding one batch per revision in
+/// order: a resync (the subscriber lagged) means the round did not measure the
+/// per-revision path.
+async fn consume(mut sub: Subscription<Bytes>, last: i64) -> anyhow::Result<Consumed> {
+    let mut out = Consumed {
+        batches: 0,
+        events: 0,
+        digest: 0,
+    };
+    let mut next = None;
+    while let Some(update) = sub.recv().await {
+        let batch = match update {
+            Update::Snapshot(snap) => {
+                next = Some(snap.revision() + 1);
+                continue;
+            }
+            Update::Progress(_) => continue,
+            Update::Batch(batch) => batch,
+        };
+        anyhow::ensure!(
+            batch.resync.is_none(),
+            "subscriber got a resync ({:?}) at {}",
+            batch.resync,
+            batch.revision
+        );
+        anyhow::ensure!(
+            Some(batch.revision) == next,
+            "subscriber got revision {} instead of {next:?}",
+            batch.revision
+        );
+        next = Some(batch.revision + 1);
+        out.batches += 1;
+        out.digest = out.digest.wrapping_add(batch.snapshot.len() as u64);
+        for change in &batch.changes {
+            let entry = match &change.kind {
+                ChangeKind::Put { entry, .. } => Some(&**entry),
+                ChangeKind::Delete { .. } => None,
+            };
+            out.events += 1;
+            out.digest = out.digest.wrapping_add(digest(&change.key, entry));
+        }
+        if batch.revision == last {
+            return Ok(out);
+        }
+    }
+    anyhow::bail!("subscription ended before revision {last}")
+}
+
+/// One version the persistent baseline publishes: the map after a revision, and
+/// that revision's changes with their previous entries (what a batch carries).
+struct Version {
+    revision: i64,
+    map: imbl::OrdMap<Bytes, Arc<Entry<Bytes>>>,
+    changes: Vec<Changed>,
+}
+
+/// One key's change in a [`Version`]: the new entry (none for a delete) and the
+/// one it replaced.
+struct Changed {
+    key: Bytes,
+    entry: Option<Arc<Entry<Bytes>>>,
+    _prev: Option<Arc<Entry<Bytes>>>,
+}
+
+/// Events per second through the persistent baseline for `revisions` revisions of
+/// the same feed shape, on the calling core (writer and consumer take turns in one
+/// synchronous loop, with no wake-ups: the cheapest way to read every version).
+pub async fn persistent_events_per_s(revisions: usize) -> anyhow::Result<f64> {
+    let feed = Feed::new(revisions);
+    tokio::task::spawn_blocking(move || persistent_round(feed))
+        .await
+        .context("persistent apply panicked")?
+}
+
+fn persistent_round(feed: Feed) -> anyhow::Result<f64> {
+    let mut map: imbl::OrdMap<Bytes, Arc<Entry<Bytes>>> =
+        feed.listed.into_iter().map(entry).collect();
+    let published = ArcSwap::from_pointee(Version {
+        revision: feed.listed_at,
+        map: map.clone(),
+        changes: Vec::new(),
+    });
+    let (mut events, mut consumed, mut sum) = (0usize, 0usize, 0u64);
+    let started = Instant::now();
+    for (n, put) in feed.puts.iter().enumerate() {
+        // Writer: apply the revision's events, publish the new version.
+        let reply = reply(&feed.keys, feed.listed_at, n, *put);
+        let revision = reply.header.as_ref().map_or(0, |h| h.revision);
+        let mut changes = Vec::with_capacity(reply.events.len());
+        for ev in reply.events {
+            let kv = ev.kv.context("event without kv")?;
+            if ev.r#type == EventType::Delete as i32 {
+                let prev = map.remove(kv.key.as_slice());
+                changes.push(Changed {
+                    key: Bytes::from(kv.key),
+                    entry: None,
+                    _prev: prev,
+                });
+            } else {
+                let (k, e) = entry(kv);
+                let prev = map.insert(k.clone(), Arc::clone(&e));
+                changes.push(Changed {
+                    key: k,
+                    entry: Some(e),
+                    _prev: prev,
+                });
+            }
+            events += 1;
+        }
+        published.store(Arc::new(Version {
+            revision,
+            map: map.clone(),
+            changes,
+        }));
+        // Consumer: read the version just published, as the subscriber does a batch.
+        let version = published.load_full();
+        anyhow::ensure!(version.revision == revision, "consumer missed {revision}");
+        sum = sum.wrapping_add(version.map.len() as u64);
+        for change in &version.changes {
+            sum = sum.wrapping_add(digest(&change.key, change.entry.as_deref()));
+            consumed += 1;
+        }
+    }
+    let elapsed = started.elapsed();
+    black_box(sum);
+    anyhow::ensure!(
+        map.len() == KEYS && consumed == events,
+        "persistent baseline lost keys or events"
     );
     Ok(events as f64 / elapsed.as_secs_f64())
 }
@@ -343,4 +552,74 @@ fn entry(kv: KeyValue) -> (Bytes, Arc<Entry<Bytes>>) {
         lease: kv.lease,
     };
     (Bytes::from(kv.key), Arc::new(entry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// More revisions than the subscriber's buffer holds, in several reads and a
+    /// partial one: the round fails unless the subscriber ran between reads and got
+    /// every revision as its own batch, in order, and the mirror ended at the last.
+    #[tokio::test]
+    async fn a_subscribed_round_delivers_every_revision_as_its_own_batch() {
+        let buffer = MirrorConfig::default().subscriber_buffer;
+        let events = buffer + 3 * REPLIES_PER_READ + 7;
+        let rate = mirror_events_per_s(events, Path::Subscribed).await.unwrap();
+        assert!(rate > 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_round_applies_the_whole_feed() {
+        let rate = mirror_events_per_s(2_000, Path::Quiet).await.unwrap();
+        assert!(rate > 0.0);
+    }
+
+    #[test]
+    fn the_persistent_baseline_consumes_every_version() {
+        assert!(persistent_round(Feed::new(2_000)).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn the_feed_ends_a_read_every_replies_per_read_replies() {
+        let feed = Feed::new(2 * REPLIES_PER_READ);
+        let (_gate_tx, gate) = watch::channel(true);
+        let mut w = FeedWatch {
+            created: None,
+            listed_at: feed.listed_at,
+            keys: Arc::clone(&feed.keys),
+            puts: feed.puts.into_iter().enumerate(),
+            gate,
+            open: true,
+            drained: None,
+            read: Some(REPLIES_PER_READ),
+            yield_due: false,
+        };
+        let mut ready = || {
+            let mut n = 0;
+            while let Some(reply) = futures::FutureExt::now_or_never(w.message()) {
+                assert!(reply.unwrap().is_some());
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(ready(), REPLIES_PER_READ);
+        // Dropped while pending, the yield is still due: the next call waits too.
+        assert!(futures::FutureExt::now_or_never(w.message()).is_none());
+        // Polled again after yielding, it goes on with the next read.
+        let next = futures::executor::block_on(w.message()).unwrap().unwrap();
+        assert_eq!(
+            next.header.unwrap().revision,
+            w.listed_at + 1 + REPLIES_PER_READ as i64
+        );
+        let mut ready = || {
+            let mut n = 0;
+            while let Some(reply) = futures::FutureExt::now_or_never(w.message()) {
+                assert!(reply.unwrap().is_some());
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(ready(), REPLIES_PER_READ - 1);
+    }
 }

@@ -7,10 +7,12 @@
 
 mod casbin;
 mod cedar;
+mod reload;
 mod rng;
 
 pub use self::casbin::differential_casbin;
 pub use self::cedar::differential_cedar;
+pub use self::reload::{ReloadRun, differential_casbin_reload, differential_cedar_reload};
 
 /// Requests decided against one random rule set before the next is drawn.
 pub const REQUESTS_PER_WORLD: usize = 250;

@@ -8,7 +8,7 @@
 //!
 //! [`MirrorConfig::snapshot_interval`]: super::MirrorConfig::snapshot_interval
 
-mod file;
+pub(crate) mod file;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -93,4 +93,8 @@ impl WatchHandle for WatchStream {
     fn endpoint(&self) -> String {
         WatchStream::endpoint(self).to_string()
     }
+
+    async fn probe(&mut self, req: RangeRequest) -> Result<(), Error> {
+        WatchStream::probe(self, req).await.map(drop)
+    }
 }

@@ -516,4 +516,54 @@ impl WatchHandle for MemoryWatch {
     fn endpoint(&self) -> String {
         ENDPOINT.into()
     }
+
+    async fn probe(&mut self, req: RangeRequest) -> Result<(), Error> {
+        // A frozen store answers nothing, like a SIGSTOPped member: the caller's
+        // bound ends the wait.
+        if self.frozen.wait_for(|f| !*f).await.is_err() {
+            return Err(Error::WatchClosed {
+                endpoint: ENDPOINT.into(),
+            });
+        }
+        self.source.range_now(&req, true).map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt;
+
+    use super::*;
+
+    fn probe_request() -> RangeRequest {
+        RangeRequest {
+            key: b"a/".to_vec(),
+            limit: 1,
+            count_only: true,
+            ..RangeRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_probe_answers_unless_the_store_is_frozen_or_unreachable() {
+        let src = MemorySource::new();
+        let mut w = src.watch(WatchCreateRequest::default()).await.unwrap();
+        assert!(w.probe(probe_request()).await.is_ok());
+
+        // Frozen like a stopped member: no answer until thawed.
+        src.set_frozen(true);
+        assert!(w.probe(probe_request()).now_or_never().is_none());
+        src.set_frozen(false);
+        assert!(w.probe(probe_request()).await.is_ok());
+
+        src.set_unreachable(true);
+        let err = w.probe(probe_request()).await.unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        src.set_unreachable(false);
+
+        // A refusal is still an answer.
+        src.set_permission_denied(true);
+        let err = w.probe(probe_request()).await.unwrap_err();
+        assert!(err.is_permission_denied(), "{err}");
+    }
 }

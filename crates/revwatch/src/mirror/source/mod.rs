@@ -44,6 +44,20 @@ pub trait WatchHandle: Send + 'static {
 
     /// Where the stream is connected, for status and logs.
     fn endpoint(&self) -> String;
+
+    /// Sends `req` once to the endpoint this stream is on, on its connection: a
+    /// stalled stream's way to tell an endpoint that went silent (a transport
+    /// error, `Unavailable`, or no answer: the caller bounds the wait) from one
+    /// that answers reads but ignores progress requests (any other answer, even
+    /// an error the server sent).
+    ///
+    /// The default answers `Ok` without asking anything, so a stall of a source
+    /// that cannot probe is explained as ignored progress requests: implement it
+    /// wherever the stream has a connection of its own.
+    fn probe(&mut self, req: RangeRequest) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = req;
+        std::future::ready(Ok(()))
+    }
 }
 
 /// The `range_end` that covers every key starting with `prefix`: the prefix with

@@ -1,13 +1,17 @@
 //! Listing: the prefix page by page, every page read at the first page's
 //! revision, published as one resync batch holding exactly the difference from
-//! the current state.
+//! the current state. Its progress is reported at every page (see
+//! [`ListProgress`]).
+
+use std::time::SystemTime;
 
 use super::{KeyRange, Runner};
-use crate::client::{Error, RangeRequest};
+use crate::client::{Error, RangeRequest, RangeResponse};
 use crate::mirror::batch::ResyncReason;
 use crate::mirror::error::FailureKind;
-use crate::mirror::report::Rejected;
+use crate::mirror::report::{Rejected, Reporter};
 use crate::mirror::source::Source;
+use crate::mirror::status::ListProgress;
 use crate::mirror::store::Invalid;
 
 /// Why a list attempt failed.
@@ -66,11 +70,34 @@ pub(super) fn check_list_revision(revision: i64, published: i64) -> Result<(), I
     Ok(())
 }
 
+/// The progress of a list for `reason` begun at `started_at`, from its first page:
+/// etcd counts every key of the range in `count`, whatever the limit.
+pub(super) fn progress(
+    reason: ResyncReason,
+    first: &RangeResponse,
+    revision: i64,
+    started_at: SystemTime,
+) -> ListProgress {
+    let total = u64::try_from(first.count).unwrap_or(0);
+    ListProgress::new(reason, revision, total, started_at)
+}
+
+/// Clears the reported list progress when the list ends, however it ends: with
+/// its publication, an error, or the runner stopping mid-list.
+struct Listing(Reporter);
+
+impl Drop for Listing {
+    fn drop(&mut self) {
+        self.0.list_ended();
+    }
+}
+
 impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
     /// Lists the prefix and publishes the difference from the current state as
     /// one resync batch.
     pub(super) async fn list(&mut self, reason: ResyncReason) -> Result<(), ListError> {
         let page_size = self.config.page_size;
+        let started_at = SystemTime::now();
         let first = self
             .source
             .range(first_page(&self.range, page_size))
@@ -79,10 +106,16 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         let revision = first.header.as_ref().map_or(0, |h| h.revision);
         self.out.reporter.server_revision(revision);
         check_list_revision(revision, self.out.writer.revision()).map_err(ListError::Invalid)?;
+        let listing = Listing(self.out.reporter.clone());
+        listing
+            .0
+            .listing(progress(reason, &first, revision, started_at));
         let mut relist = self.out.writer.relist(revision, reason);
         let mut more = first.more;
         let mut last_key = first.kvs.last().map(|kv| kv.key.clone());
+        let keys = first.kvs.len();
         relist.page(first.kvs).map_err(ListError::Invalid)?;
+        listing.0.listed_page(keys);
         let mut pages = 1u32;
         while more {
             let req = next_page(&self.range, last_key.take(), revision, page_size)
@@ -90,7 +123,9 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             let page = self.source.range(req).await.map_err(ListError::Source)?;
             more = page.more;
             last_key = page.kvs.last().map(|kv| kv.key.clone());
+            let keys = page.kvs.len();
             relist.page(page.kvs).map_err(ListError::Invalid)?;
+            listing.0.listed_page(keys);
             pages += 1;
         }
         let applied = relist.finish();
@@ -101,7 +136,10 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             changes = applied.batch.changes.len(),
             "listed"
         );
+        // Published before the progress is cleared (`listing` dropped): a status
+        // without it then shows the listed keys.
         self.out.listed(applied);
+        drop(listing);
         Ok(())
     }
 
@@ -152,6 +190,32 @@ mod tests {
         assert!(check_list_revision(6, 5).is_ok());
         assert!(check_list_revision(4, 5).is_err());
         assert!(check_list_revision(0, 0).is_err(), "no header revision");
+    }
+
+    #[test]
+    fn the_progress_counts_the_whole_range_from_the_first_page() {
+        let at = SystemTime::now();
+        let first = RangeResponse {
+            count: 50_000,
+            ..RangeResponse::default()
+        };
+        let p = progress(ResyncReason::Compacted, &first, 7, at);
+        assert_eq!(
+            (
+                p.reason,
+                p.revision,
+                p.keys_listed,
+                p.total,
+                p.pages,
+                p.started_at
+            ),
+            (ResyncReason::Compacted, 7, 0, 50_000, 0, at)
+        );
+        let odd = RangeResponse {
+            count: -1,
+            ..RangeResponse::default()
+        };
+        assert_eq!(progress(ResyncReason::InitialList, &odd, 7, at).total, 0);
     }
 
     #[test]

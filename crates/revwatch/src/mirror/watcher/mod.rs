@@ -40,7 +40,7 @@ use super::error::{FailureKind, MirrorError};
 use super::report::state_after_failure;
 use super::source::{Source, WatchHandle};
 use super::status::ReconnectCause;
-use crate::client::{Error, WatchCreateRequest};
+use crate::client::{Error, RangeRequest, WatchCreateRequest};
 
 pub(crate) use publish::Publisher;
 use run::{Next, Reply};
@@ -160,14 +160,71 @@ fn stream_worked(created: bool, advanced: bool, lived: Duration, stall_timeout: 
     created && (advanced || lived >= stall_timeout)
 }
 
+/// The longest a stall's probe of its endpoint may wait, so that it delays the
+/// reconnect little.
+const PROBE_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long a stall's probe may wait: a fifth of the stall timeout, at most
+/// [`PROBE_LIMIT`].
+fn probe_timeout(stall_timeout: Duration) -> Duration {
+    (stall_timeout / 5).min(PROBE_LIMIT)
+}
+
+/// The probe read a stall sends to its stream's endpoint: one key, counted only,
+/// linearizable so that it passes a proxy's cache and needs a working member.
+fn probe_request(range: &KeyRange) -> RangeRequest {
+    RangeRequest {
+        key: range.key().to_vec(),
+        limit: 1,
+        count_only: true,
+        ..RangeRequest::default()
+    }
+}
+
+/// What a stall's probe of its stream's endpoint showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Probe {
+    /// The endpoint answered, even with an error of its own: it is alive, only
+    /// the watch was silent.
+    Answered,
+    /// It did not (no answer in time, a connection failure, `Unavailable`): why.
+    Silent(String),
+}
+
+impl Probe {
+    fn of(result: Result<(), Error>) -> Probe {
+        match result {
+            Ok(()) => Probe::Answered,
+            Err(e) if e.is_retryable() => Probe::Silent(e.to_string()),
+            Err(_) => Probe::Answered,
+        }
+    }
+}
+
 /// Explains a stall on a stream whose creation was answered but none of its
-/// `sent` progress requests.
-fn unanswered_progress_note(sent: u64) -> String {
-    format!(
-        " (the watch's creation was answered, none of {sent} progress requests: etcd 3.4's \
-         grpc-proxy ignores them, and behind it etcd needs \
-         --experimental-watch-progress-notify-interval below the stall timeout)"
-    )
+/// `sent` progress requests, by what the probe showed; true when it counts as
+/// an unanswered-progress stall. Only an endpoint shown alive is taken for etcd
+/// 3.4's grpc-proxy, which ignores progress requests: a direct connection that
+/// went silent right after the watch was created looks the same otherwise.
+fn unanswered_progress_note(sent: u64, probe: &Probe) -> (String, bool) {
+    match probe {
+        Probe::Answered => (
+            format!(
+                " (the watch's creation and a read were answered, none of {sent} progress \
+                 requests: etcd 3.4's grpc-proxy ignores them, and behind it etcd needs \
+                 --experimental-watch-progress-notify-interval below the stall timeout)"
+            ),
+            true,
+        ),
+        Probe::Silent(why) => (
+            format!(
+                " (the watch's creation was answered, then neither its {sent} progress \
+                 request(s) nor a read on the same endpoint ({why}): the connection or the \
+                 member went silent)"
+            ),
+            false,
+        ),
+    }
 }
 
 impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
@@ -399,8 +456,12 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                 w.endpoint, self.config.stall_timeout
             );
             if let Some(sent) = w.check.progress_unanswered().filter(|_| w.created) {
-                self.out.reporter.unanswered_progress_stall();
-                message.push_str(&unanswered_progress_note(sent));
+                let probe = self.probe(w).await;
+                let (note, unanswered) = unanswered_progress_note(sent, &probe);
+                if unanswered {
+                    self.out.reporter.unanswered_progress_stall();
+                }
+                message.push_str(&note);
             }
             tracing::warn!(%message, "watch stalled");
             return ControlFlow::Break(w.reconnect(ReconnectCause::Stall, message, None));
@@ -412,6 +473,20 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         let current = self.out.hub.snapshot();
         self.out.persist_maybe(&current);
         ControlFlow::Continue(())
+    }
+
+    /// Reads from the stream's own endpoint, bounded by [`probe_timeout`].
+    async fn probe(&self, w: &mut Watch<S::Watch>) -> Probe {
+        let after = probe_timeout(self.config.stall_timeout);
+        let probing = tokio::time::timeout(after, w.stream.probe(probe_request(&self.range)));
+        let result = probing.await.unwrap_or_else(|_| {
+            Err(Error::Timeout {
+                endpoint: w.endpoint.clone(),
+                after,
+            })
+        });
+        tracing::debug!(endpoint = %w.endpoint, ?result, "stalled stream's endpoint probed");
+        Probe::of(result)
     }
 
     /// Sends a progress request, bounded by the stall deadline: a stuck send
@@ -466,5 +541,88 @@ mod tests {
         assert!(stream_worked(true, false, stall, stall));
         assert!(!stream_worked(true, false, short, stall), "ended at once");
         assert!(!stream_worked(false, true, stall, stall), "never created");
+    }
+
+    #[test]
+    fn a_probe_waits_a_fifth_of_the_stall_timeout_and_at_most_two_seconds() {
+        assert_eq!(
+            probe_timeout(Duration::from_secs(3)),
+            Duration::from_millis(600)
+        );
+        assert_eq!(
+            probe_timeout(Duration::from_secs(10)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(probe_timeout(Duration::from_secs(60)), PROBE_LIMIT);
+    }
+
+    #[test]
+    fn the_probe_reads_one_key_of_the_range_counted_and_linearizable() {
+        let req = probe_request(&KeyRange::prefix(b"p/"));
+        assert_eq!(req.key, b"p/");
+        assert!(req.range_end.is_empty(), "one key, not the whole prefix");
+        assert!(req.count_only && req.limit == 1 && !req.serializable);
+    }
+
+    #[test]
+    fn any_answer_of_the_server_shows_the_endpoint_alive() {
+        assert_eq!(Probe::of(Ok(())), Probe::Answered);
+        let denied = Error::Grpc {
+            code: tonic::Code::PermissionDenied,
+            message: "etcdserver: permission denied".into(),
+            endpoint: "e:1".into(),
+        };
+        assert_eq!(Probe::of(Err(denied)), Probe::Answered);
+    }
+
+    #[test]
+    fn no_answer_a_broken_connection_or_no_leader_is_silence() {
+        let timeout = Error::Timeout {
+            endpoint: "e:1".into(),
+            after: Duration::from_millis(600),
+        };
+        assert_eq!(
+            Probe::of(Err(timeout)),
+            Probe::Silent("e:1: no response within 600ms".into())
+        );
+        let broken = Error::Connection {
+            endpoint: "e:1".into(),
+            reason: "connection reset".into(),
+            source: None,
+        };
+        assert!(
+            matches!(Probe::of(Err(broken)), Probe::Silent(why) if why.contains("connection reset"))
+        );
+        let no_leader = Error::Grpc {
+            code: tonic::Code::Unavailable,
+            message: "etcdserver: no leader".into(),
+            endpoint: "e:1".into(),
+        };
+        assert!(
+            matches!(Probe::of(Err(no_leader)), Probe::Silent(why) if why.contains("no leader"))
+        );
+    }
+
+    #[test]
+    fn only_an_endpoint_shown_alive_is_taken_for_a_grpc_proxy() {
+        let (note, counted) = unanswered_progress_note(4, &Probe::Answered);
+        assert!(counted);
+        assert!(note.contains("none of 4 progress requests"), "{note}");
+        assert!(note.contains("grpc-proxy"), "{note}");
+        assert!(
+            note.contains("--experimental-watch-progress-notify-interval"),
+            "{note}"
+        );
+
+        let silent = Probe::Silent("e:1: no response within 600ms".into());
+        let (note, counted) = unanswered_progress_note(4, &silent);
+        assert!(!counted);
+        assert!(
+            !note.contains("grpc-proxy") && !note.contains("--experimental"),
+            "{note}"
+        );
+        assert!(note.contains("its 4 progress request(s)"), "{note}");
+        assert!(note.contains("(e:1: no response within 600ms)"), "{note}");
+        assert!(note.contains("went silent"), "{note}");
     }
 }
