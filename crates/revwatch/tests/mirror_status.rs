@@ -554,6 +554,10 @@ impl WatchHandle for ReplayingWatch {
     fn endpoint(&self) -> String {
         WatchHandle::endpoint(&self.inner)
     }
+
+    async fn probe(&mut self, req: RangeRequest) -> Result<(), Error> {
+        WatchHandle::probe(&mut self.inner, req).await
+    }
 }
 
 /// A relist lands on a member serving reads from behind the published revision:

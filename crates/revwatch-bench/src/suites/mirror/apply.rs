@@ -281,6 +281,11 @@ impl WatchHandle for FeedWatch {
     fn endpoint(&self) -> String {
         "feed".into()
     }
+
+    /// The feed is in this process: it always answers.
+    async fn probe(&mut self, _req: RangeRequest) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Events per second through a mirror fed `events` single-put revisions, on `path`.

@@ -7,12 +7,12 @@ use std::fmt::Write as _;
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Entities, EntityUid, PolicyId, PolicySet, Request, Response, SlotId,
+    Authorizer, Context, Entities, EntityUid, PolicyId, PolicySet, Request, SlotId,
 };
 use serde_json::{Value, json};
 
 use super::rng::Rng;
-use super::{Mismatch, Mismatches, worlds};
+use super::{Mismatch, Mismatches, cedar_outcome, worlds};
 use crate::index::cedar::CedarIndex;
 
 /// Decides `requests` random requests with [`CedarIndex`] and with Cedar's authorizer on the
@@ -55,8 +55,8 @@ pub fn differential_cedar(seed: u64, requests: usize) -> Mismatches {
                 continue;
             };
             out.requests += 1;
-            let indexed = summarize(&index.is_authorized(&request, &entities));
-            let engine = summarize(&authorizer.is_authorized(&request, &set, &entities));
+            let indexed = cedar_outcome(&index.is_authorized(&request, &entities));
+            let engine = cedar_outcome(&authorizer.is_authorized(&request, &set, &entities));
             if indexed != engine {
                 out.record(|| Mismatch {
                     seed,
@@ -71,27 +71,6 @@ pub fn differential_cedar(seed: u64, requests: usize) -> Mismatches {
         }
     }
     out
-}
-
-/// Decision, determining ids (sorted) and error messages (sorted): everything the index must
-/// reproduce.
-fn summarize(response: &Response) -> String {
-    let mut reason: Vec<String> = response
-        .diagnostics()
-        .reason()
-        .map(ToString::to_string)
-        .collect();
-    reason.sort();
-    let mut errors: Vec<String> = response
-        .diagnostics()
-        .errors()
-        .map(ToString::to_string)
-        .collect();
-    errors.sort();
-    format!(
-        "{:?} reason={reason:?} errors={errors:?}",
-        response.decision()
-    )
 }
 
 struct World {

@@ -79,3 +79,21 @@ fn worlds(requests: usize) -> impl Iterator<Item = (usize, usize)> {
         (world, REQUESTS_PER_WORLD.min(requests - start))
     })
 }
+
+/// A decision as the differential tests compare it: the effect, the determining ids
+/// and the error messages, both sorted (their order carries no meaning).
+fn outcome_line(allowed: bool, mut ids: Vec<String>, mut errors: Vec<String>) -> String {
+    ids.sort();
+    errors.sort();
+    format!("{allowed} ids={ids:?} errors={errors:?}")
+}
+
+/// [`outcome_line`] of a Cedar response: everything an index must reproduce.
+fn cedar_outcome(response: &cedar_policy::Response) -> String {
+    let diagnostics = response.diagnostics();
+    outcome_line(
+        response.decision() == cedar_policy::Decision::Allow,
+        diagnostics.reason().map(ToString::to_string).collect(),
+        diagnostics.errors().map(ToString::to_string).collect(),
+    )
+}

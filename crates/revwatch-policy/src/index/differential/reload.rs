@@ -15,7 +15,7 @@ use cedar_policy::{
 use serde_json::{Value, json};
 
 use super::rng::Rng;
-use super::{Mismatch, Mismatches};
+use super::{Mismatch, Mismatches, cedar_outcome, outcome_line};
 use crate::casbin::CasbinCompiler;
 use crate::cedar::CedarCompiler;
 use crate::decision::Request;
@@ -289,35 +289,12 @@ fn plain_cedar_answer(
     else {
         return "bad request".into();
     };
-    let response = Authorizer::new().is_authorized(&request, set, entities);
-    let mut ids: Vec<String> = response
-        .diagnostics()
-        .reason()
-        .map(ToString::to_string)
-        .collect();
-    ids.sort();
-    let mut errors: Vec<String> = response
-        .diagnostics()
-        .errors()
-        .map(ToString::to_string)
-        .collect();
-    errors.sort();
-    format!(
-        "{} {ids:?} {errors:?}",
-        response.decision() == cedar_policy::Decision::Allow
-    )
+    cedar_outcome(&Authorizer::new().is_authorized(&request, set, entities))
 }
 
 fn engine_answer(engine: &dyn Engine, request: &Request) -> String {
     match engine.decide(request) {
-        Ok(mut verdict) => {
-            verdict.policy_ids.sort();
-            verdict.errors.sort();
-            format!(
-                "{} {:?} {:?}",
-                verdict.allowed, verdict.policy_ids, verdict.errors
-            )
-        }
+        Ok(verdict) => outcome_line(verdict.allowed, verdict.policy_ids, verdict.errors),
         Err(e) => format!("error {e}"),
     }
 }

@@ -49,15 +49,9 @@ pub trait WatchHandle: Send + 'static {
     /// stalled stream's way to tell an endpoint that went silent (a transport
     /// error, `Unavailable`, or no answer: the caller bounds the wait) from one
     /// that answers reads but ignores progress requests (any other answer, even
-    /// an error the server sent).
-    ///
-    /// The default answers `Ok` without asking anything, so a stall of a source
-    /// that cannot probe is explained as ignored progress requests: implement it
-    /// wherever the stream has a connection of its own.
-    fn probe(&mut self, req: RangeRequest) -> impl Future<Output = Result<(), Error>> + Send {
-        let _ = req;
-        std::future::ready(Ok(()))
-    }
+    /// an error the server sent). Required: only the stream knows its connection,
+    /// and a made-up answer would blame the wrong cause in the stall's message.
+    fn probe(&mut self, req: RangeRequest) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// The `range_end` that covers every key starting with `prefix`: the prefix with
