@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use etcd_proto::etcdserverpb::RangeRequest;
+use etcd_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use etcd_proto::etcdserverpb::kv_client::KvClient;
 use etcd_proto::mvccpb::KeyValue;
 use tonic::transport::{Channel, Endpoint};
@@ -70,19 +70,27 @@ pub async fn connect(url: &str) -> Result<Channel, EtcdError> {
 /// The member's current revision, from the header of a linearizable count
 /// of one key (so it fails on a member that has no leader).
 pub async fn current_revision(channel: Channel) -> Result<i64, EtcdError> {
-    let resp = KvClient::new(channel)
-        .range(RangeRequest {
-            key: b"\0".to_vec(),
-            count_only: true,
-            ..Default::default()
-        })
+    let request = RangeRequest {
+        key: b"\0".to_vec(),
+        count_only: true,
+        ..Default::default()
+    };
+    let resp = range(&mut KvClient::new(channel), request).await?;
+    Ok(resp.header.ok_or(EtcdError::NoHeader("Range"))?.revision)
+}
+
+/// One Range call, its failure as an [`EtcdError`].
+async fn range(
+    kv: &mut KvClient<Channel>,
+    request: RangeRequest,
+) -> Result<RangeResponse, EtcdError> {
+    kv.range(request)
         .await
+        .map(tonic::Response::into_inner)
         .map_err(|status| EtcdError::Rpc {
             call: "Range",
             status,
-        })?
-        .into_inner();
-    Ok(resp.header.ok_or(EtcdError::NoHeader("Range"))?.revision)
+        })
 }
 
 /// An etcd `KeyValue` as a key and [`Entry`].
@@ -99,32 +107,26 @@ pub fn entry_of(kv: KeyValue) -> (Vec<u8>, Entry) {
     )
 }
 
-/// etcd's state of `range` at `revision` (0 for the current revision), read
+/// etcd's state of `keys` at `revision` (0 for the current revision), read
 /// page by page at that one revision.
 pub async fn range_at(
     channel: Channel,
-    range: &KeyRange,
+    keys: &KeyRange,
     revision: i64,
 ) -> Result<FullSnapshot, EtcdError> {
     let mut kv = KvClient::new(channel);
     let mut state = State::default();
-    let mut start = range.key().to_vec();
+    let mut start = keys.key().to_vec();
     let mut at = revision;
     loop {
-        let resp = kv
-            .range(RangeRequest {
-                key: start.clone(),
-                range_end: range.range_end().to_vec(),
-                revision: at,
-                limit: PAGE,
-                ..Default::default()
-            })
-            .await
-            .map_err(|status| EtcdError::Rpc {
-                call: "Range",
-                status,
-            })?
-            .into_inner();
+        let request = RangeRequest {
+            key: start.clone(),
+            range_end: keys.range_end().to_vec(),
+            revision: at,
+            limit: PAGE,
+            ..Default::default()
+        };
+        let resp = range(&mut kv, request).await?;
         if at == 0 {
             // Pin the remaining pages to the first page's revision.
             at = resp.header.ok_or(EtcdError::NoHeader("Range"))?.revision;

@@ -1,5 +1,7 @@
 //! The proof's entry points: `soak` repeats seeded runs under faults for a
-//! while and sums them up; `replay` reruns one seed alone.
+//! while and sums them up; `replay` reruns one seed alone. Runs that test
+//! the embedded server start this same program as `embedded-server`, a child
+//! process they can kill, freeze and restart.
 //!
 //! ```text
 //! cargo run --release -p revwatch-proof -- soak --minutes 20 --seed 1 --json soak.json
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use revwatch_proof::run::{self, RunConfig, RunReport, SoakSummary};
+use revwatch_testkit::etcd::EmbeddedServer;
 use tokio::time::Instant;
 
 #[derive(Parser)]
@@ -47,6 +50,23 @@ enum Command {
         #[arg(long, default_value_t = 45)]
         run_secs: u64,
     },
+    /// Runs the embedded server, as `revwatch-server` does (the server under
+    /// test of the runs that draw it).
+    #[command(hide = true)]
+    EmbeddedServer {
+        /// `revwatch-server`'s arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// How runs start the embedded server: this program, as `embedded-server`.
+fn embedded_server() -> Result<EmbeddedServer, String> {
+    let program = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+    Ok(EmbeddedServer {
+        program,
+        args: vec!["embedded-server".into()],
+    })
 }
 
 fn main() -> ExitCode {
@@ -65,28 +85,46 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
-        match cli.command {
-            Command::Soak {
-                minutes,
-                seed,
-                run_secs,
-                json,
-            } => soak(minutes, seed, Duration::from_secs(run_secs), json).await,
-            Command::Replay { seed, run_secs } => {
-                replay(RunConfig::for_soak(seed, Duration::from_secs(run_secs))).await
-            }
+    let embedded = || embedded_server().inspect_err(|e| eprintln!("{e}")).ok();
+    match cli.command {
+        Command::EmbeddedServer { args } => {
+            runtime.block_on(revwatch_server::standalone::main(args))
         }
-    })
+        Command::Soak {
+            minutes,
+            seed,
+            run_secs,
+            json,
+        } => {
+            let Some(embedded) = embedded() else {
+                return ExitCode::FAILURE;
+            };
+            let run_length = Duration::from_secs(run_secs);
+            runtime.block_on(soak(minutes, seed, run_length, json, &embedded))
+        }
+        Command::Replay { seed, run_secs } => {
+            let Some(embedded) = embedded() else {
+                return ExitCode::FAILURE;
+            };
+            let run_length = Duration::from_secs(run_secs);
+            runtime.block_on(replay(RunConfig::for_soak(seed, run_length, &embedded)))
+        }
+    }
 }
 
-async fn soak(minutes: u64, first: u64, run_length: Duration, json: Option<PathBuf>) -> ExitCode {
+async fn soak(
+    minutes: u64,
+    first: u64,
+    run_length: Duration,
+    json: Option<PathBuf>,
+    embedded: &EmbeddedServer,
+) -> ExitCode {
     // `None`: longer than the clock can count, so until interrupted.
     let deadline = Instant::now().checked_add(Duration::from_secs(minutes.saturating_mul(60)));
     let mut summary = SoakSummary::default();
     let mut seed = first;
     while deadline.is_none_or(|d| Instant::now() < d) {
-        let config = RunConfig::for_soak(seed, run_length);
+        let config = RunConfig::for_soak(seed, run_length, embedded);
         match run::run(&config).await {
             Ok(report) => {
                 println!("{}", run_line(&report));
@@ -133,15 +171,9 @@ async fn replay(config: RunConfig) -> ExitCode {
 fn run_line(r: &RunReport) -> String {
     let c = &r.config;
     format!(
-        "seed {}: ok · {} member(s){}{} · {} faults · {} writes ({} acknowledged) · last revision {} · {} revisions checked · relists {:?} ({} compactions in truth) · {:.1}s",
+        "seed {}: ok · {} · {} faults · {} writes ({} acknowledged) · last revision {} · {} revisions checked · relists {:?} ({} compactions in truth) · {:.1}s",
         c.seed,
-        c.members,
-        if c.grpc_proxy { " via grpc-proxy" } else { "" },
-        if c.auto_compaction {
-            " with auto-compaction"
-        } else {
-            ""
-        },
+        c.topology(),
         r.faults.len(),
         r.writes,
         r.acked_writes,

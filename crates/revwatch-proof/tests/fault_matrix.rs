@@ -1,6 +1,9 @@
 //! The quick fault matrix: the real mirror against real etcd under every
 //! fault type, on a single member and on 3 members, directly and through
-//! `etcd grpc-proxy`, with and without auto-compaction. Every subscriber's
+//! `etcd grpc-proxy`, with and without auto-compaction; and against the
+//! embedded server (`revwatch-server` as a child process, killed with
+//! SIGKILL and restarted on its data dir, frozen, compacting on its own or
+//! not) under every single-member fault. Every subscriber's
 //! history, every published snapshot and the final state must pass the
 //! checker against independently recorded truth.
 //!
@@ -12,6 +15,7 @@ use std::time::Duration;
 
 use revwatch_proof::run::{self, AUTO_COMPACTION_TYPES, RunConfig};
 use revwatch_proof::schedule::FaultType;
+use revwatch_testkit::etcd::EmbeddedServer;
 
 fn seed_or(fixed: u64) -> u64 {
     std::env::var("REVWATCH_SEED")
@@ -109,6 +113,32 @@ async fn with_auto_compaction() {
     config.types = AUTO_COMPACTION_TYPES.to_vec();
     // Disconnections longer than the retention, so history the mirror
     // needs is compacted by etcd itself.
+    config.fault_length = (Duration::from_millis(1500), Duration::from_secs(3));
+    check(config, &AUTO_COMPACTION_TYPES).await;
+}
+
+/// The embedded server as the proof's soak runs it: this crate's binary as
+/// `embedded-server`.
+fn embedded_server() -> Option<EmbeddedServer> {
+    Some(EmbeddedServer {
+        program: env!("CARGO_BIN_EXE_revwatch-proof").into(),
+        args: vec!["embedded-server".into()],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_server_every_fault() {
+    let mut config = RunConfig::new(seed_or(15), 1, Duration::from_secs(32));
+    config.embedded = embedded_server();
+    check(config, &single_member_types()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_server_with_auto_compaction() {
+    let mut config = RunConfig::new(seed_or(16), 1, Duration::from_secs(22));
+    config.embedded = embedded_server();
+    config.auto_compaction = true;
+    config.types = AUTO_COMPACTION_TYPES.to_vec();
     config.fault_length = (Duration::from_millis(1500), Duration::from_secs(3));
     check(config, &AUTO_COMPACTION_TYPES).await;
 }

@@ -42,6 +42,7 @@ mod mvcc;
 mod server;
 mod service;
 mod shared;
+pub mod standalone;
 mod store;
 mod validate;
 mod wal;

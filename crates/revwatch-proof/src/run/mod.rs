@@ -36,6 +36,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use revwatch::mirror::MirrorConfig;
+use revwatch_testkit::etcd::EmbeddedServer;
 use tokio::time::Instant;
 
 use self::collect::{Collector, Feed};
@@ -72,6 +73,10 @@ pub struct RunConfig {
     pub members: usize,
     /// The mirror reaches etcd only through `etcd grpc-proxy`.
     pub grpc_proxy: bool,
+    /// The server under test is revwatch's embedded server, run by this
+    /// command as a child process on a data dir of its own (one member, no
+    /// grpc-proxy), instead of etcd.
+    pub embedded: Option<EmbeddedServer>,
     /// etcd compacts on its own (periodic, every second) throughout.
     pub auto_compaction: bool,
     /// Time during which faults are injected and the writers write.
@@ -98,6 +103,7 @@ impl RunConfig {
             seed,
             members,
             grpc_proxy: false,
+            embedded: None,
             auto_compaction: false,
             run_length,
             types: FaultType::ALL.to_vec(),
@@ -110,8 +116,9 @@ impl RunConfig {
     }
 
     /// The soak's run for `seed`: topology and options drawn from the seed,
-    /// so that `replay` needs nothing but the seed and the length.
-    pub fn for_soak(seed: u64, run_length: Duration) -> Self {
+    /// so that `replay` needs nothing but the seed and the length. Runs on
+    /// one member may test the embedded server, run by `embedded`.
+    pub fn for_soak(seed: u64, run_length: Duration, embedded: &EmbeddedServer) -> Self {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_50a4);
         let members = if rng.random_bool(0.5) { 3 } else { 1 };
         let mut config = Self::new(seed, members, run_length);
@@ -120,7 +127,27 @@ impl RunConfig {
             config.auto_compaction = true;
             config.types = AUTO_COMPACTION_TYPES.to_vec();
         }
+        // Drawn last, so that the draws above stay what they were for each seed.
+        if members == 1 && !config.grpc_proxy && rng.random_bool(0.5) {
+            config.embedded = Some(embedded.clone());
+        }
         config
+    }
+
+    /// What the run's server is, for reports: `etcd` (with its member count
+    /// and options) or `revwatch-server`.
+    pub fn topology(&self) -> String {
+        let mut t = match self.embedded {
+            Some(_) => "revwatch-server".to_owned(),
+            None => format!("etcd x{}", self.members),
+        };
+        if self.grpc_proxy {
+            t.push_str(" via grpc-proxy");
+        }
+        if self.auto_compaction {
+            t.push_str(" with auto-compaction");
+        }
+        t
     }
 
     /// The fault schedule this run applies.
@@ -313,10 +340,8 @@ impl fmt::Display for RunFailure {
         }
         write!(
             f,
-            "run config: {} member(s), grpc-proxy {}, auto-compaction {}, {:?}",
-            self.config.members,
-            self.config.grpc_proxy,
-            self.config.auto_compaction,
+            "run config: {}, {:?}",
+            self.config.topology(),
             self.config.run_length
         )
     }

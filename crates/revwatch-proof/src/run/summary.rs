@@ -13,6 +13,10 @@ use crate::schedule::FaultType;
 pub struct SoakSummary {
     /// Runs done.
     pub runs: usize,
+    /// Runs by server topology ([`RunConfig::topology`]), passed or not.
+    pub runs_by_topology: BTreeMap<String, usize>,
+    /// Faults injected into runs whose server was revwatch's embedded server.
+    pub faults_on_embedded_server: usize,
     /// Faults injected in total.
     pub faults_injected: usize,
     /// Faults injected, by type.
@@ -71,9 +75,11 @@ pub struct SoakSummary {
 impl SoakSummary {
     /// Adds a passing run.
     pub fn add(&mut self, report: &RunReport) {
-        self.runs += 1;
-        self.minimums(&report.config);
+        self.count_run(&report.config);
         self.faults_injected += report.faults.len();
+        if report.config.embedded.is_some() {
+            self.faults_on_embedded_server += report.faults.len();
+        }
         for f in &report.faults {
             self.distinct.insert(f.fault.distinct());
             let name = f.fault.name().to_owned();
@@ -109,8 +115,7 @@ impl SoakSummary {
 
     /// Adds a failed run.
     pub fn add_failure(&mut self, failure: &RunFailure) {
-        self.runs += 1;
-        self.minimums(&failure.config);
+        self.count_run(&failure.config);
         if failure.error.is_violation() {
             self.violations += 1;
             if failure.error.is_unexplained_relist() {
@@ -125,7 +130,9 @@ impl SoakSummary {
 }
 
 impl SoakSummary {
-    fn minimums(&mut self, config: &RunConfig) {
+    fn count_run(&mut self, config: &RunConfig) {
+        self.runs += 1;
+        *self.runs_by_topology.entry(config.topology()).or_default() += 1;
         self.min_writes_per_run = self.min_writes_per_run.max(config.min_writes);
         self.min_revisions_per_run = self.min_revisions_per_run.max(config.min_revisions);
     }
@@ -134,10 +141,13 @@ impl SoakSummary {
 impl fmt::Display for SoakSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "runs:               {}", self.runs)?;
+        for (topology, n) in &self.runs_by_topology {
+            writeln!(f, "  {topology:<40} {n:>5}")?;
+        }
         writeln!(
             f,
-            "faults injected:    {} ({} types)",
-            self.faults_injected, self.fault_types_covered
+            "faults injected:    {} ({} types; {} on the embedded server)",
+            self.faults_injected, self.fault_types_covered, self.faults_on_embedded_server
         )?;
         for (name, n) in &self.faults_by_type {
             writeln!(

@@ -1,7 +1,7 @@
 //! What a run talks to: etcd members (on 3 members, with their peer traffic
-//! through per-link proxies that a peer partition cuts), one fault proxy per
-//! member between the mirror and etcd, and optionally `etcd grpc-proxy` in
-//! front of those.
+//! through per-link proxies that a peer partition cuts) or revwatch's
+//! embedded server, one fault proxy per member between the mirror and the
+//! server, and optionally `etcd grpc-proxy` in front of those.
 
 use revwatch_testkit::etcd::{ClusterOptions, CompactionMode, EtcdCluster};
 use revwatch_testkit::grpc_proxy::GrpcProxy;
@@ -25,6 +25,7 @@ impl Topology {
             // Peer traffic through per-link proxies, so that a member can be
             // cut off from its peers (a real partition) while clients reach it.
             peer_links: config.members >= 3,
+            embedded: config.embedded.clone(),
             ..ClusterOptions::default()
         };
         if config.grpc_proxy {

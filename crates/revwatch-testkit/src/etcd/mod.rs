@@ -1,5 +1,7 @@
 //! Real etcd processes: a single member or a 3-member cluster on free
-//! loopback ports, with kill -9, freeze (SIGSTOP), thaw and restart.
+//! loopback ports, with kill -9, freeze (SIGSTOP), thaw and restart. With
+//! [`ClusterOptions::embedded`], the single member is revwatch's embedded
+//! server instead, under the same process control.
 //!
 //! Every process is killed and every directory removed when the
 //! [`EtcdCluster`] is dropped, also while a test panics. If the test process
@@ -41,7 +43,8 @@ use tonic::transport::ClientTlsConfig;
 
 use self::member::Member;
 pub use self::options::{
-    ClusterOptions, CompactionMode, DEFAULT_ETCD_BIN, DEFAULT_ETCDCTL_BIN, etcd_binary,
+    ClusterOptions, CompactionMode, DEFAULT_ETCD_BIN, DEFAULT_ETCDCTL_BIN, EmbeddedServer,
+    etcd_binary,
 };
 use self::options::{cluster_token, member_args};
 pub use self::peers::PeerCut;
@@ -112,13 +115,11 @@ impl EtcdCluster {
     /// start is retried with new ports. Errors carry the tail of the failing
     /// member's log.
     pub async fn start(opts: ClusterOptions) -> Result<Self, TestkitError> {
-        if opts.members != 1 && opts.members != 3 {
-            return Err(TestkitError::InvalidOptions(format!(
-                "members must be 1 or 3, not {}",
-                opts.members
-            )));
-        }
-        let etcd_bin = etcd_binary(opts.etcd_bin.as_deref())?;
+        options::check(&opts)?;
+        let etcd_bin = match &opts.embedded {
+            Some(embedded) => embedded.program.clone(),
+            None => etcd_binary(opts.etcd_bin.as_deref())?,
+        };
         let mut attempt = 1;
         loop {
             match Self::start_once(&opts, &etcd_bin).await {
@@ -373,5 +374,7 @@ impl EtcdCluster {
 
 /// Whether a start failure looks like a port taken between choosing and binding.
 fn is_port_clash(e: &TestkitError) -> bool {
-    matches!(e, TestkitError::MemberExited { log_tail, .. } if log_tail.contains("address already in use"))
+    // etcd logs "address already in use", the embedded server "Address ...".
+    matches!(e, TestkitError::MemberExited { log_tail, .. }
+        if log_tail.to_ascii_lowercase().contains("address already in use"))
 }

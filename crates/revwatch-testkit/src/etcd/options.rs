@@ -60,6 +60,21 @@ pub struct ClusterOptions {
     pub extra_args: Vec<String>,
     /// The etcd binary; `None` means `$REVWATCH_ETCD_BIN`, else [`DEFAULT_ETCD_BIN`].
     pub etcd_bin: Option<PathBuf>,
+    /// Run this etcd-compatible single-node server instead of etcd: one
+    /// member, with the same kill -9, freeze and restart on its data dir.
+    /// TLS, auth, peer links and progress notification are etcd's only.
+    pub embedded: Option<EmbeddedServer>,
+}
+
+/// A command that runs revwatch's embedded server, `revwatch-server` or a
+/// program that runs it the same way; the cluster appends `--data-dir DIR
+/// --listen ADDR` and the auto-compaction flags to `args`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddedServer {
+    /// The program.
+    pub program: PathBuf,
+    /// Its first arguments (for example a subcommand).
+    pub args: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -76,6 +91,7 @@ impl Default for ClusterOptions {
             peer_links: false,
             extra_args: Vec::new(),
             etcd_bin: None,
+            embedded: None,
         }
     }
 }
@@ -122,6 +138,9 @@ pub(crate) fn member_args(
     tls: Option<&TlsFiles>,
     i: usize,
 ) -> Vec<String> {
+    if let Some(embedded) = &opts.embedded {
+        return embedded_args(embedded, opts, dir, ports[2 * i]);
+    }
     let scheme = if tls.is_some() { "https" } else { "http" };
     // With peer links, peers are reached through SOCKS routers that map the
     // advertised (unroutable) address's port to the loopback listener.
@@ -163,14 +182,7 @@ pub(crate) fn member_args(
             "--client-cert-auth".into(),
         ]);
     }
-    if let Some(retention) = &opts.auto_compaction_retention {
-        let mode = match opts.auto_compaction_mode {
-            CompactionMode::Revision => "revision",
-            CompactionMode::Periodic => "periodic",
-        };
-        args.push(format!("--auto-compaction-mode={mode}"));
-        args.push(format!("--auto-compaction-retention={retention}"));
-    }
+    args.extend(auto_compaction_args(opts));
     if let Some(interval) = opts.progress_notify_interval {
         args.push(format!(
             "--experimental-watch-progress-notify-interval={}",
@@ -179,6 +191,71 @@ pub(crate) fn member_args(
     }
     args.extend(opts.extra_args.iter().cloned());
     args
+}
+
+/// The auto-compaction flags, which etcd and the embedded server share.
+fn auto_compaction_args(opts: &ClusterOptions) -> Vec<String> {
+    let Some(retention) = &opts.auto_compaction_retention else {
+        return Vec::new();
+    };
+    let mode = match opts.auto_compaction_mode {
+        CompactionMode::Revision => "revision",
+        CompactionMode::Periodic => "periodic",
+    };
+    vec![
+        format!("--auto-compaction-mode={mode}"),
+        format!("--auto-compaction-retention={retention}"),
+    ]
+}
+
+/// The embedded server's command line (its flags take separate values).
+fn embedded_args(
+    embedded: &EmbeddedServer,
+    opts: &ClusterOptions,
+    dir: &Path,
+    client_port: u16,
+) -> Vec<String> {
+    let mut args = embedded.args.clone();
+    args.extend([
+        "--data-dir".into(),
+        dir.join("m0.data").display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{client_port}"),
+    ]);
+    for flag in auto_compaction_args(opts) {
+        // `--name=value` as two arguments.
+        args.extend(flag.splitn(2, '=').map(str::to_owned));
+    }
+    args.extend(opts.extra_args.iter().cloned());
+    args
+}
+
+/// Why `opts` cannot be started, if it cannot.
+pub(crate) fn check(opts: &ClusterOptions) -> Result<(), TestkitError> {
+    if opts.members != 1 && opts.members != 3 {
+        return Err(TestkitError::InvalidOptions(format!(
+            "members must be 1 or 3, not {}",
+            opts.members
+        )));
+    }
+    if opts.embedded.is_some() {
+        let etcd_only = [
+            (opts.members != 1, "more than one member"),
+            (opts.tls, "TLS"),
+            (opts.auth.is_some(), "auth"),
+            (opts.peer_links, "peer links"),
+            (
+                opts.progress_notify_interval.is_some(),
+                "a progress notify interval",
+            ),
+        ];
+        if let Some((_, what)) = etcd_only.iter().find(|(set, _)| *set) {
+            return Err(TestkitError::InvalidOptions(format!(
+                "the embedded server does not take {what}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -240,6 +317,54 @@ mod tests {
             assert!(
                 args.iter().any(|a| a == expected),
                 "{expected} missing from {args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_embedded_server_gets_its_own_flags_and_refuses_etcd_only_options() {
+        let opts = ClusterOptions {
+            embedded: Some(EmbeddedServer {
+                program: "/bin/server".into(),
+                args: vec!["embedded-server".into()],
+            }),
+            auto_compaction_retention: Some("1s".into()),
+            auto_compaction_mode: CompactionMode::Periodic,
+            ..Default::default()
+        };
+        assert!(check(&opts).is_ok());
+        let args = member_args(&opts, Path::new("/d"), &[10, 11], "tok", None, 0);
+        assert_eq!(
+            args,
+            [
+                "embedded-server",
+                "--data-dir",
+                "/d/m0.data",
+                "--listen",
+                "127.0.0.1:10",
+                "--auto-compaction-mode",
+                "periodic",
+                "--auto-compaction-retention",
+                "1s"
+            ]
+        );
+        for bad in [
+            ClusterOptions {
+                members: 3,
+                ..opts.clone()
+            },
+            ClusterOptions {
+                tls: true,
+                ..opts.clone()
+            },
+            ClusterOptions {
+                peer_links: true,
+                ..opts.clone()
+            },
+        ] {
+            assert!(
+                matches!(check(&bad), Err(TestkitError::InvalidOptions(_))),
+                "{bad:?}"
             );
         }
     }
