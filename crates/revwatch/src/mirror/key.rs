@@ -87,12 +87,14 @@ impl AsRef<[u8]> for Key {
 /// Consistent with `[u8]`'s order, equality and hash, so maps keyed by `Key` can be
 /// searched with a byte slice.
 impl Borrow<[u8]> for Key {
+    #[inline]
     fn borrow(&self) -> &[u8] {
         self.as_bytes()
     }
 }
 
 impl PartialEq for Key {
+    #[inline]
     fn eq(&self, other: &Self) -> bool {
         self.as_bytes() == other.as_bytes()
     }
@@ -101,12 +103,14 @@ impl PartialEq for Key {
 impl Eq for Key {}
 
 impl PartialOrd for Key {
+    #[inline]
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
 impl Ord for Key {
+    #[inline]
     fn cmp(&self, other: &Self) -> Ordering {
         self.as_bytes().cmp(other.as_bytes())
     }

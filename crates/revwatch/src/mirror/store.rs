@@ -158,7 +158,7 @@ impl<T: Send + Sync + 'static> Writer<T> {
             // stored `Key`, and changes name it by that.
             if ev.r#type == EventType::Delete as i32 {
                 let removed = self.map.remove_with_key(&kv.key[..]);
-                self.failures.remove(&kv.key[..]);
+                self.clear_failure(&kv.key);
                 if let Some(changes) = changes.as_deref_mut() {
                     let (key, prev) = match removed {
                         Some((key, slot)) => (key, Some(slot.0)),
@@ -183,7 +183,7 @@ impl<T: Send + Sync + 'static> Writer<T> {
                     continue;
                 }
             };
-            self.failures.remove(&key[..]);
+            self.clear_failure(&key);
             // One descent for a key already present: its entry is replaced in
             // place (in the nodes copied as needed).
             match (self.map.get_key_value_mut(&key[..]), changes.as_deref_mut()) {
@@ -213,6 +213,14 @@ impl<T: Send + Sync + 'static> Writer<T> {
         }
         self.revision = revision;
         Ok(())
+    }
+
+    /// Forgets `key`'s decode failure, if any: it was deleted or decodes again.
+    fn clear_failure(&mut self, key: &[u8]) {
+        // Almost always empty: skip the lookup then, once per event.
+        if !self.failures.is_empty() {
+            self.failures.remove(key);
+        }
     }
 
     /// Decodes `key`'s value, taken out of `kv`, into its entry. Guarded: a
