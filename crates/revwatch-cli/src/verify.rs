@@ -1,35 +1,52 @@
-//! `revwatch verify`: compares a mirror's state of a prefix (a fresh mirror, or a
-//! persisted snapshot file) with etcd's own range of the prefix at the same
-//! revision, and prints match or drift.
+//! `revwatch verify`: compares a mirror's state of a prefix (a fresh mirror, a
+//! persisted snapshot file, or the mirror of a running `serve`) with etcd's own
+//! range of the prefix at the same revision, and prints match or drift.
 //!
 //! The comparison is pure ([`compare`]) and unit-tested; the rest reads the two
-//! states: the mirror's from a [`Mirror`] or a [`SnapshotFile`], etcd's page by page
-//! at the mirror's revision.
+//! states: the mirror's from a [`Mirror`], a [`SnapshotFile`] or serve's
+//! `GET /v1/mirror/digest` (which sends no values: a key's value is compared by its
+//! size and the key's digest), etcd's page by page at the mirror's revision.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context;
+use axum::body::Bytes;
 use clap::Args;
 use etcd_proto::{key_range::KeyRange, mvccpb::KeyValue};
+use http_body_util::{BodyExt, Empty};
+use hyper::{StatusCode, Uri, header};
+use hyper_util::rt::TokioIo;
 use revwatch::{
     client::{Client, RangeRequest},
-    mirror::{ClientSource, Digest, DigestBuilder, Mirror, MirrorConfig, snapshot::SnapshotFile},
+    mirror::{
+        ClientSource, DigestBuilder, DigestEntry, DigestError, Mirror, MirrorConfig,
+        snapshot::SnapshotFile,
+    },
 };
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
     connect::{EtcdAccessArgs, compacted_at},
     render,
+    serve::{
+        mirror_digest::{MirrorDigest, is_digest, key_bytes, key_digest},
+        read_token,
+    },
 };
 
 /// Check a mirror of a prefix against etcd: compare the mirror's state with etcd's
 /// range of the prefix at the same revision (keys, values, create and mod
 /// revisions, versions, leases), and print match or drift.
 ///
-/// Without --snapshot-file, starts a mirror of the prefix, waits until it is
-/// ready and compares its snapshot. With --snapshot-file, compares a snapshot file
-/// written by `tail` or `serve` at the file's revision (which etcd must not have
-/// compacted yet).
+/// Without --snapshot-file or --url, starts a mirror of the prefix, waits until it
+/// is ready and compares its snapshot. With --snapshot-file, compares a snapshot
+/// file written by `tail` or `serve` at the file's revision (which etcd must not
+/// have compacted yet). With --url, compares the mirror of a running `revwatch
+/// serve` at its revision, as serve reports it (GET /v1/mirror/digest).
 ///
 /// Exits 0 on a match, 1 on drift, 2 when the check could not be made.
 #[derive(Debug, Args)]
@@ -37,13 +54,22 @@ pub struct VerifyArgs {
     /// etcd endpoints, comma-separated (default: the embedded server of `serve`).
     #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub endpoints: Vec<String>,
-    /// The key prefix mirrored ("" for every key).
-    #[arg(long)]
-    pub prefix: String,
+    /// The key prefix mirrored ("" for every key). With --url, serve's own prefix
+    /// (checked when given).
+    #[arg(long, required_unless_present = "url")]
+    pub prefix: Option<String>,
     /// Verify this snapshot file (as written with `tail` or `serve`
     /// --snapshot-file) instead of a fresh mirror.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "url")]
     pub snapshot_file: Option<PathBuf>,
+    /// Verify the mirror of the `revwatch serve` answering at this URL (e.g.
+    /// http://127.0.0.1:8181) instead of a fresh mirror. Sends serve's bearer
+    /// token, read from --token-file, else REVWATCH_TOKEN.
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// With --url: the file holding serve's bearer token.
+    #[arg(long, requires = "url")]
+    pub token_file: Option<PathBuf>,
     /// One JSON document instead of text.
     #[arg(long)]
     pub json: bool,
@@ -107,6 +133,8 @@ pub enum Origin {
     Mirror,
     /// A persisted snapshot file.
     SnapshotFile,
+    /// The mirror of a running `serve`.
+    Serve,
 }
 
 impl Origin {
@@ -114,6 +142,7 @@ impl Origin {
         match self {
             Origin::Mirror => "the mirror",
             Origin::SnapshotFile => "the snapshot file",
+            Origin::Serve => "serve's mirror",
         }
     }
 
@@ -121,30 +150,133 @@ impl Origin {
         match self {
             Origin::Mirror => "mirror",
             Origin::SnapshotFile => "snapshot_file",
+            Origin::Serve => "serve",
         }
     }
 }
 
-/// One side's state of the prefix at the compared revision, with its digest.
+/// One key of the compared side: its fields, and of its value only the size and
+/// the key's digest (all that serve sends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    pub key: Vec<u8>,
+    pub value_bytes: u64,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub version: i64,
+    pub lease: i64,
+    /// [`key_digest`] of the key.
+    pub digest: String,
+}
+
+impl KeyState {
+    fn of(entry: DigestEntry<'_>) -> KeyState {
+        KeyState {
+            key: entry.key.to_vec(),
+            value_bytes: entry.value.len() as u64,
+            create_revision: entry.create_revision,
+            mod_revision: entry.mod_revision,
+            version: entry.version,
+            lease: entry.lease,
+            digest: key_digest(entry),
+        }
+    }
+
+    /// Whether `value` is this key's value: the same size, and this key's digest
+    /// when `value` takes the place of its own.
+    fn has_value(&self, value: &[u8]) -> bool {
+        self.value_bytes == value.len() as u64
+            && key_digest(DigestEntry {
+                key: &self.key,
+                value,
+                create_revision: self.create_revision,
+                mod_revision: self.mod_revision,
+                version: self.version,
+                lease: self.lease,
+            }) == self.digest
+    }
+}
+
+/// The compared side's state of the prefix at the compared revision, with its
+/// digest.
 #[derive(Debug, Clone)]
 pub struct Side {
     /// In ascending key order.
-    pub kvs: Vec<KeyValue>,
-    pub digest: Digest,
+    pub keys: Vec<KeyState>,
+    pub digest: String,
 }
 
 impl Side {
     /// The state `kvs`, which must be in ascending key order.
-    fn of(kvs: Vec<KeyValue>) -> anyhow::Result<Side> {
-        let mut digest = DigestBuilder::new();
-        for kv in &kvs {
-            digest.push_kv(kv)?;
+    fn of(kvs: &[KeyValue]) -> anyhow::Result<Side> {
+        Ok(Side {
+            digest: digest_of(kvs)?,
+            keys: kvs.iter().map(|kv| KeyState::of(kv.into())).collect(),
+        })
+    }
+
+    /// The state serve describes, checked: well-formed digests, keys in ascending
+    /// order, as many as it counts.
+    fn served(body: MirrorDigest) -> anyhow::Result<Side> {
+        let entries = body.entries.context("the answer lists no keys")?;
+        anyhow::ensure!(
+            is_digest(&body.digest) && entries.len() == body.keys,
+            "the answer's digest or key count is malformed"
+        );
+        let mut keys: Vec<KeyState> = Vec::with_capacity(entries.len());
+        for e in entries {
+            let key = key_bytes(&e.key).context("the answer has a malformed key")?;
+            anyhow::ensure!(
+                is_digest(&e.digest),
+                "the answer has a malformed digest for key {}",
+                render::bytes_human(&key, MAX_KEY_CHARS)
+            );
+            anyhow::ensure!(
+                keys.last().is_none_or(|last| last.key < key),
+                "the answer's keys are not in ascending order"
+            );
+            keys.push(KeyState {
+                key,
+                value_bytes: e.value_bytes,
+                create_revision: e.create_revision,
+                mod_revision: e.mod_revision,
+                version: e.version,
+                lease: e.lease,
+                digest: e.digest,
+            });
         }
         Ok(Side {
-            digest: digest.finish(),
+            keys,
+            digest: body.digest,
+        })
+    }
+}
+
+/// etcd's state of the prefix at the compared revision, with its digest.
+#[derive(Debug, Clone)]
+pub struct EtcdSide {
+    /// In ascending key order.
+    pub kvs: Vec<KeyValue>,
+    pub digest: String,
+}
+
+impl EtcdSide {
+    /// The state `kvs`, which must be in ascending key order.
+    fn of(kvs: Vec<KeyValue>) -> Result<EtcdSide, DigestError> {
+        Ok(EtcdSide {
+            digest: digest_of(&kvs)?,
             kvs,
         })
     }
+}
+
+/// The digest of `kvs`, refused unless they are in ascending key order.
+fn digest_of(kvs: &[KeyValue]) -> Result<String, DigestError> {
+    let mut digest = DigestBuilder::new();
+    for kv in kvs {
+        digest.push_kv(kv)?;
+    }
+    Ok(digest.finish().to_string())
 }
 
 /// A field of a key that differs between the two sides.
@@ -180,15 +312,15 @@ pub enum Verdict {
         origin: Origin,
         revision: i64,
         keys: usize,
-        digest: Digest,
+        digest: String,
     },
     /// They differ at `revision`.
     Drift {
         origin: Origin,
         revision: i64,
         /// Key count and digest of the compared side, then of etcd.
-        ours: (usize, Digest),
-        etcd: (usize, Digest),
+        ours: (usize, String),
+        etcd: (usize, String),
         /// Every differing key, in key order.
         differences: Vec<Difference>,
     },
@@ -202,13 +334,13 @@ pub enum Verdict {
 }
 
 /// The fields of two versions of one key that differ.
-fn field_diffs(ours: &KeyValue, etcd: &KeyValue) -> Vec<FieldDiff> {
+fn field_diffs(ours: &KeyState, etcd: &KeyValue) -> Vec<FieldDiff> {
     let mut diffs = Vec::new();
     // Values are not shown (they may be secrets), only their sizes.
-    if ours.value != etcd.value {
+    if !ours.has_value(&etcd.value) {
         diffs.push(FieldDiff {
             field: "value",
-            ours: ours.value.len() as i64,
+            ours: ours.value_bytes as i64,
             etcd: etcd.value.len() as i64,
         });
     }
@@ -236,9 +368,9 @@ fn field_diffs(ours: &KeyValue, etcd: &KeyValue) -> Vec<FieldDiff> {
 
 /// Compares the two states of the prefix at `revision`, key by key (both are in
 /// ascending key order).
-pub fn compare(origin: Origin, revision: i64, ours: &Side, etcd: &Side) -> Verdict {
+pub fn compare(origin: Origin, revision: i64, ours: &Side, etcd: &EtcdSide) -> Verdict {
     let mut differences = Vec::new();
-    let (mut o, mut e) = (ours.kvs.iter().peekable(), etcd.kvs.iter().peekable());
+    let (mut o, mut e) = (ours.keys.iter().peekable(), etcd.kvs.iter().peekable());
     loop {
         match (o.peek(), e.peek()) {
             (None, None) => break,
@@ -279,15 +411,15 @@ pub fn compare(origin: Origin, revision: i64, ours: &Side, etcd: &Side) -> Verdi
         Verdict::Match {
             origin,
             revision,
-            keys: ours.kvs.len(),
-            digest: ours.digest,
+            keys: ours.keys.len(),
+            digest: ours.digest.clone(),
         }
     } else {
         Verdict::Drift {
             origin,
             revision,
-            ours: (ours.kvs.len(), ours.digest),
-            etcd: (etcd.kvs.len(), etcd.digest),
+            ours: (ours.keys.len(), ours.digest.clone()),
+            etcd: (etcd.kvs.len(), etcd.digest.clone()),
             differences,
         }
     }
@@ -389,7 +521,7 @@ impl Verdict {
                 digest,
             } => json!({
                 "result": "match", "source": origin.json_name(), "revision": revision,
-                "keys": keys, "digest": digest.to_string(),
+                "keys": keys, "digest": digest,
             }),
             Verdict::EtcdBehind {
                 origin,
@@ -428,8 +560,8 @@ impl Verdict {
                 json!({
                     "result": "drift", "source": origin.json_name(), "revision": revision,
                     "reason": "content",
-                    "source_keys": ours.0, "source_digest": ours.1.to_string(),
-                    "etcd_keys": etcd.0, "etcd_digest": etcd.1.to_string(),
+                    "source_keys": ours.0, "source_digest": ours.1,
+                    "etcd_keys": etcd.0, "etcd_digest": etcd.1,
                     "differences": listed,
                     "omitted": differences.len().saturating_sub(limit),
                 })
@@ -440,39 +572,38 @@ impl Verdict {
 
 /// Reads both states and compares them.
 async fn verify(args: &VerifyArgs) -> anyhow::Result<Verdict> {
-    let prefix = args.prefix.as_bytes();
-    // Before connecting: a bad file needs no etcd to be reported.
-    let file = match &args.snapshot_file {
-        Some(path) => {
-            let (path, owned) = (path.clone(), prefix.to_vec());
-            let read = tokio::task::spawn_blocking(move || SnapshotFile::read(&path, &owned))
-                .await
-                .context("reading the snapshot file")?;
-            // Its message already names the cause; its source would repeat it.
-            Some(read.map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot verify the snapshot file of prefix {:?}: {e}",
-                    args.prefix
-                )
-            })?)
+    // Before connecting to etcd: a bad file, or serve's refusal, needs no etcd to
+    // be reported.
+    let (prefix, compared) = match (&args.url, &args.snapshot_file) {
+        (Some(url), _) => {
+            let (prefix, revision, side) = serve_state(url, args).await?;
+            (prefix, Some((Origin::Serve, revision, side)))
         }
-        None => None,
+        (None, file) => {
+            // Required by the flags without --url.
+            let prefix = args.prefix.clone().context("--prefix is required")?;
+            let compared = match file {
+                Some(path) => Some(file_state(path, &prefix).await?),
+                None => None,
+            };
+            (prefix, compared)
+        }
     };
     let config = args.access.client_config(args.endpoints.clone())?;
     let client = Client::connect(config)
         .await
         .with_context(|| format!("connecting to etcd at {}", args.endpoints.join(",")))?;
 
-    let (origin, revision, ours) = match file {
-        Some(file) => (Origin::SnapshotFile, file.revision, Side::of(file.kvs)?),
+    let (origin, revision, ours) = match compared {
+        Some(compared) => compared,
         None => {
-            let (revision, side) = mirror_state(&client, args).await?;
+            let (revision, side) = mirror_state(&client, &prefix, args).await?;
             (Origin::Mirror, revision, side)
         }
     };
-    let range = KeyRange::prefix(prefix);
+    let range = KeyRange::prefix(prefix.as_bytes());
     let etcd = match range_at(&client, &range, revision, args.page_size).await {
-        Ok(kvs) => Side::of(kvs).context("etcd's range is not in key order")?,
+        Ok(kvs) => EtcdSide::of(kvs).context("etcd's range is not in key order")?,
         Err(e) if e.is_compacted() => {
             let at = match compacted_at(&client, &range, revision).await {
                 Some(c) => format!("etcd compacted its history up to revision {c}"),
@@ -483,6 +614,10 @@ async fn verify(args: &VerifyArgs) -> anyhow::Result<Verdict> {
                     "verify a newer snapshot file, or run verify without --snapshot-file"
                 }
                 Origin::Mirror => "run verify again",
+                Origin::Serve => {
+                    "serve's mirror is that far behind: check that serve follows this etcd \
+                     (GET /v1/status), then run verify again"
+                }
             };
             anyhow::bail!(
                 "cannot read etcd at revision {revision}, the revision of {}: {at}; {advice}",
@@ -501,19 +636,35 @@ async fn verify(args: &VerifyArgs) -> anyhow::Result<Verdict> {
         }
         Err(e) => {
             return Err(anyhow::Error::new(e).context(format!(
-                "reading prefix {:?} from etcd at revision {revision}",
-                args.prefix
+                "reading prefix {prefix:?} from etcd at revision {revision}"
             )));
         }
     };
     Ok(compare(origin, revision, &ours, &etcd))
 }
 
+/// The snapshot file's state of `prefix`, at its revision.
+async fn file_state(path: &Path, prefix: &str) -> anyhow::Result<(Origin, i64, Side)> {
+    let (path, owned) = (path.to_owned(), prefix.as_bytes().to_vec());
+    let read = tokio::task::spawn_blocking(move || SnapshotFile::read(&path, &owned))
+        .await
+        .context("reading the snapshot file")?;
+    // Its message already names the cause; its source would repeat it.
+    let file = read.map_err(|e| {
+        anyhow::anyhow!("cannot verify the snapshot file of prefix {prefix:?}: {e}")
+    })?;
+    Ok((Origin::SnapshotFile, file.revision, Side::of(&file.kvs)?))
+}
+
 /// Starts a mirror of the prefix, waits until it is ready and has etcd's current
 /// revision, and returns its state then.
-async fn mirror_state(client: &Client, args: &VerifyArgs) -> anyhow::Result<(i64, Side)> {
+async fn mirror_state(
+    client: &Client,
+    prefix: &str,
+    args: &VerifyArgs,
+) -> anyhow::Result<(i64, Side)> {
     let config = MirrorConfig::default().with_page_size(args.page_size);
-    let mirror = Mirror::builder(args.prefix.as_bytes())
+    let mirror = Mirror::builder(prefix.as_bytes())
         .config(config)
         .start(ClientSource::new(client.clone()))
         .await
@@ -521,30 +672,104 @@ async fn mirror_state(client: &Client, args: &VerifyArgs) -> anyhow::Result<(i64
     mirror
         .wait_ready()
         .await
-        .with_context(|| format!("mirroring prefix {:?}", args.prefix))?;
+        .with_context(|| format!("mirroring prefix {prefix:?}"))?;
     let snapshot = mirror
         .consistent_snapshot(args.timeout)
         .await
         .context("waiting for the mirror to reach etcd's current revision")?;
     // Without a snapshot file there is nothing to write: the outcome is moot.
     let _ = mirror.shutdown().await;
-    let kvs: Vec<KeyValue> = snapshot
+    let keys = snapshot
         .iter()
-        .map(|(key, e)| KeyValue {
-            key: key.to_vec(),
-            value: e.raw.to_vec(),
-            create_revision: e.create_revision,
-            mod_revision: e.mod_revision,
-            version: e.version,
-            lease: e.lease,
-        })
+        .map(|(key, e)| KeyState::of(DigestEntry::of_snapshot_entry(key, e)))
         .collect();
     // The library's own digest of the snapshot, not one recomputed from the copy.
     let side = Side {
-        kvs,
-        digest: snapshot.digest(),
+        keys,
+        digest: snapshot.digest().to_string(),
     };
     Ok((snapshot.revision(), side))
+}
+
+/// The state of serve's mirror: its prefix, revision and keys.
+async fn serve_state(url: &str, args: &VerifyArgs) -> anyhow::Result<(String, i64, Side)> {
+    let token = read_token(args.token_file.as_deref())?;
+    let body = fetch_mirror_digest(url, token.as_deref()).await?;
+    if let Some(prefix) = &args.prefix {
+        anyhow::ensure!(
+            *prefix == body.prefix,
+            "serve at {url} mirrors prefix {:?}, not {prefix:?} (--prefix)",
+            body.prefix
+        );
+    }
+    let (prefix, revision) = (body.prefix.clone(), body.revision);
+    let side = Side::served(body).with_context(|| format!("serve at {url}"))?;
+    Ok((prefix, revision, side))
+}
+
+/// An error answer of serve.
+#[derive(Deserialize)]
+struct ServeError {
+    error: String,
+    detail: String,
+}
+
+/// `GET URL/v1/mirror/digest?keys=true`, with `token` as the bearer token.
+async fn fetch_mirror_digest(url: &str, token: Option<&str>) -> anyhow::Result<MirrorDigest> {
+    let base: Uri = url
+        .parse()
+        .with_context(|| format!("--url {url:?} is not a URL"))?;
+    anyhow::ensure!(
+        base.scheme_str() == Some("http"),
+        "--url {url:?}: serve answers plain HTTP, give an http:// URL"
+    );
+    let authority = base
+        .authority()
+        .with_context(|| format!("--url {url:?} has no host"))?;
+    let path = format!(
+        "{}/v1/mirror/digest?keys=true",
+        base.path().trim_end_matches('/')
+    );
+    let address = (authority.host(), authority.port_u16().unwrap_or(80));
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .with_context(|| format!("connecting to serve at {url}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .with_context(|| format!("connecting to serve at {url}"))?;
+    // Drives the connection; it ends when the answer is read and `sender` dropped.
+    let connection = tokio::spawn(connection);
+    let mut request = hyper::Request::get(path).header(header::HOST, authority.as_str());
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let asked = async {
+        let response = sender
+            .send_request(request.body(Empty::<Bytes>::new())?)
+            .await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    };
+    let answer = asked.await;
+    drop(sender);
+    connection.abort();
+    let (status, body) = answer.with_context(|| format!("asking serve at {url}"))?;
+    if status != StatusCode::OK {
+        let why = match serde_json::from_slice::<ServeError>(&body) {
+            Ok(e) => format!("{}: {}", e.error, e.detail),
+            Err(_) => String::from_utf8_lossy(&body).into_owned(),
+        };
+        let hint = if status == StatusCode::UNAUTHORIZED {
+            " (give serve's token with --token-file or REVWATCH_TOKEN)"
+        } else {
+            ""
+        };
+        anyhow::bail!("serve at {url} answered {status}: {why}{hint}");
+    }
+    serde_json::from_slice(&body).with_context(|| {
+        format!("serve at {url} did not answer with its mirror's digest (GET /v1/mirror/digest)")
+    })
 }
 
 /// etcd's state of `range` at `revision`, read page by page, every page at that
@@ -612,13 +837,17 @@ mod tests {
     }
 
     fn side(kvs: &[KeyValue]) -> Side {
-        Side::of(kvs.to_vec()).unwrap()
+        Side::of(kvs).unwrap()
+    }
+
+    fn etcd(kvs: &[KeyValue]) -> EtcdSide {
+        EtcdSide::of(kvs.to_vec()).unwrap()
     }
 
     #[test]
     fn equal_states_match_with_their_digest() {
         let state = [kv("p/a", "1", 2), kv("p/b", "2", 3)];
-        let verdict = compare(Origin::Mirror, 9, &side(&state), &side(&state));
+        let verdict = compare(Origin::Mirror, 9, &side(&state), &etcd(&state));
         let digest = side(&state).digest;
         assert!(verdict.is_match());
         assert_eq!(
@@ -628,7 +857,7 @@ mod tests {
         assert_eq!(
             verdict.to_json(20),
             json!({"result": "match", "source": "mirror", "revision": 9, "keys": 2,
-                   "digest": digest.to_string()})
+                   "digest": digest})
         );
     }
 
@@ -642,13 +871,13 @@ mod tests {
         ];
         let mut changed = kv("p/c", "three", 5);
         changed.lease = 7;
-        let etcd = [
+        let theirs = [
             kv("p/a", "1", 2),
             changed,
             kv("p/d", "4", 6),
             kv("p/e", "5", 6),
         ];
-        let verdict = compare(Origin::SnapshotFile, 6, &side(&ours), &side(&etcd));
+        let verdict = compare(Origin::SnapshotFile, 6, &side(&ours), &etcd(&theirs));
         let Verdict::Drift { differences, .. } = &verdict else {
             panic!("{verdict:?}")
         };
@@ -696,7 +925,7 @@ mod tests {
     #[test]
     fn the_listing_is_bounded_and_counts_the_rest() {
         let ours: Vec<KeyValue> = (0..5).map(|i| kv(&format!("p/{i}"), "x", 2)).collect();
-        let verdict = compare(Origin::Mirror, 3, &side(&ours), &side(&[]));
+        let verdict = compare(Origin::Mirror, 3, &side(&ours), &etcd(&[]));
         let text = verdict.to_text(2);
         assert_eq!(text.lines().filter(|l| l.contains("extra")).count(), 2);
         assert!(text.ends_with("  and 3 more\n"), "{text}");
@@ -712,6 +941,71 @@ mod tests {
 
     #[test]
     fn a_state_out_of_key_order_is_refused() {
-        assert!(Side::of(vec![kv("p/b", "", 2), kv("p/a", "", 3)]).is_err());
+        let unordered = [kv("p/b", "", 2), kv("p/a", "", 3)];
+        assert!(Side::of(&unordered).is_err());
+        assert!(EtcdSide::of(unordered.to_vec()).is_err());
+    }
+
+    #[test]
+    fn a_value_is_compared_by_its_size_and_the_keys_digest() {
+        let ours = KeyState::of((&kv("p/a", "one", 4)).into());
+        assert!(ours.has_value(b"one"));
+        // The same size, another value; and a value of another size.
+        assert!(!ours.has_value(b"two"));
+        assert!(!ours.has_value(b"on"));
+        // With other revisions in etcd, the value alone is still told apart.
+        let (same, other) = (kv("p/a", "one", 9), kv("p/a", "uno", 9));
+        let fields =
+            |e: &KeyValue| -> Vec<&str> { field_diffs(&ours, e).iter().map(|d| d.field).collect() };
+        assert_eq!(fields(&same), ["mod_revision"]);
+        assert_eq!(fields(&other), ["value", "mod_revision"]);
+    }
+
+    #[test]
+    fn serves_description_is_checked() {
+        let kvs = [kv("p/a", "1", 2), kv("p/b", "2", 3)];
+        let good = || -> MirrorDigest {
+            let entries = kvs
+                .iter()
+                .map(|kv| {
+                    let state = KeyState::of(kv.into());
+                    crate::serve::mirror_digest::KeyDigest {
+                        key: render::bytes_json(&state.key),
+                        value_bytes: state.value_bytes,
+                        create_revision: state.create_revision,
+                        mod_revision: state.mod_revision,
+                        version: state.version,
+                        lease: state.lease,
+                        digest: state.digest,
+                    }
+                })
+                .collect();
+            MirrorDigest {
+                prefix: "p/".into(),
+                revision: 3,
+                state: "ready".into(),
+                keys: 2,
+                digest: digest_of(&kvs).unwrap(),
+                entries: Some(entries),
+            }
+        };
+        let served = Side::served(good()).unwrap();
+        assert!(compare(Origin::Serve, 3, &served, &etcd(&kvs)).is_match());
+
+        let mut reversed = good();
+        if let Some(e) = reversed.entries.as_mut() {
+            e.reverse();
+        }
+        let mut miscounted = good();
+        miscounted.keys = 3;
+        let mut bad_digest = good();
+        if let Some(e) = bad_digest.entries.as_mut() {
+            e[0].digest = "00".into();
+        }
+        let mut no_keys = good();
+        no_keys.entries = None;
+        for bad in [reversed, miscounted, bad_digest, no_keys] {
+            assert!(Side::served(bad).is_err());
+        }
     }
 }

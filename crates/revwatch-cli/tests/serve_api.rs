@@ -233,13 +233,16 @@ fn a_missing_or_wrong_token_is_401_and_health_needs_none() {
     assert_error(serve.post("/v1/authorize", BOB_WRITES), 401, "unauthorized");
     assert_error(serve.get("/metrics"), 401, "unauthorized");
     assert_error(serve.get("/v1/status"), 401, "unauthorized");
+    assert_error(serve.get("/v1/mirror/digest"), 401, "unauthorized");
     assert_eq!(serve.get("/health/ready").0, 200);
     assert_eq!(serve.get("/health/live").0, 200);
     serve.token = Some("s3cre7".into());
     assert_error(serve.post("/v1/authorize", BOB_WRITES), 401, "unauthorized");
+    assert_error(serve.get("/v1/mirror/digest"), 401, "unauthorized");
     serve.token = Some("s3cret".into());
     assert_eq!(serve.post("/v1/authorize", BOB_WRITES).0, 200);
     assert_eq!(serve.get("/metrics").0, 200);
+    assert_eq!(serve.get("/v1/mirror/digest").0, 200);
 }
 
 #[test]
@@ -248,6 +251,93 @@ fn unknown_paths_are_404_and_wrong_methods_405() {
     assert_error(serve.get("/v1/nothing"), 404, "not_found");
     assert_error(serve.get("/v1/authorize"), 405, "method_not_allowed");
     assert_error(serve.post("/health/ready", "{}"), 405, "method_not_allowed");
+}
+
+#[test]
+fn the_mirror_digest_describes_the_mirror_without_its_values() {
+    let (_dir, serve) = embedded(&[]);
+    let is_digest = |d: &Value| {
+        d.as_str().is_some_and(|d| {
+            d.len() == 64
+                && d.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    };
+    let (code, brief) = serve.get("/v1/mirror/digest");
+    assert_eq!(code, 200, "{brief}");
+    assert_eq!(brief["prefix"], "/revwatch/policies/");
+    assert_eq!(brief["state"], "ready");
+    assert!(brief["revision"].as_i64().is_some_and(|r| r > 0), "{brief}");
+    assert!(is_digest(&brief["digest"]), "{brief}");
+    assert!(brief.get("entries").is_none(), "{brief}");
+
+    let (code, full) = serve.get("/v1/mirror/digest?keys=true");
+    assert_eq!(code, 200, "{full}");
+    let entries = full["entries"].as_array().expect("entries");
+    assert_eq!(Some(entries.len() as u64), full["keys"].as_u64(), "{full}");
+    let keys: Vec<&str> = entries
+        .iter()
+        .map(|e| e["key"].as_str().expect("a UTF-8 key"))
+        .collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "not in key order: {keys:?}"
+    );
+    for e in entries {
+        // Sizes and digests, never values.
+        let mut fields: Vec<&str> = e
+            .as_object()
+            .expect("object")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                "create_revision",
+                "digest",
+                "key",
+                "lease",
+                "mod_revision",
+                "value_bytes",
+                "version"
+            ]
+        );
+        assert!(is_digest(&e["digest"]), "{e}");
+    }
+    // A seeded file, as etcd has it.
+    let key = "/revwatch/policies/example.cedar";
+    let entry = entries
+        .iter()
+        .find(|e| e["key"] == key)
+        .expect("the seeded policy");
+    let got: Value =
+        serde_json::from_str(&etcdctl(&serve.etcd, &["get", key, "-w", "json"])).expect("json");
+    let kv = &got["kvs"][0];
+    let value = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        kv["value"].as_str().expect("value"),
+    )
+    .expect("base64");
+    assert_eq!(entry["value_bytes"], value.len());
+    for field in ["create_revision", "mod_revision", "version"] {
+        assert_eq!(entry[field], kv[field], "{field}");
+    }
+
+    // Only `keys=true|false` is understood; only GET.
+    for query in ["keys=maybe", "key=true", "keys=true&values=true"] {
+        assert_error(
+            serve.get(&format!("/v1/mirror/digest?{query}")),
+            400,
+            "malformed_request",
+        );
+    }
+    assert_error(
+        serve.post("/v1/mirror/digest", "{}"),
+        405,
+        "method_not_allowed",
+    );
 }
 
 #[test]
@@ -272,6 +362,8 @@ fn without_a_policy_set_decisions_and_readiness_are_503() {
     assert_error(serve.post("/v1/authorize", BOB_WRITES), 503, "not_ready");
     let batch = format!(r#"{{"requests": [{BOB_WRITES}]}}"#);
     assert_error(serve.post("/v1/authorize/batch", &batch), 503, "not_ready");
+    // The mirror has no state to describe either.
+    assert_error(serve.get("/v1/mirror/digest"), 503, "not_ready");
     let (code, ready) = serve.get("/health/ready");
     assert_eq!((code, &ready["ready"]), (503, &json!(false)), "{ready}");
     assert_eq!(serve.get("/health/live").0, 200);

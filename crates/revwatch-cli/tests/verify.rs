@@ -1,7 +1,11 @@
-//! `revwatch verify` end to end against real etcd 3.4: a mirror and a snapshot file
-//! that hold etcd's state match; a file that does not (etcd restored from another
-//! history, or another cluster) is drift with the differing keys; a compacted
-//! revision, a damaged file and an unreachable etcd are clear errors.
+//! `revwatch verify` end to end against real etcd 3.4: a mirror, a snapshot file and
+//! the mirror of a running `serve` (`--url`) that hold etcd's state match; a state
+//! that does not (etcd restored from another history, or another cluster) is drift
+//! with the differing keys; a compacted revision, a damaged file, an unreachable
+//! etcd and a refused token are clear errors.
+
+mod common;
+mod serve_support;
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -11,7 +15,8 @@ use revwatch::{
     mirror::{ClientSource, DigestBuilder, Mirror, MirrorConfig},
 };
 use revwatch_testkit::etcd::EtcdCluster;
-use serde_json::Value;
+use serde_json::{Value, json};
+use serve_support::Serve;
 
 const BIN: &str = env!("CARGO_BIN_EXE_revwatch");
 const WAIT: Duration = Duration::from_secs(20);
@@ -32,10 +37,17 @@ impl Run {
 
 /// `revwatch verify ARGS`; bounded by its own --timeout.
 fn verify<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Run {
+    verify_env(args, &[])
+}
+
+/// [`verify`] with `env` (and no inherited REVWATCH_TOKEN).
+fn verify_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Run {
     let out = Command::new(BIN)
         .arg("verify")
         .args(args)
         .args(["--timeout", "20s"])
+        .env_remove("REVWATCH_TOKEN")
+        .envs(env.iter().copied())
         .output()
         .expect("run revwatch verify");
     Run {
@@ -79,11 +91,17 @@ async fn delete(client: &Client, key: &str) -> i64 {
 /// etcd's revision, and the digest and key count of `prefix` at it, computed here
 /// with the library from one range.
 async fn expected(client: &Client, prefix: &str) -> (i64, String, usize) {
+    expected_at(client, prefix, 0).await
+}
+
+/// [`expected`] at `revision` (0 for the current one).
+async fn expected_at(client: &Client, prefix: &str, revision: i64) -> (i64, String, usize) {
     let range = KeyRange::prefix(prefix.as_bytes());
     let resp = client
         .range(RangeRequest {
             key: range.key().to_vec(),
             range_end: range.range_end().to_vec(),
+            revision,
             ..RangeRequest::default()
         })
         .await
@@ -92,7 +110,8 @@ async fn expected(client: &Client, prefix: &str) -> (i64, String, usize) {
     for kv in &resp.kvs {
         digest.push_kv(kv).expect("key order");
     }
-    let revision = resp.header.expect("header").revision;
+    let current = resp.header.expect("header").revision;
+    let revision = if revision == 0 { current } else { revision };
     (revision, digest.finish().to_string(), resp.kvs.len())
 }
 
@@ -399,4 +418,260 @@ fn an_unreachable_etcd_is_an_error_not_a_verdict() {
         "{}",
         run.stderr
     );
+}
+
+#[test]
+fn an_unreachable_serve_is_an_error_not_a_verdict() {
+    let url = format!("http://{}", common::free_addr());
+    let run = verify(&["--url", &url, "--endpoints", "http://127.0.0.1:1"]);
+    assert_eq!(run.code, Some(2), "{} {}", run.stdout, run.stderr);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains(&format!("revwatch verify: connecting to serve at {url}: ")),
+        "{}",
+        run.stderr
+    );
+    // Only plain HTTP: serve has no TLS.
+    let run = verify(&["--url", "https://127.0.0.1:1"]);
+    assert_eq!(run.code, Some(2), "{} {}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("give an http:// URL"), "{}", run.stderr);
+}
+
+/// Two policies of the same size: a value changed from one to the other keeps its
+/// size, so only its digest tells.
+const PERMIT_ALL: &str = "permit(principal, action, resource);";
+const FORBID_ALL: &str = "forbid(principal, action, resource);";
+
+/// `serve` following `endpoint` (prefix /p/) with `extra` flags, once its first set
+/// of policies is active.
+fn serve_on(endpoint: &str, extra: &[&str]) -> Serve {
+    let mut args = vec!["--endpoints", endpoint, "--prefix", "/p/"];
+    args.extend_from_slice(extra);
+    let serve = Serve::spawn(&args, endpoint, &[]);
+    serve.await_stderr("ready: policy set at revision");
+    serve
+}
+
+fn url(serve: &Serve) -> String {
+    format!("http://{}", serve.addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_of_a_running_serve_matches_etcd_and_its_token_is_sent() {
+    let etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    let c = client(&etcd).await;
+    put(&c, "/p/a.cedar", PERMIT_ALL, 0).await;
+    let loaded = put(&c, "/p/b.cedar", FORBID_ALL, 0).await;
+    put(&c, "/q/outside", "x", 0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret\n").expect("write token");
+    let token_path = path_str(&token_file);
+    let serve = serve_on(&ep, &["--token-file", token_path]);
+    let url = url(&serve);
+
+    // The token from a file.
+    let run = verify(&[
+        "--url",
+        &url,
+        "--endpoints",
+        &ep,
+        "--token-file",
+        token_path,
+        "--json",
+    ]);
+    assert_eq!(run.code, Some(0), "{} {}", run.stdout, run.stderr);
+    let doc = run.json();
+    assert_eq!(
+        (&doc["result"], &doc["source"]),
+        (&json!("match"), &json!("serve"))
+    );
+    // What etcd holds at serve's revision, digested here: the two policies, and
+    // serve's own registration under the prefix (with its lease) once written.
+    let revision = doc["revision"].as_i64().expect("revision");
+    assert!(revision >= loaded, "{doc}");
+    let (_, digest, keys) = expected_at(&c, "/p/", revision).await;
+    assert_eq!(doc["digest"], digest.as_str());
+    assert_eq!(doc["keys"], keys);
+    assert!(keys >= 2, "{doc}");
+
+    // The token from the environment, and --prefix naming serve's own.
+    let run = verify_env(
+        &["--url", &url, "--endpoints", &ep, "--prefix", "/p/"],
+        &[("REVWATCH_TOKEN", "s3cret")],
+    );
+    assert_eq!(run.code, Some(0), "{} {}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.starts_with("match at revision "),
+        "{}",
+        run.stdout
+    );
+
+    // Without it, or with another, serve refuses: no verdict.
+    let run = verify(&["--url", &url, "--endpoints", &ep]);
+    assert_eq!(run.code, Some(2), "{} {}", run.stdout, run.stderr);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(
+        run.stderr.contains(&format!(
+            "serve at {url} answered 401 Unauthorized: unauthorized: a bearer token is required"
+        )),
+        "{}",
+        run.stderr
+    );
+    let run = verify_env(
+        &["--url", &url, "--endpoints", &ep, "--json"],
+        &[("REVWATCH_TOKEN", "s3cre7")],
+    );
+    assert_eq!(run.code, Some(2), "{} {}", run.stdout, run.stderr);
+    assert_eq!(run.json()["result"], "error");
+    assert!(
+        run.stderr.contains("the bearer token is not valid"),
+        "{}",
+        run.stderr
+    );
+
+    // A prefix other than serve's.
+    let run = verify_env(
+        &["--url", &url, "--endpoints", &ep, "--prefix", "/q/"],
+        &[("REVWATCH_TOKEN", "s3cret")],
+    );
+    assert_eq!(run.code, Some(2), "{} {}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains(&format!(
+            "serve at {url} mirrors prefix \"/p/\", not \"/q/\" (--prefix)"
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(serve.terminate().success(), "exit status after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_mirroring_another_cluster_is_drift_with_the_differing_keys() {
+    let ours = EtcdCluster::single().await.expect("etcd");
+    let foreign = EtcdCluster::single().await.expect("foreign etcd");
+    let (c, f) = (client(&ours).await, client(&foreign).await);
+    // The same revisions in both clusters: /p/a.cedar differs only in content (same
+    // size, same revisions), /p/b.cedar only in etcd, /p/c.cedar only in serve's.
+    put(&c, "/p/a.cedar", PERMIT_ALL, 0).await;
+    put(&f, "/p/a.cedar", FORBID_ALL, 0).await;
+    put(&c, "/p/b.cedar", PERMIT_ALL, 0).await;
+    put(&f, "/p/c.cedar", PERMIT_ALL, 0).await;
+    let serve = serve_on(&foreign.endpoint(0), &[]);
+    // etcd goes past any revision serve's mirror reaches (its registration writes
+    // included), so the states are compared, not the revisions.
+    for i in 0..40 {
+        put(&c, &format!("/elsewhere/{i}"), "x", 0).await;
+    }
+    let args = ["--url", &url(&serve), "--endpoints", &ours.endpoint(0)];
+
+    let run = verify(&args);
+    assert_eq!(run.code, Some(1), "{} {}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.starts_with("drift at revision "),
+        "{}",
+        run.stdout
+    );
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    for line in [
+        "  different \"/p/a.cedar\": value (serve's mirror 36 bytes, etcd 36 bytes)",
+        "  missing \"/p/b.cedar\": in etcd, not in serve's mirror",
+        "  extra \"/p/c.cedar\": in serve's mirror, not in etcd",
+    ] {
+        assert!(lines.contains(&line), "no {line:?} in {}", run.stdout);
+    }
+
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let run = verify(&json_args);
+    assert_eq!(run.code, Some(1), "{} {}", run.stdout, run.stderr);
+    let doc = run.json();
+    assert_eq!(
+        (&doc["result"], &doc["reason"]),
+        (&json!("drift"), &json!("content"))
+    );
+    assert_eq!(doc["source"], "serve");
+    assert_ne!(doc["source_digest"], doc["etcd_digest"]);
+    // Besides serve's registration (a key of its cluster only, when written).
+    let policies: Vec<&Value> = doc["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .filter(|d| {
+            !d["key"]
+                .as_str()
+                .is_some_and(|k| k.starts_with("/p/.revwatch/"))
+        })
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            &json!({"key": "/p/a.cedar", "kind": "different",
+                    "fields": [{"field": "value", "source": 36, "etcd": 36}]}),
+            &json!({"key": "/p/b.cedar", "kind": "missing"}),
+            &json!({"key": "/p/c.cedar", "kind": "extra"}),
+        ],
+        "{doc}"
+    );
+    assert!(serve.terminate().success(), "exit status after SIGTERM");
+}
+
+/// serve's `GET /v1/mirror/digest`, once its mirror has a state.
+fn mirror_digest(serve: &Serve) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (code, body) = serve.get("/v1/mirror/digest");
+        if code == 200 {
+            return body;
+        }
+        assert!(
+            code == 503 && std::time::Instant::now() < deadline,
+            "{code} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_behind_a_compacted_revision_gives_no_verdict() {
+    let etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    let c = client(&etcd).await;
+    let loaded = put(&c, "/p/a.cedar", PERMIT_ALL, 0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("m.snap");
+    let file_args = ["--snapshot-file", path_str(&file)];
+    let first = serve_on(&ep, &file_args);
+    assert!(first.terminate().success(), "exit status after SIGTERM");
+
+    // etcd moves on and forgets the revisions serve saw; serve starts again from
+    // its snapshot file alone (its etcd does not answer).
+    put(&c, "/p/a.cedar", FORBID_ALL, 0).await;
+    let compacted = put(&c, "/p/b.cedar", PERMIT_ALL, 0).await;
+    etcd.compact(compacted).await.expect("compact");
+    let nowhere = format!("http://{}", common::free_addr());
+    let mut args = vec!["--endpoints", nowhere.as_str(), "--prefix", "/p/"];
+    args.extend_from_slice(&file_args);
+    let stale = Serve::spawn(&args, &nowhere, &[]);
+    let described = mirror_digest(&stale);
+    assert_eq!(described["state"], "stale", "{described}");
+    let revision = described["revision"].as_i64().expect("revision");
+    assert!((loaded..compacted).contains(&revision), "{described}");
+
+    let run = verify(&["--url", &url(&stale), "--endpoints", &ep]);
+    assert_eq!(run.code, Some(2), "{} {}", run.stdout, run.stderr);
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(
+        run.stderr.contains(&format!(
+            "cannot read etcd at revision {revision}, the revision of serve's mirror: \
+             etcd compacted its history up to revision {compacted}"
+        )),
+        "{}",
+        run.stderr
+    );
+    let run = verify(&["--url", &url(&stale), "--endpoints", &ep, "--json"]);
+    assert_eq!(run.code, Some(2));
+    assert_eq!(run.json()["result"], "error");
 }

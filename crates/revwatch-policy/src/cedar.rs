@@ -630,6 +630,20 @@ impl CedarEngine {
     }
 }
 
+/// `id.to_string()`, without Cedar's escaping pass over the id (`str::escape_debug`)
+/// when the id has nothing it would escape: ids are written per decision.
+fn policy_id_text(id: &PolicyId) -> String {
+    let text: &str = id.as_ref();
+    let plain = text
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && !matches!(b, b'"' | b'\'' | b'\\'));
+    if plain {
+        text.to_owned()
+    } else {
+        id.to_string()
+    }
+}
+
 impl Engine for CedarEngine {
     fn decide(&self, request: &Request) -> Result<Verdict, DecideError> {
         let request = self.request(request)?;
@@ -637,7 +651,7 @@ impl Engine for CedarEngine {
         let mut policy_ids: Vec<String> = response
             .diagnostics()
             .reason()
-            .map(ToString::to_string)
+            .map(policy_id_text)
             .collect();
         policy_ids.sort();
         Ok(Verdict {

@@ -1,6 +1,7 @@
 //! What callers send ([`Request`], [`Consistency`]) and get back ([`Decision`],
 //! [`DecideError`]).
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -147,11 +148,13 @@ fn rejected_suffix(rejected: &Option<Rejection>) -> String {
     }
 }
 
-/// Process-unique decision ids: a per-process random part and a counter.
+/// Process-unique decision ids: a per-process random part and a counter, as
+/// `{random:016x}-{counter:x}`.
 pub(crate) fn next_decision_id() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let seed = *SEED.get_or_init(|| {
+    // The random part with its dash, formatted once: ids are made per decision.
+    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -160,10 +163,14 @@ pub(crate) fn next_decision_id() -> String {
             &std::collections::hash_map::RandomState::new(),
             nanos,
         );
-        random ^ (u64::from(std::process::id()) << 32)
+        format!("{:016x}-", random ^ (u64::from(std::process::id()) << 32))
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("{seed:016x}-{n:x}")
+    let mut id = String::with_capacity(prefix.len() + 16);
+    id.push_str(prefix);
+    // Writing into a String cannot fail.
+    let _ = write!(id, "{n:x}");
+    id
 }
 
 #[cfg(test)]
@@ -176,5 +183,15 @@ mod tests {
         let b = next_decision_id();
         assert_ne!(a, b);
         assert_eq!(a.split('-').next(), b.split('-').next());
+        // `{random:016x}-{counter:x}`, the counter growing (other tests decide
+        // meanwhile, so not necessarily by one).
+        let parts = |id: &str| {
+            let (random, counter) = id.split_once('-').expect("a dash");
+            assert_eq!(random.len(), 16, "{id}");
+            let hex = |t: &str| t.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+            assert!(hex(random) && hex(counter), "{id}");
+            u64::from_str_radix(counter, 16).expect("a hex counter")
+        };
+        assert!(parts(&b) > parts(&a), "{a} then {b}");
     }
 }

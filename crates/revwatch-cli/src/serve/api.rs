@@ -79,14 +79,43 @@ impl ConsistencyInput {
 impl Question {
     /// The engine's request; the context must be an object (or absent or null).
     pub fn to_request(&self) -> Result<Request, ApiError> {
-        let context = match &self.context {
+        self.clone().into_request()
+    }
+
+    /// [`to_request`](Self::to_request) taking the strings over: no copy on the hot
+    /// path.
+    pub fn into_request(self) -> Result<Request, ApiError> {
+        let context = match self.context {
             None | Some(serde_json::Value::Null) => serde_json::Value::Null,
-            Some(c @ serde_json::Value::Object(_)) => c.clone(),
+            Some(c @ serde_json::Value::Object(_)) => c,
             Some(_) => {
                 return Err(ApiError::malformed("context must be a JSON object"));
             }
         };
-        Ok(Request::new(&self.principal, &self.action, &self.resource).with_context(context))
+        Ok(Request::new(self.principal, self.action, self.resource).with_context(context))
+    }
+}
+
+/// A request as its [`Question`] reads in JSON (the decision log's `input`), without
+/// copying it back into one.
+#[derive(Debug, Serialize)]
+pub struct QuestionOf<'a> {
+    pub principal: &'a str,
+    pub action: &'a str,
+    pub resource: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'a serde_json::Value>,
+}
+
+impl<'a> From<&'a Request> for QuestionOf<'a> {
+    fn from(r: &'a Request) -> Self {
+        QuestionOf {
+            principal: &r.principal,
+            action: &r.action,
+            resource: &r.resource,
+            // A null context is an absent one (`into_request` made it null).
+            context: (!r.context.is_null()).then_some(&r.context),
+        }
     }
 }
 

@@ -20,10 +20,10 @@ use std::{
 };
 
 use anyhow::Context;
-use revwatch_policy::Decision;
+use revwatch_policy::{Decision, Request};
 use serde::Serialize;
 
-use super::api::{Question, effect_name};
+use super::api::{QuestionOf, effect_name};
 use super::metrics::Metrics;
 
 /// Lines queued for the writer before new ones are dropped.
@@ -55,7 +55,7 @@ struct Line<'a> {
     decision_id: &'a str,
     revision: i64,
     path: &'a str,
-    input: &'a Question,
+    input: QuestionOf<'a>,
     result: LineResult<'a>,
     timestamp: String,
     labels: &'a Labels,
@@ -101,7 +101,7 @@ impl DecisionLog {
     }
 
     /// Logs `decision`, the answer to `input` at endpoint `path`, if sampled.
-    pub fn record(&self, path: &str, input: &Question, decision: &Decision) {
+    pub fn record(&self, path: &str, input: &Request, decision: &Decision) {
         if !self.sampler.take() {
             return;
         }
@@ -109,7 +109,7 @@ impl DecisionLog {
             decision_id: &decision.decision_id,
             revision: decision.revision,
             path,
-            input,
+            input: QuestionOf::from(input),
             result: LineResult {
                 decision: effect_name(decision.effect),
                 policy_ids: &decision.policy_ids,

@@ -10,7 +10,7 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{DefaultBodyLimit, Request as HttpRequest, State, rejection::BytesRejection},
-    http::{StatusCode, header},
+    http::{StatusCode, Uri, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -28,7 +28,7 @@ use super::{
     decision_log::DecisionLog,
     errors::{self, ApiError},
     metrics::{self, Metrics, Outcome},
-    report,
+    mirror_digest, report,
 };
 
 /// What the handlers share.
@@ -51,6 +51,7 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/v1/authorize", post(authorize))
         .route("/v1/authorize/batch", post(authorize_batch))
         .route("/v1/status", get(status))
+        .route("/v1/mirror/digest", get(mirror_digest))
         .route("/metrics", get(metrics_text));
     // Without a token there is nothing to check: no layer, no cost per request.
     if app.token.is_some() {
@@ -106,13 +107,13 @@ async fn authorize(
     let started = Instant::now();
     let (question, consistency) = parse::<AuthorizeRequest>(body)?.split();
     let consistency = ConsistencyInput::resolve(consistency)?;
-    let request = question.to_request()?;
+    let request = question.into_request()?;
     match app.policies.decide_with(&request, consistency).await {
         Ok(decision) => {
             app.metrics
                 .decided(outcome(&decision), 1, started.elapsed());
             if let Some(log) = &app.log {
-                log.record("v1/authorize", &question, &decision);
+                log.record("v1/authorize", &request, &decision);
             }
             Ok(Json(DecisionBody::from(&decision)).into_response())
         }
@@ -138,8 +139,11 @@ async fn authorize_batch(
     let started = Instant::now();
     let batch = parse::<BatchRequest>(body)?;
     let consistency = ConsistencyInput::resolve(batch.consistency)?;
-    let requests: Vec<Result<Request, ApiError>> =
-        batch.requests.iter().map(Question::to_request).collect();
+    let requests: Vec<Result<Request, ApiError>> = batch
+        .requests
+        .into_iter()
+        .map(Question::into_request)
+        .collect();
     let decided = decide_batch(&app, &requests, consistency).await;
     let took = started.elapsed();
     let (revision, results) = match decided {
@@ -151,12 +155,13 @@ async fn authorize_batch(
     };
     let items = results
         .iter()
-        .zip(&batch.requests)
-        .map(|(result, question)| match result {
+        .zip(&requests)
+        .map(|(result, request)| match result {
             Ok(decision) => {
                 app.metrics.decided(outcome(decision), 1, took);
-                if let Some(log) = &app.log {
-                    log.record("v1/authorize/batch", question, decision);
+                // Only a valid request has a decision.
+                if let (Some(log), Ok(request)) = (&app.log, request) {
+                    log.record("v1/authorize/batch", request, decision);
                 }
                 BatchItem::Decision(DecisionBody::from(decision))
             }
@@ -214,6 +219,36 @@ async fn status(State(app): AppState) -> Response {
         &app.mirror.status(),
     );
     Json(body).into_response()
+}
+
+/// The mirror's state for `revwatch verify --url`; 503 before it has any.
+async fn mirror_digest(State(app): AppState, uri: Uri) -> Result<Response, ApiError> {
+    let with_keys = mirror_digest::wants_keys(uri.query())?;
+    let snapshot = app.mirror.snapshot();
+    let state = app.mirror.status().state;
+    // etcd revisions start at 1: 0 is the empty state before a first list (or a
+    // snapshot file) gave the mirror one.
+    if snapshot.revision() == 0 {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!("the mirror has no state of the prefix yet (it is {state})"),
+        ));
+    }
+    // Hashing every key of a large prefix is CPU work: off the request threads.
+    let prefix = app.prefix.clone();
+    let body = tokio::task::spawn_blocking(move || {
+        mirror_digest::describe(&snapshot, &prefix, state.to_string(), with_keys)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("computing the digest: {e}"),
+        )
+    })?;
+    Ok(Json(body).into_response())
 }
 
 async fn live() -> Response {

@@ -6,6 +6,7 @@ mod decision_log;
 mod errors;
 mod http;
 mod metrics;
+pub(crate) mod mirror_digest;
 mod register;
 mod report;
 mod seed;
@@ -39,8 +40,9 @@ const EMBEDDED_RETENTION_REVISIONS: u64 = 10_000;
 /// first start (nothing under the prefix) writes an example policy set.
 ///
 /// API: POST /v1/authorize, POST /v1/authorize/batch, GET /v1/status,
-/// GET /health/live, GET /health/ready, GET /metrics. With a token (--token-file or
-/// REVWATCH_TOKEN), /v1/* and /metrics need `Authorization: Bearer TOKEN`.
+/// GET /v1/mirror/digest (for `revwatch verify --url`), GET /health/live,
+/// GET /health/ready, GET /metrics. With a token (--token-file or REVWATCH_TOKEN),
+/// /v1/* and /metrics need `Authorization: Bearer TOKEN`.
 ///
 /// Each instance registers itself for `revwatch fleet` under PREFIX.revwatch/fleet/
 /// with a 10 s lease (a killed instance leaves the list within 10 s).
@@ -130,28 +132,29 @@ impl ServeArgs {
             )))
         }
     }
+}
 
-    /// The bearer token: from --token-file, else REVWATCH_TOKEN, else none.
-    fn token(&self) -> anyhow::Result<Option<String>> {
-        let (token, from) = match &self.token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading --token-file {}", path.display()))?;
-                (text, "--token-file")
-            }
-            None => match std::env::var("REVWATCH_TOKEN") {
-                Ok(text) => (text, "REVWATCH_TOKEN"),
-                Err(_) => return Ok(None),
-            },
-        };
-        let token = token.trim();
-        anyhow::ensure!(!token.is_empty(), "the token in {from} is empty");
-        anyhow::ensure!(
-            token.bytes().all(|b| b.is_ascii_graphic()),
-            "the token in {from} must be printable ASCII without spaces"
-        );
-        Ok(Some(token.to_owned()))
-    }
+/// The bearer token: from `token_file` (--token-file), else REVWATCH_TOKEN, else
+/// none. `serve` requires it of clients; `verify --url` sends it.
+pub(crate) fn read_token(token_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let (token, from) = match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --token-file {}", path.display()))?;
+            (text, "--token-file")
+        }
+        None => match std::env::var("REVWATCH_TOKEN") {
+            Ok(text) => (text, "REVWATCH_TOKEN"),
+            Err(_) => return Ok(None),
+        },
+    };
+    let token = token.trim();
+    anyhow::ensure!(!token.is_empty(), "the token in {from} is empty");
+    anyhow::ensure!(
+        token.bytes().all(|b| b.is_ascii_graphic()),
+        "the token in {from} must be printable ASCII without spaces"
+    );
+    Ok(Some(token.to_owned()))
 }
 
 /// What the embedded server keeps of its history.
@@ -183,7 +186,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "--auto-compaction-mode and --auto-compaction-retention set the embedded server's \
          compaction: they cannot be used with --endpoints"
     );
-    let token = args.token()?;
+    let token = read_token(args.token_file.as_deref())?;
     anyhow::ensure!(
         token.is_some() || args.listen.ip().is_loopback() || args.allow_unauthenticated_remote,
         "--listen {} is not a loopback address: set a token (--token-file or REVWATCH_TOKEN) \
@@ -294,7 +297,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     eprintln!(
         "revwatch serve: listening on {url}{also} (POST /v1/authorize, /v1/authorize/batch; \
-         GET /v1/status, /health/live, /health/ready, /metrics)"
+         GET /v1/status, /v1/mirror/digest, /health/live, /health/ready, /metrics)"
     );
     // Registered once the first set is in (or the wait is over): the registration is
     // a write under the prefix, which must not move the revision start-up reports.

@@ -89,3 +89,23 @@ fn statement_parsing_matches_whole_file_parsing_and_reuses_unchanged_statements(
         }
     }
 }
+
+#[test]
+fn policy_ids_read_as_cedar_displays_them() {
+    for id in [
+        "plain-id",
+        "a.cedar#0",
+        "with space",
+        "quote\"d",
+        "it's",
+        "back\\slash",
+        "tab\there",
+        "new\nline",
+        "ünïcode",
+        "\u{301}combining",
+        "",
+    ] {
+        let id = PolicyId::new(id);
+        assert_eq!(policy_id_text(&id), id.to_string(), "{id:?}");
+    }
+}
