@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use etcd_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use etcd_proto::etcdserverpb::kv_client::KvClient;
+use etcd_proto::etcdserverpb::{RangeRequest, RangeResponse};
 use etcd_proto::mvccpb::KeyValue;
 use tonic::transport::{Channel, Endpoint};
 
