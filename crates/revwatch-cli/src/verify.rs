@@ -33,7 +33,7 @@ use crate::{
     connect::{EtcdAccessArgs, compacted_at},
     render,
     serve::{
-        mirror_digest::{MirrorDigest, is_digest, key_bytes, key_digest},
+        mirror_digest::{KeyDigest, MirrorDigest, is_digest},
         read_token,
     },
 };
@@ -155,54 +155,12 @@ impl Origin {
     }
 }
 
-/// One key of the compared side: its fields, and of its value only the size and
-/// the key's digest (all that serve sends).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyState {
-    pub key: Vec<u8>,
-    pub value_bytes: u64,
-    pub create_revision: i64,
-    pub mod_revision: i64,
-    pub version: i64,
-    pub lease: i64,
-    /// [`key_digest`] of the key.
-    pub digest: String,
-}
-
-impl KeyState {
-    fn of(entry: DigestEntry<'_>) -> KeyState {
-        KeyState {
-            key: entry.key.to_vec(),
-            value_bytes: entry.value.len() as u64,
-            create_revision: entry.create_revision,
-            mod_revision: entry.mod_revision,
-            version: entry.version,
-            lease: entry.lease,
-            digest: key_digest(entry),
-        }
-    }
-
-    /// Whether `value` is this key's value: the same size, and this key's digest
-    /// when `value` takes the place of its own.
-    fn has_value(&self, value: &[u8]) -> bool {
-        self.value_bytes == value.len() as u64
-            && key_digest(DigestEntry {
-                key: &self.key,
-                value,
-                create_revision: self.create_revision,
-                mod_revision: self.mod_revision,
-                version: self.version,
-                lease: self.lease,
-            }) == self.digest
-    }
-}
-
 /// The compared side's state of the prefix at the compared revision, with its
 /// digest.
 #[derive(Debug, Clone)]
 pub struct Side {
     /// In ascending key order.
-    pub keys: Vec<KeyState>,
+    pub keys: Vec<KeyDigest>,
     pub digest: String,
 }
 
@@ -211,7 +169,7 @@ impl Side {
     fn of(kvs: &[KeyValue]) -> anyhow::Result<Side> {
         Ok(Side {
             digest: digest_of(kvs)?,
-            keys: kvs.iter().map(|kv| KeyState::of(kv.into())).collect(),
+            keys: kvs.iter().map(|kv| KeyDigest::of(kv.into())).collect(),
         })
     }
 
@@ -223,30 +181,20 @@ impl Side {
             is_digest(&body.digest) && entries.len() == body.keys,
             "the answer's digest or key count is malformed"
         );
-        let mut keys: Vec<KeyState> = Vec::with_capacity(entries.len());
-        for e in entries {
-            let key = key_bytes(&e.key).context("the answer has a malformed key")?;
+        for pair in entries.windows(2) {
             anyhow::ensure!(
-                is_digest(&e.digest),
-                "the answer has a malformed digest for key {}",
-                render::bytes_human(&key, MAX_KEY_CHARS)
-            );
-            anyhow::ensure!(
-                keys.last().is_none_or(|last| last.key < key),
+                pair[0].key < pair[1].key,
                 "the answer's keys are not in ascending order"
             );
-            keys.push(KeyState {
-                key,
-                value_bytes: e.value_bytes,
-                create_revision: e.create_revision,
-                mod_revision: e.mod_revision,
-                version: e.version,
-                lease: e.lease,
-                digest: e.digest,
-            });
+        }
+        if let Some(e) = entries.iter().find(|e| !is_digest(&e.digest)) {
+            anyhow::bail!(
+                "the answer has a malformed digest for key {}",
+                render::bytes_human(&e.key, MAX_KEY_CHARS)
+            );
         }
         Ok(Side {
-            keys,
+            keys: entries,
             digest: body.digest,
         })
     }
@@ -334,7 +282,7 @@ pub enum Verdict {
 }
 
 /// The fields of two versions of one key that differ.
-fn field_diffs(ours: &KeyState, etcd: &KeyValue) -> Vec<FieldDiff> {
+fn field_diffs(ours: &KeyDigest, etcd: &KeyValue) -> Vec<FieldDiff> {
     let mut diffs = Vec::new();
     // Values are not shown (they may be secrets), only their sizes.
     if !ours.has_value(&etcd.value) {
@@ -681,7 +629,7 @@ async fn mirror_state(
     let _ = mirror.shutdown().await;
     let keys = snapshot
         .iter()
-        .map(|(key, e)| KeyState::of(DigestEntry::of_snapshot_entry(key, e)))
+        .map(|(key, e)| KeyDigest::of(DigestEntry::of_snapshot_entry(key, e)))
         .collect();
     // The library's own digest of the snapshot, not one recomputed from the copy.
     let side = Side {
@@ -948,7 +896,7 @@ mod tests {
 
     #[test]
     fn a_value_is_compared_by_its_size_and_the_keys_digest() {
-        let ours = KeyState::of((&kv("p/a", "one", 4)).into());
+        let ours = KeyDigest::of((&kv("p/a", "one", 4)).into());
         assert!(ours.has_value(b"one"));
         // The same size, another value; and a value of another size.
         assert!(!ours.has_value(b"two"));
@@ -965,21 +913,7 @@ mod tests {
     fn serves_description_is_checked() {
         let kvs = [kv("p/a", "1", 2), kv("p/b", "2", 3)];
         let good = || -> MirrorDigest {
-            let entries = kvs
-                .iter()
-                .map(|kv| {
-                    let state = KeyState::of(kv.into());
-                    crate::serve::mirror_digest::KeyDigest {
-                        key: render::bytes_json(&state.key),
-                        value_bytes: state.value_bytes,
-                        create_revision: state.create_revision,
-                        mod_revision: state.mod_revision,
-                        version: state.version,
-                        lease: state.lease,
-                        digest: state.digest,
-                    }
-                })
-                .collect();
+            let entries = kvs.iter().map(|kv| KeyDigest::of(kv.into())).collect();
             MirrorDigest {
                 prefix: "p/".into(),
                 revision: 3,

@@ -119,24 +119,24 @@ async fn with_auto_compaction() {
 
 /// The embedded server as the proof's soak runs it: this crate's binary as
 /// `embedded-server`.
-fn embedded_server() -> Option<EmbeddedServer> {
-    Some(EmbeddedServer {
+fn embedded_server() -> EmbeddedServer {
+    EmbeddedServer {
         program: env!("CARGO_BIN_EXE_revwatch-proof").into(),
         args: vec!["embedded-server".into()],
-    })
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_server_every_fault() {
     let mut config = RunConfig::new(seed_or(15), 1, Duration::from_secs(32));
-    config.embedded = embedded_server();
+    config.embedded = Some(embedded_server());
     check(config, &single_member_types()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_server_with_auto_compaction() {
     let mut config = RunConfig::new(seed_or(16), 1, Duration::from_secs(22));
-    config.embedded = embedded_server();
+    config.embedded = Some(embedded_server());
     config.auto_compaction = true;
     config.types = AUTO_COMPACTION_TYPES.to_vec();
     config.fault_length = (Duration::from_millis(1500), Duration::from_secs(3));

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::errors::ApiError;
-use crate::render;
 
 /// The body of `GET /v1/mirror/digest`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -32,12 +31,14 @@ pub struct MirrorDigest {
     pub entries: Option<Vec<KeyDigest>>,
 }
 
-/// One key of a [`MirrorDigest`].
-#[derive(Debug, Serialize, Deserialize)]
+/// One key of a [`MirrorDigest`], and of whatever `verify` compares with etcd: the
+/// key's fields, and of its value only the size and the key's digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDigest {
-    /// A string when the key is UTF-8, else `{"base64": "..."}`.
-    pub key: Value,
+    /// In JSON, a string when the key is UTF-8, else `{"base64": "..."}`.
+    #[serde(with = "key_json")]
+    pub key: Vec<u8>,
     /// The size of the value, in bytes.
     pub value_bytes: u64,
     pub create_revision: i64,
@@ -47,6 +48,54 @@ pub struct KeyDigest {
     /// [`key_digest`] of the key: with its fields above, tells whether a value of
     /// the same key elsewhere is equal to this one.
     pub digest: String,
+}
+
+impl KeyDigest {
+    /// The description of `entry`.
+    pub fn of(entry: DigestEntry<'_>) -> KeyDigest {
+        KeyDigest {
+            key: entry.key.to_vec(),
+            value_bytes: entry.value.len() as u64,
+            create_revision: entry.create_revision,
+            mod_revision: entry.mod_revision,
+            version: entry.version,
+            lease: entry.lease,
+            digest: key_digest(entry),
+        }
+    }
+
+    /// Whether `value` is this key's value: the same size, and this key's digest
+    /// when `value` takes the place of its own.
+    pub fn has_value(&self, value: &[u8]) -> bool {
+        self.value_bytes == value.len() as u64
+            && key_digest(DigestEntry {
+                key: &self.key,
+                value,
+                create_revision: self.create_revision,
+                mod_revision: self.mod_revision,
+                version: self.version,
+                lease: self.lease,
+            }) == self.digest
+    }
+}
+
+/// A key in JSON as [`crate::render::bytes_json`] writes it.
+mod key_json {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    use crate::render;
+
+    pub fn serialize<S: Serializer>(key: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        render::bytes_json(key).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let json = Value::deserialize(d)?;
+        super::key_bytes(&json)
+            .ok_or_else(|| D::Error::custom("a key is a string or {\"base64\": \"...\"}"))
+    }
 }
 
 /// The digest of one key alone (the digest of a state holding only it), as 64
@@ -65,8 +114,8 @@ pub fn is_digest(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// The key of a [`KeyDigest`] as bytes (the inverse of [`render::bytes_json`]).
-pub fn key_bytes(key: &Value) -> Option<Vec<u8>> {
+/// A key's bytes from its JSON (the inverse of [`crate::render::bytes_json`]).
+fn key_bytes(key: &Value) -> Option<Vec<u8>> {
     match key {
         Value::String(s) => Some(s.as_bytes().to_vec()),
         Value::Object(o) if o.len() == 1 => {
@@ -104,15 +153,7 @@ pub fn describe<T>(
     let entries = with_keys.then(|| {
         snapshot
             .iter()
-            .map(|(key, entry)| KeyDigest {
-                key: render::bytes_json(key),
-                value_bytes: entry.raw.len() as u64,
-                create_revision: entry.create_revision,
-                mod_revision: entry.mod_revision,
-                version: entry.version,
-                lease: entry.lease,
-                digest: key_digest(DigestEntry::of_snapshot_entry(key, entry)),
-            })
+            .map(|(key, entry)| KeyDigest::of(DigestEntry::of_snapshot_entry(key, entry)))
             .collect()
     });
     MirrorDigest {
@@ -128,6 +169,7 @@ pub fn describe<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render;
 
     #[test]
     fn keys_read_back_from_their_json() {
@@ -136,6 +178,41 @@ mod tests {
         }
         assert_eq!(key_bytes(&serde_json::json!({"base64": "!"})), None);
         assert_eq!(key_bytes(&serde_json::json!(7)), None);
+    }
+
+    #[test]
+    fn a_key_digest_reads_back_from_its_json_and_a_bad_key_is_refused() {
+        for key in [&b"/p/a"[..], b"\xff\x00k"] {
+            let entry = DigestEntry {
+                key,
+                value: b"v",
+                create_revision: 2,
+                mod_revision: 3,
+                version: 2,
+                lease: 0,
+            };
+            let described = KeyDigest::of(entry);
+            let json = serde_json::to_value(&described).expect("serializable");
+            assert_eq!(json["key"], render::bytes_json(key));
+            let read: KeyDigest = serde_json::from_value(json).expect("reads back");
+            assert_eq!(read, described);
+            assert!(read.has_value(b"v") && !read.has_value(b"w"));
+        }
+        let mut json = serde_json::to_value(KeyDigest::of(DigestEntry {
+            key: b"k",
+            value: b"",
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
+        }))
+        .expect("serializable");
+        json["key"] = serde_json::json!(7);
+        let refused = serde_json::from_value::<KeyDigest>(json).expect_err("a number key");
+        assert!(
+            refused.to_string().contains("a key is a string"),
+            "{refused}"
+        );
     }
 
     #[test]

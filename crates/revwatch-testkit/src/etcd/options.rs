@@ -182,7 +182,11 @@ pub(crate) fn member_args(
             "--client-cert-auth".into(),
         ]);
     }
-    args.extend(auto_compaction_args(opts));
+    args.extend(
+        auto_compaction_flags(opts)
+            .into_iter()
+            .map(|(flag, value)| format!("{flag}={value}")),
+    );
     if let Some(interval) = opts.progress_notify_interval {
         args.push(format!(
             "--experimental-watch-progress-notify-interval={}",
@@ -193,8 +197,9 @@ pub(crate) fn member_args(
     args
 }
 
-/// The auto-compaction flags, which etcd and the embedded server share.
-fn auto_compaction_args(opts: &ClusterOptions) -> Vec<String> {
+/// The auto-compaction flags and their values, which etcd and the embedded server
+/// share.
+fn auto_compaction_flags(opts: &ClusterOptions) -> Vec<(&'static str, String)> {
     let Some(retention) = &opts.auto_compaction_retention else {
         return Vec::new();
     };
@@ -203,8 +208,8 @@ fn auto_compaction_args(opts: &ClusterOptions) -> Vec<String> {
         CompactionMode::Periodic => "periodic",
     };
     vec![
-        format!("--auto-compaction-mode={mode}"),
-        format!("--auto-compaction-retention={retention}"),
+        ("--auto-compaction-mode", mode.to_owned()),
+        ("--auto-compaction-retention", retention.clone()),
     ]
 }
 
@@ -222,9 +227,8 @@ fn embedded_args(
         "--listen".into(),
         format!("127.0.0.1:{client_port}"),
     ]);
-    for flag in auto_compaction_args(opts) {
-        // `--name=value` as two arguments.
-        args.extend(flag.splitn(2, '=').map(str::to_owned));
+    for (flag, value) in auto_compaction_flags(opts) {
+        args.extend([flag.to_owned(), value]);
     }
     args.extend(opts.extra_args.iter().cloned());
     args

@@ -87,53 +87,96 @@ fn answers(
         .collect())
 }
 
-/// Compares the keeping compiler's answers with a fresh compiler's, and returns the set
-/// when both accepted the candidate (to compare with the plain engine).
-#[allow(clippy::too_many_arguments)]
-fn compare_compiles(
-    out: &mut ReloadRun,
+/// One step of a run: its files at their revision, for mismatch reports.
+struct Step<'a> {
     seed: u64,
     step: usize,
-    keeping: &mut dyn Compiler,
-    fresh: &mut dyn Compiler,
-    tree: &Tree,
-    requests: &[Request],
-    files: &Files,
-) -> Option<Arc<dyn Engine>> {
-    let delta = keeping.compile(tree, PREFIX);
-    let full = fresh.compile(tree, PREFIX);
-    out.steps += 1;
-    let (delta_answers, full_answers) = (answers(&delta, requests), answers(&full, requests));
-    out.mismatches.requests += requests.len();
-    if delta_answers != full_answers {
+    revision: i64,
+    files: &'a Files,
+}
+
+impl Step<'_> {
+    /// Records a mismatch of this step.
+    fn mismatch(
+        &self,
+        out: &mut ReloadRun,
+        request: usize,
+        input: String,
+        ours: String,
+        theirs: String,
+    ) {
         out.mismatches.record(|| Mismatch {
-            seed,
-            world: step,
-            request: 0,
-            input: "every request of the step".into(),
-            indexed: format!("{delta_answers:?}"),
-            engine: format!("{full_answers:?}"),
-            rules: describe(files),
+            seed: self.seed,
+            world: self.step,
+            request,
+            input,
+            indexed: ours,
+            engine: theirs,
+            rules: describe(self.files),
         });
-        return None;
     }
-    match (delta, full) {
-        (Ok(delta), Ok(full)) if delta.policy_count() == full.policy_count() => Some(delta),
-        (Ok(delta), Ok(full)) => {
-            out.mismatches.record(|| Mismatch {
-                seed,
-                world: step,
-                request: 0,
-                input: "policy count".into(),
-                indexed: delta.policy_count().to_string(),
-                engine: full.policy_count().to_string(),
-                rules: describe(files),
-            });
-            None
+
+    /// Compiles the step's tree with the keeping compiler and a fresh `C`, compares
+    /// their answers, and returns the set when both accepted the candidate (to
+    /// compare with the plain engine).
+    fn compare_compiles<C: Compiler>(
+        &self,
+        out: &mut ReloadRun,
+        keeping: &mut C,
+        mut fresh: C,
+        requests: &[Request],
+    ) -> Option<Arc<dyn Engine>> {
+        let tree = tree(self.revision, self.files);
+        let delta = keeping.compile(&tree, PREFIX);
+        let full = fresh.compile(&tree, PREFIX);
+        out.steps += 1;
+        let (delta_answers, full_answers) = (answers(&delta, requests), answers(&full, requests));
+        out.mismatches.requests += requests.len();
+        if delta_answers != full_answers {
+            let input = "every request of the step".into();
+            self.mismatch(
+                out,
+                0,
+                input,
+                format!("{delta_answers:?}"),
+                format!("{full_answers:?}"),
+            );
+            return None;
         }
-        _ => {
-            out.rejected += 1;
-            None
+        match (delta, full) {
+            (Ok(delta), Ok(full)) if delta.policy_count() == full.policy_count() => Some(delta),
+            (Ok(delta), Ok(full)) => {
+                let (ours, theirs) = (delta.policy_count(), full.policy_count());
+                self.mismatch(
+                    out,
+                    0,
+                    "policy count".into(),
+                    ours.to_string(),
+                    theirs.to_string(),
+                );
+                None
+            }
+            _ => {
+                out.rejected += 1;
+                None
+            }
+        }
+    }
+
+    /// Compares each request's answer from the compiled set with the plain engine's
+    /// (`answer` gives both, ours first).
+    fn compare_with_plain(
+        &self,
+        out: &mut ReloadRun,
+        requests: &[Request],
+        mut answer: impl FnMut(&Request) -> (String, String),
+    ) {
+        for (n, request) in requests.iter().enumerate() {
+            out.mismatches.requests += 1;
+            let (ours, theirs) = answer(request);
+            if ours != theirs {
+                self.mismatch(out, n, format!("{request:?}"), ours, theirs);
+            }
         }
     }
 }
@@ -365,50 +408,27 @@ pub fn differential_cedar_reload(seed: u64, steps: usize, with_schema: bool) -> 
                 files.insert(path, (revision, text));
             }
         }
-        let tree = tree(revision, &files);
-        let mut fresh = CedarCompiler::new(Limits::default());
-        let Some(engine) = compare_compiles(
-            &mut out,
+        let at = Step {
             seed,
             step,
-            &mut keeping,
-            &mut fresh,
-            &tree,
-            &requests,
-            &files,
-        ) else {
+            revision,
+            files: &files,
+        };
+        let fresh = CedarCompiler::new(Limits::default());
+        let Some(engine) = at.compare_compiles(&mut out, &mut keeping, fresh, &requests) else {
             continue;
         };
         let Some(plain) = plain_cedar(&files) else {
-            out.mismatches.record(|| Mismatch {
-                seed,
-                world: step,
-                request: 0,
-                input: "plain Cedar did not load an accepted set".into(),
-                indexed: String::new(),
-                engine: String::new(),
-                rules: describe(&files),
-            });
+            let input = "plain Cedar did not load an accepted set".into();
+            at.mismatch(&mut out, 0, input, String::new(), String::new());
             continue;
         };
-        for (n, request) in requests.iter().enumerate() {
-            out.mismatches.requests += 1;
-            let (ours, theirs) = (
+        at.compare_with_plain(&mut out, &requests, |request| {
+            (
                 engine_answer(&*engine, request),
                 plain_cedar_answer(&plain, request),
-            );
-            if ours != theirs {
-                out.mismatches.record(|| Mismatch {
-                    seed,
-                    world: step,
-                    request: n,
-                    input: format!("{request:?}"),
-                    indexed: ours,
-                    engine: theirs,
-                    rules: describe(&files),
-                });
-            }
-        }
+            )
+        });
     }
     out.deltas = keeping.deltas();
     out
@@ -622,38 +642,26 @@ pub fn differential_casbin_reload(seed: u64, steps: usize) -> ReloadRun {
                 files.insert(path, (revision, text));
             }
         }
-        let tree = tree(revision, &files);
-        let mut fresh = CasbinCompiler::new(Limits::default());
-        let Some(engine) = compare_compiles(
-            &mut out,
+        let at = Step {
             seed,
             step,
-            &mut keeping,
-            &mut fresh,
-            &tree,
-            &requests,
-            &files,
-        ) else {
+            revision,
+            files: &files,
+        };
+        let fresh = CasbinCompiler::new(Limits::default());
+        let Some(engine) = at.compare_compiles(&mut out, &mut keeping, fresh, &requests) else {
             continue;
         };
         let (rows, by_name) = casbin_rows(&files);
         let plain = match futures::executor::block_on(plain_enforcer(&model, &rows)) {
             Ok(plain) => plain,
             Err(error) => {
-                out.mismatches.record(|| Mismatch {
-                    seed,
-                    world: step,
-                    request: 0,
-                    input: "the plain enforcer did not load an accepted set".into(),
-                    indexed: String::new(),
-                    engine: error.to_string(),
-                    rules: describe(&files),
-                });
+                let input = "the plain enforcer did not load an accepted set".into();
+                at.mismatch(&mut out, 0, input, String::new(), error.to_string());
                 continue;
             }
         };
-        for (n, request) in requests.iter().enumerate() {
-            out.mismatches.requests += 1;
+        at.compare_with_plain(&mut out, &requests, |request| {
             let mut fields = vec![request.principal.clone()];
             if kind == ModelKind::Domains {
                 fields.push(request.context["dom"].as_str().unwrap_or_default().into());
@@ -675,18 +683,8 @@ pub fn differential_casbin_reload(seed: u64, steps: usize) -> ReloadRun {
                 }
                 Err(e) => format!("error {e}"),
             };
-            if ours != theirs {
-                out.mismatches.record(|| Mismatch {
-                    seed,
-                    world: step,
-                    request: n,
-                    input: format!("{request:?}"),
-                    indexed: ours,
-                    engine: theirs,
-                    rules: describe(&files),
-                });
-            }
-        }
+            (ours, theirs)
+        });
     }
     out.deltas = keeping.deltas();
     out
