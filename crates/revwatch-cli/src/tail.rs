@@ -27,8 +27,9 @@ use crate::{
 /// With --snapshot-file, a restart resumes from the file's revision. The file is
 /// written on a clean stop (SIGTERM, Ctrl-C) and otherwise at most every 5 s, so
 /// after a crash or `kill -9` the restart prints again the batches of up to the last
-/// 5 s before it. --persist-every-batch writes it after every batch instead, leaving
-/// at most the batches whose write had not finished; a consumer that must never see
+/// 5 s before it. --persist-every-batch writes it each time the mirror publishes
+/// instead (after every batch, or every run of batches that arrived together),
+/// leaving at most the batches whose write had not finished; a consumer that must never see
 /// a batch twice should also skip revisions at or below the last one it processed
 /// (each batch carries its revision).
 #[derive(Debug, Args)]

@@ -34,8 +34,9 @@ pub(crate) struct Pipeline {
     prefix: String,
     /// `None` only while a compile runs on the blocking pool.
     compiler: Option<Box<dyn Compiler>>,
-    /// The newest snapshot received, and the newest revision (bookmarks included).
-    latest: Option<Arc<Snapshot<bytes::Bytes>>>,
+    /// The newest state received (a first snapshot or a batch, never a
+    /// bookmark), and the newest revision (bookmarks included).
+    latest: Option<Update<bytes::Bytes>>,
     latest_revision: i64,
     /// The snapshot the last evaluation read.
     evaluated: Option<Arc<Snapshot<bytes::Bytes>>>,
@@ -90,8 +91,9 @@ impl Pipeline {
     fn absorb(&mut self, update: Update<bytes::Bytes>) {
         self.latest_revision = self.latest_revision.max(update.revision());
         match update {
-            Update::Snapshot(s) => self.latest = Some(s),
-            Update::Batch(b) => self.latest = Some(Arc::clone(&b.snapshot)),
+            // A batch's snapshot is built only when evaluated: of a burst
+            // within the debounce window, only the last one's is.
+            Update::Snapshot(_) | Update::Batch(_) => self.latest = Some(update),
             Update::Progress(_) => {}
         }
     }
@@ -110,8 +112,10 @@ impl Pipeline {
     }
 
     async fn evaluate(&mut self) {
-        let Some(snapshot) = self.latest.clone() else {
-            return;
+        let snapshot = match &self.latest {
+            Some(Update::Snapshot(s)) => Arc::clone(s),
+            Some(Update::Batch(b)) => b.snapshot(),
+            Some(Update::Progress(_)) | None => return,
         };
         let revision = self.latest_revision.max(snapshot.revision());
         let same_snapshot = self

@@ -69,9 +69,10 @@ impl MirrorAdapter {
             Update::Batch(b) => {
                 let batch = convert(b);
                 self.state.apply_all(&batch.changes);
+                let snapshot = b.snapshot();
                 self.history.snapshots.push(SnapshotObservation {
-                    revision: b.snapshot.revision(),
-                    hash: state_of(&b.snapshot).hash(),
+                    revision: snapshot.revision(),
+                    hash: state_of(&snapshot).hash(),
                 });
                 Delivery::Batch(batch)
             }

@@ -112,18 +112,20 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     println!(
         "mirror apply conditions: {} keys, 1 put per revision, {} events per round, \
          one core (mirror and subscriber on one current-thread runtime), \
-         subscribed path: 1 subscriber consuming every batch, replies read {} at a time; \
+         subscribed path: 1 subscriber consuming every batch's changes, replies read {} \
+         at a time; snapshot-reader path: the same, reading every batch's snapshot too; \
          quiet path: no subscriber; median of {} rounds",
         apply::KEYS,
         plan.apply_events,
         apply::REPLIES_PER_READ,
         plan.apply_rounds
     );
-    let (mut ours, mut quiet, mut persistent, mut naive) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut readers, mut quiet, mut persistent, mut naive) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..plan.apply_rounds {
-        use apply::Path::{Quiet, Subscribed};
+        use apply::Path::{Quiet, SnapshotReader, Subscribed};
         ours.push(apply::mirror_events_per_s(plan.apply_events, Subscribed).await?);
+        readers.push(apply::mirror_events_per_s(plan.apply_events, SnapshotReader).await?);
         quiet.push(apply::mirror_events_per_s(plan.apply_events, Quiet).await?);
         persistent.push(apply::persistent_events_per_s(plan.apply_events).await?);
         naive.push(apply::naive_clone_events_per_s(plan.naive_revisions).await?);
@@ -137,6 +139,9 @@ pub async fn run(quick: bool) -> anyhow::Result<Report> {
     report.figure("apply_quiet_events_per_s", median(&quiet));
     report.figure("persistent_apply_events_per_s", persistent);
     report.figure("apply_ratio", ratio(ours, persistent));
+    let readers = median(&readers);
+    report.figure("apply_snapshot_reader_events_per_s", readers);
+    report.figure("apply_snapshot_reader_ratio", ratio(readers, persistent));
     report.figure(
         "apply_target_met",
         if ours >= APPLY_TARGET_EVENTS_PER_S {

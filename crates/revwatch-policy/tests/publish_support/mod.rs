@@ -151,7 +151,7 @@ impl Observer {
             while let Some(update) = sub.recv().await {
                 let snapshot = match update {
                     Update::Snapshot(s) => s,
-                    Update::Batch(b) => std::sync::Arc::clone(&b.snapshot),
+                    Update::Batch(b) => b.snapshot(),
                     Update::Progress(_) => continue,
                 };
                 seen.push(observe(&snapshot));

@@ -210,7 +210,7 @@ async fn collect(
             }
             batches += 1;
             if batches.is_multiple_of(FULL_SNAPSHOT_EVERY) {
-                adapter.push_full_snapshot(&b.snapshot);
+                adapter.push_full_snapshot(&b.snapshot());
             }
         }
         adapter.push(&update);

@@ -3,10 +3,12 @@
 //!
 //! Publication and subscription take the same lock, so a new subscriber gets the
 //! snapshot current at that instant and then exactly the updates published after
-//! it. A subscriber whose queue is full is not waited for: it is marked lagging,
-//! only the newest snapshot is remembered for it, and its next receive yields one
-//! resync diff from the last state it was sent. Memory per subscriber is therefore
-//! bounded by its queue capacity plus two snapshots.
+//! it. A run of revisions is published in one critical section: the state after
+//! the last one, and a batch for each, in order. A subscriber whose queue is full
+//! is not waited for: it is marked lagging, only the newest snapshot is remembered
+//! for it, and its next receive yields one resync diff from the last state it was
+//! sent. Memory per subscriber is therefore bounded by its queue capacity plus two
+//! snapshots (and the batches of one run, which an unbuilt batch links to).
 //!
 //! While no subscription is live, the writer may hold that lock across a run of
 //! revisions ([`Hub::quiet`]) and publish only the state after the last: nobody
@@ -23,7 +25,7 @@ use futures::Stream;
 use futures::task::AtomicWaker;
 use tokio::sync::watch;
 
-use super::batch::{Batch, ResyncReason, Update, diff};
+use super::batch::{Batch, ResyncReason, State, Update, diff};
 use super::metrics::Metrics;
 use super::snapshot::Snapshot;
 
@@ -56,7 +58,7 @@ struct Slot<T> {
 struct SlotState<T> {
     queue: VecDeque<Update<T>>,
     /// The state the subscriber has once it drained `queue`.
-    base: Arc<Snapshot<T>>,
+    base: State<T>,
     /// While lagging: the newest snapshot, to resync to.
     lagging: Option<Arc<Snapshot<T>>>,
     closed: bool,
@@ -78,6 +80,11 @@ impl<T> Hub<T> {
         }
     }
 
+    /// Most updates queued for one subscriber.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// The current snapshot, lock-free.
     pub(crate) fn snapshot(&self) -> Arc<Snapshot<T>> {
         self.current.load_full()
@@ -88,13 +95,17 @@ impl<T> Hub<T> {
         self.revision.subscribe()
     }
 
-    /// Makes `snapshot` current and queues `update` (which leads to it) for every
-    /// subscriber, in one critical section. `made_current` runs once readers can see
-    /// `snapshot` and before any subscriber or waiter is woken.
+    /// Makes `snapshot` current and queues `updates` (which lead to it, in
+    /// order) for every subscriber, in one critical section. `made_current` runs
+    /// once readers can see `snapshot` and before any subscriber or waiter is
+    /// woken.
+    ///
+    /// A subscriber whose queue fills up part-way gets the updates that fit; it
+    /// lags from there, and its resync starts from the state after the last one.
     pub(crate) fn publish(
         &self,
         snapshot: Arc<Snapshot<T>>,
-        update: Update<T>,
+        updates: &[Update<T>],
         made_current: impl FnOnce(),
     ) {
         let revision = snapshot.revision();
@@ -106,14 +117,22 @@ impl<T> Hub<T> {
             if st.dropped {
                 return false;
             }
-            if st.lagging.is_some() {
-                st.lagging = Some(Arc::clone(&snapshot));
-            } else if st.queue.len() < self.capacity {
-                st.queue.push_back(update.clone());
-                st.base = Arc::clone(&snapshot);
+            if st.lagging.is_none() {
+                let room = self.capacity.saturating_sub(st.queue.len());
+                let fit = &updates[..room.min(updates.len())];
+                st.queue.extend(fit.iter().cloned());
+                if fit.len() == updates.len() {
+                    st.base = State::At(Arc::clone(&snapshot));
+                } else {
+                    // A bookmark changes no key: only a batch moves the base.
+                    if let Some(Update::Batch(last)) = fit.last() {
+                        st.base = State::After(Arc::clone(last));
+                    }
+                    st.lagging = Some(Arc::clone(&snapshot));
+                    self.metrics.subscriber_lagged.inc();
+                }
             } else {
                 st.lagging = Some(Arc::clone(&snapshot));
-                self.metrics.subscriber_lagged.inc();
             }
             drop(st);
             slot.waker.wake();
@@ -129,7 +148,7 @@ impl<T> Hub<T> {
     /// applied without a batch (or a snapshot) each: nobody needs them until
     /// [`Quiet::publish`] makes the result current, and whoever subscribes
     /// meanwhile waits for that and starts from it. `None` while a subscription
-    /// is live: then every revision is published on its own.
+    /// is live: then every revision gets its batch.
     ///
     /// The caller must not block or await while holding it: it should only apply
     /// the revisions already received and publish.
@@ -155,7 +174,7 @@ impl<T> Hub<T> {
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState {
                 queue: VecDeque::from([Update::Snapshot(Arc::clone(&snapshot))]),
-                base: snapshot,
+                base: State::At(snapshot),
                 lagging: None,
                 closed: subs.closed,
                 dropped: false,
@@ -293,17 +312,17 @@ impl<T> Subscription<T> {
             return Next::Ready(u);
         }
         if let Some(latest) = st.lagging.take() {
-            let from = std::mem::replace(&mut st.base, Arc::clone(&latest));
+            let from = std::mem::replace(&mut st.base, State::At(Arc::clone(&latest)));
             drop(st);
             // Computed by the consumer, outside any lock the mirror takes.
-            let changes = diff(&from, &latest);
+            let changes = diff(&from.snapshot(), &latest);
             self.metrics.subscriber_resyncs.inc();
-            return Next::Ready(Update::Batch(Arc::new(Batch {
-                revision: latest.revision(),
-                resync: Some(ResyncReason::SubscriberLagged),
+            return Next::Ready(Update::Batch(Arc::new(Batch::new(
+                latest.revision(),
+                Some(ResyncReason::SubscriberLagged),
                 changes,
-                snapshot: latest,
-            })));
+                latest,
+            ))));
         }
         if st.closed { Next::Closed } else { Next::Empty }
     }
@@ -380,8 +399,8 @@ mod tests {
     async fn a_subscription_streams_every_update_then_ends_on_close() {
         let hub = hub(8);
         let sub = hub.subscribe();
-        hub.publish(at(2), Update::Progress(2), || {});
-        hub.publish(at(3), Update::Progress(3), || {});
+        hub.publish(at(2), &[Update::Progress(2)], || {});
+        hub.publish(at(3), &[Update::Progress(3)], || {});
         hub.close();
         let revisions: Vec<i64> = sub.map(|u| u.revision()).collect().await;
         assert_eq!(revisions, [1, 2, 3]);
@@ -392,8 +411,8 @@ mod tests {
         // The first snapshot fills the queue: both publications are skipped.
         let hub = hub(1);
         let mut sub = hub.subscribe();
-        hub.publish(at(2), Update::Progress(2), || {});
-        hub.publish(at(3), Update::Progress(3), || {});
+        hub.publish(at(2), &[Update::Progress(2)], || {});
+        hub.publish(at(3), &[Update::Progress(3)], || {});
         assert!(matches!(sub.next().await, Some(Update::Snapshot(s)) if s.revision() == 1));
         match sub.next().await {
             Some(Update::Batch(b)) => {
@@ -404,6 +423,64 @@ mod tests {
         }
         hub.close();
         assert!(sub.next().await.is_none());
+    }
+
+    #[test]
+    fn a_run_that_overflows_a_queue_delivers_what_fits_then_a_resync_from_there() {
+        use crate::mirror::batch::ChangeKind;
+        use crate::mirror::decode::{DecodePolicy, RawBytes};
+        use crate::mirror::store::Writer;
+        use crate::mirror::test_events::put_created;
+
+        let mut w = Writer::new(
+            &Snapshot::empty(1),
+            Arc::new(RawBytes),
+            DecodePolicy::DropKey,
+        );
+        let hub = Arc::new(Hub::new(w.current(), 3, Metrics::new()));
+        let mut sub = hub.subscribe();
+        // Revisions 2..=6 put keys a..e, as one run of batches.
+        let mut before = State::At(w.current());
+        let mut run = Vec::new();
+        for (revision, key) in (2..=6).zip(["a", "b", "c", "d", "e"]) {
+            let put = put_created(key, b"v", revision);
+            let batch = w.apply_revision(revision, vec![put], &before).unwrap();
+            before = State::After(Arc::clone(&batch));
+            run.push(Update::Batch(batch));
+        }
+        hub.publish(w.current(), &run, || {});
+        assert_eq!(hub.snapshot().revision(), 6);
+
+        // The first snapshot took one of 3 places: revisions 2 and 3 fit.
+        assert!(matches!(sub.try_recv(), Some(Update::Snapshot(s)) if s.revision() == 1));
+        for revision in [2, 3] {
+            match sub.try_recv() {
+                Some(Update::Batch(b)) if b.resync.is_none() => {
+                    assert_eq!(b.revision, revision);
+                    assert_eq!(b.snapshot().len(), revision as usize - 1);
+                }
+                other => panic!("expected revision {revision}, got {other:?}"),
+            }
+        }
+        // Then one resync from the state after revision 3: exactly c, d and e.
+        match sub.try_recv() {
+            Some(Update::Batch(b)) => {
+                assert_eq!(
+                    (b.revision, b.resync),
+                    (6, Some(ResyncReason::SubscriberLagged))
+                );
+                let keys: Vec<&[u8]> = b.changes.iter().map(|c| &c.key[..]).collect();
+                assert_eq!(keys, [b"c", b"d", b"e"]);
+                assert!(
+                    b.changes
+                        .iter()
+                        .all(|c| matches!(c.kind, ChangeKind::Put { prev: None, .. }))
+                );
+                assert_eq!(b.snapshot().len(), 5);
+            }
+            other => panic!("expected a resync, got {other:?}"),
+        }
+        assert!(sub.try_recv().is_none());
     }
 
     #[test]
@@ -420,7 +497,7 @@ mod tests {
             Poll::Ready(Some(Update::Snapshot(_)))
         ));
         assert!(poll(&mut sub).is_pending());
-        hub.publish(at(2), Update::Progress(2), || {});
+        hub.publish(at(2), &[Update::Progress(2)], || {});
         assert!(woken.take());
         assert!(matches!(
             poll(&mut sub),

@@ -110,16 +110,20 @@
 //!     (a persistent map shares all unchanged structure; keys of up to 30 bytes are
 //!     stored inline in its nodes, see [`Key`]). Readers (and
 //!     [`Mirror::snapshot_at_least`]) may skip revisions: when replies are already
-//!     waiting and no subscription is live, the mirror applies them in a row (a
-//!     run, bounded to a few milliseconds of work) and publishes the snapshot
-//!     after the last one only, which spares a snapshot per revision; a skipped
-//!     revision is never visible in part. Every applied revision still counts in
-//!     metrics and status. A [`Subscription`] made at any time first receives the
-//!     current snapshot, then every later update (one batch per revision), with no
-//!     race; one made during a run waits for the run to be published and starts
-//!     from it. Its buffer is bounded: a slow subscriber never blocks the mirror;
-//!     it is marked lagging and later receives one resync diff from the last state
-//!     it received.
+//!     waiting, the mirror applies them in a row (a run, bounded to a few
+//!     milliseconds of work) and publishes the snapshot after the last one only,
+//!     which spares a snapshot per revision; a skipped revision is never visible
+//!     in part. Every applied revision still counts in metrics and status. A
+//!     [`Subscription`] made at any time first receives the current snapshot,
+//!     then every later update (one batch per revision, queued when its run is
+//!     published), with no race; one made during a run with no other
+//!     subscription live waits for the run to be published and starts from it.
+//!     A batch's [`snapshot`](Batch::snapshot) is the exact state after it, built
+//!     when first asked for (by replaying the run's changes on the state before
+//!     it), so subscribers that read only the changes never pay for one. Its
+//!     buffer is bounded: a slow subscriber never blocks the mirror; it is marked
+//!     lagging and later receives one resync diff from the last state it
+//!     received.
 //! 12. **Metrics.** [`MirrorBuilder::register_metrics`] registers Prometheus
 //!     metrics (streams opened, reconnects and relists by cause, events applied,
 //!     revision, server revision, lag, apply latency, decode errors, subscriber lag
@@ -139,6 +143,8 @@ pub mod snapshot;
 pub mod source;
 mod status;
 mod store;
+#[cfg(test)]
+mod test_events;
 mod watcher;
 
 use std::sync::Arc;

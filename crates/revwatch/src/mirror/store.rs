@@ -1,8 +1,10 @@
 //! The writer's side of the mirror: applies one revision, a list, or a bookmark to
-//! the persistent map and yields the snapshot and batch to publish.
+//! the persistent map and yields what to publish: a batch per revision, a list's
+//! snapshot and resync batch, the current snapshot.
 //!
-//! Each operation costs O(changed keys × log n): the map is persistent, so the new
-//! snapshot shares every untouched node with the previous one.
+//! Each operation costs O(changed keys × log n): the map is persistent, so a
+//! snapshot shares every untouched node with the writer's map, and the writer
+//! copies a node only the first time it changes one after a snapshot was taken.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use etcd_proto::mvccpb::{self, event::EventType};
 
-use super::batch::{Batch, Change, ChangeKind, ResyncReason};
+use super::batch::{Batch, Change, ChangeKind, ResyncReason, State};
 use super::decode::{DecodeError, DecodeFailure, DecodePolicy, Decoder, guard};
 use super::key::Key;
 use super::snapshot::{Entry, Map, Slot, Snapshot};
@@ -94,32 +96,30 @@ impl<T: Send + Sync + 'static> Writer<T> {
         self.snapshot()
     }
 
-    /// Applies every event of one revision, and yields the snapshot and the batch
-    /// that leads to it. The caller has checked that `revision` is above the
-    /// current one and that every event carries it.
+    /// Applies every event of one revision, and yields its batch: the changes
+    /// that lead from `before` (the state before this revision) to the state
+    /// after it. The caller has checked that `revision` is above the current one
+    /// and that every event carries it.
+    ///
+    /// No snapshot is taken: the map is updated in place (its nodes shared with
+    /// a published snapshot are copied by the first change to them, and the next
+    /// changes reuse the copies), and the batch builds its snapshot only if asked
+    /// for, by replaying its changes on `before`. The state after the last of a
+    /// run of revisions is published with [`current`](Self::current).
     pub(crate) fn apply_revision(
         &mut self,
         revision: i64,
         events: Vec<mvccpb::Event>,
-    ) -> Result<Applied<T>, Invalid> {
+        before: &State<T>,
+    ) -> Result<Arc<Batch<T>>, Invalid> {
         let mut changes = Vec::with_capacity(events.len());
         self.apply_events(revision, events, Some(&mut changes))?;
-        let snapshot = self.snapshot();
-        let batch = Arc::new(Batch {
-            revision,
-            resync: None,
-            changes,
-            snapshot: Arc::clone(&snapshot),
-        });
-        Ok(Applied { snapshot, batch })
+        Ok(Arc::new(Batch::replayed(revision, changes, before.clone())))
     }
 
     /// Applies every event of one revision like [`apply_revision`](Self::apply_revision),
-    /// but yields neither snapshot nor batch: for revisions that no subscriber
-    /// needs one by one, published later as part of a
-    /// [`current`](Self::current) snapshot. Since no snapshot of the state before
-    /// the last revision is taken, the map's nodes copied by the first change are
-    /// updated in place by the next ones.
+    /// but yields no batch: for revisions that no subscriber needs one by one,
+    /// published later as part of a [`current`](Self::current) snapshot.
     pub(crate) fn apply_unpublished(
         &mut self,
         revision: i64,
@@ -406,12 +406,12 @@ impl<T: Send + Sync + 'static> Relist<'_, T> {
         self.writer.map = self.new;
         self.writer.revision = self.revision;
         let snapshot = self.writer.snapshot();
-        let batch = Arc::new(Batch {
-            revision: self.revision,
-            resync: Some(self.reason),
-            changes: self.changes,
-            snapshot: Arc::clone(&snapshot),
-        });
+        let batch = Arc::new(Batch::new(
+            self.revision,
+            Some(self.reason),
+            self.changes,
+            Arc::clone(&snapshot),
+        ));
         Applied { snapshot, batch }
     }
 }
@@ -457,9 +457,9 @@ mod tests {
     fn relists_count_a_value_that_still_fails_once() {
         for policy in [DecodePolicy::DropKey, DecodePolicy::KeepLastGood] {
             let mut w = Writer::new(&Snapshot::empty(1), utf8(), policy);
-            w.apply_revision(2, vec![put(kv("k", b"good", 2, 2))])
+            w.apply_unpublished(2, vec![put(kv("k", b"good", 2, 2))])
                 .unwrap();
-            w.apply_revision(3, vec![put(kv("k", &[0xff], 2, 3))])
+            w.apply_unpublished(3, vec![put(kv("k", &[0xff], 2, 3))])
                 .unwrap();
             assert_eq!(w.take_new_failures(), 1);
             let kept = w.current().get(b"k").map(|e| e.value.clone());

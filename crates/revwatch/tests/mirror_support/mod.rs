@@ -181,7 +181,7 @@ impl Replay {
                 self.batches.push((b.revision, b.is_resync()));
                 assert_eq!(
                     self.state,
-                    snap_kvs(&b.snapshot),
+                    snap_kvs(&b.snapshot()),
                     "replayed changes differ from the batch snapshot at {}",
                     b.revision
                 );

@@ -6,20 +6,22 @@
 //! commits). Each reply is built when the mirror asks for it, with fresh key and value
 //! buffers, as the gRPC decoder makes them on the live path: so the timed path is
 //! the mirror's own per revision (validating the reply, grouping events, the
-//! persistent-map update, building the snapshot and batch, publishing to the hub,
-//! revision watch, status and metrics, and dropping the reply) plus the decoder's
+//! persistent-map update, building the batch, publishing to the hub, revision
+//! watch, status and metrics, and dropping the reply) plus the decoder's
 //! allocations, and not the cache misses of freeing replies built long before (a
 //! feed built up front made the figure fall with the number of events).
 //!
-//! Two paths are measured ([`Path`]):
+//! Three paths are measured ([`Path`]):
 //!
 //! * **Subscribed** (the headline): one live subscriber, a task consuming every
-//!   batch as `tail`, the soak and the policy crate do, so every revision is
-//!   published on its own with its snapshot and batch. Replies arrive in reads of
-//!   [`REPLIES_PER_READ`]: after each, the feed yields once, as a socket with no
-//!   more buffered data would, and the subscriber runs (without that, nothing
-//!   would stop the mirror from applying the whole feed before the subscriber
-//!   ever ran, and the subscriber would only see one resync).
+//!   batch's changes as `tail` does, so every revision is delivered as its own
+//!   batch. Replies arrive in reads of [`REPLIES_PER_READ`]: after each, the feed
+//!   yields once, as a socket with no more buffered data would, and the
+//!   subscriber runs (without that, nothing would stop the mirror from applying
+//!   the whole feed before the subscriber ever ran, and the subscriber would only
+//!   see one resync).
+//! * **Snapshot reader**: the same, and the subscriber also reads every batch's
+//!   snapshot (as the soak's checker does), so each one is built.
 //! * **Quiet**: no subscriber, and replies always ready, so the mirror publishes
 //!   once per run of up to 16,384 events.
 //!
@@ -61,8 +63,11 @@ pub const REPLIES_PER_READ: usize = 256;
 /// Which of the mirror's publication paths a round measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Path {
-    /// One live subscriber consuming every batch: a snapshot and batch per revision.
+    /// One live subscriber consuming every batch's changes: a batch per revision.
     Subscribed,
+    /// One live subscriber consuming every batch and reading its snapshot: a
+    /// batch and a snapshot per revision.
+    SnapshotReader,
     /// No subscriber: one publication per run of replies.
     Quiet,
 }
@@ -317,7 +322,7 @@ async fn mirror_round(feed: Feed, path: Path) -> anyhow::Result<f64> {
         puts: Arc::new(Mutex::new(Some(feed.puts))),
         gate: gate_rx,
         drained: Arc::new(Mutex::new(Some(drained_tx))),
-        read: (path == Path::Subscribed).then_some(REPLIES_PER_READ),
+        read: (path != Path::Quiet).then_some(REPLIES_PER_READ),
     };
     // No progress requests or stall handling during a round.
     let config = MirrorConfig::default()
@@ -327,8 +332,11 @@ async fn mirror_round(feed: Feed, path: Path) -> anyhow::Result<f64> {
     mirror.wait_ready().await?;
     anyhow::ensure!(mirror.snapshot().len() == KEYS, "initial list incomplete");
     // On this runtime, so on the mirror's core.
-    let consumer =
-        (path == Path::Subscribed).then(|| tokio::spawn(consume(mirror.subscribe(), last)));
+    let consumer = match path {
+        Path::Quiet => None,
+        Path::Subscribed => Some(tokio::spawn(consume(mirror.subscribe(), last, false))),
+        Path::SnapshotReader => Some(tokio::spawn(consume(mirror.subscribe(), last, true))),
+    };
 
     let started = Instant::now();
     gate_tx.send_replace(true);
@@ -378,8 +386,12 @@ fn digest(key: &[u8], entry: Option<&Entry<Bytes>>) -> u64 {
 
 /// Consumes every update until revision `last`, demanding one batch per revision in
 /// order: a resync (the subscriber lagged) means the round did not measure the
-/// per-revision path.
-async fn consume(mut sub: Subscription<Bytes>, last: i64) -> anyhow::Result<Consumed> {
+/// per-revision path. `snapshots`: also read each batch's snapshot.
+async fn consume(
+    mut sub: Subscription<Bytes>,
+    last: i64,
+    snapshots: bool,
+) -> anyhow::Result<Consumed> {
     let mut out = Consumed {
         batches: 0,
         events: 0,
@@ -408,7 +420,18 @@ async fn consume(mut sub: Subscription<Bytes>, last: i64) -> anyhow::Result<Cons
         );
         next = Some(batch.revision + 1);
         out.batches += 1;
-        out.digest = out.digest.wrapping_add(batch.snapshot.len() as u64);
+        if snapshots {
+            // Every put is to a listed key: the prefix keeps its size.
+            let snapshot = batch.snapshot();
+            anyhow::ensure!(
+                snapshot.revision() == batch.revision && snapshot.len() == KEYS,
+                "batch {} built a snapshot at {} with {} keys",
+                batch.revision,
+                snapshot.revision(),
+                snapshot.len()
+            );
+            out.digest = out.digest.wrapping_add(snapshot.len() as u64);
+        }
         for change in &batch.changes {
             let entry = match &change.kind {
                 ChangeKind::Put { entry, .. } => Some(&**entry),
@@ -571,6 +594,15 @@ mod tests {
         let buffer = MirrorConfig::default().subscriber_buffer;
         let events = buffer + 3 * REPLIES_PER_READ + 7;
         let rate = mirror_events_per_s(events, Path::Subscribed).await.unwrap();
+        assert!(rate > 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_reading_round_builds_every_batch_snapshot() {
+        let events = 3 * REPLIES_PER_READ + 7;
+        let rate = mirror_events_per_s(events, Path::SnapshotReader)
+            .await
+            .unwrap();
         assert!(rate > 0.0);
     }
 

@@ -25,17 +25,12 @@ pub(crate) struct Publisher<T> {
 
 impl<T: Send + Sync + 'static> Publisher<T> {
     /// Publishes `snapshot` and the `update` that leads to it, then maybe writes
-    /// the snapshot file. `events`: the events of the one revision it applied.
-    pub(crate) fn publish(
-        &mut self,
-        snapshot: Arc<Snapshot<T>>,
-        update: Update<T>,
-        events: Option<u64>,
-    ) {
+    /// the snapshot file.
+    fn publish(&mut self, snapshot: Arc<Snapshot<T>>, update: Update<T>) {
         let max = self.max_reported_decode_failures;
         let (reporter, writer) = (&self.reporter, &mut self.writer);
-        self.hub.publish(Arc::clone(&snapshot), update, || {
-            report_published(reporter, writer, max, &snapshot, events.map(|n| (n, 1)));
+        self.hub.publish(Arc::clone(&snapshot), &[update], || {
+            report_published(reporter, writer, max, &snapshot, None);
         });
         self.persist_maybe(&snapshot);
     }
@@ -43,13 +38,13 @@ impl<T: Send + Sync + 'static> Publisher<T> {
     /// Publishes a list's result.
     pub(crate) fn listed(&mut self, applied: Applied<T>) {
         let Applied { snapshot, batch } = applied;
-        self.publish(snapshot, Update::Batch(batch), None);
+        self.publish(snapshot, Update::Batch(batch));
     }
 
     /// Publishes a bookmark: nothing changed up to `revision`.
     pub(crate) fn bookmark(&mut self, revision: i64) {
         let snapshot = self.writer.advance(revision);
-        self.publish(snapshot, Update::Progress(revision), None);
+        self.publish(snapshot, Update::Progress(revision));
     }
 
     /// Starts a snapshot file write if one is due and none is running.

@@ -1,17 +1,22 @@
 //! A run of replies: one that arrived, then those already received after it,
 //! handled in a row and applied, and how a run that stops the stream ends it.
 //!
-//! While no subscription is live, a run's revisions are applied without a batch
-//! or a snapshot each, and only the state after the last one is published:
-//! readers and waiters skip the revisions in between (they never see part of
-//! one), and nobody else could see them. That spares a snapshot per revision,
-//! and with it the copy of the map's path to each changed key (and freeing it
-//! again). A subscription made during the run waits until it is published and
-//! starts from there. With a live subscription, every revision is published on
-//! its own, with its batch, as it is applied.
+//! A run's revisions are applied to the writer's map in place, and only the
+//! state after the last one is made current: readers and waiters skip the
+//! revisions in between (they never see part of one). That spares a snapshot per
+//! revision, and with it the copy of the map's path to each changed key (and
+//! freeing it again).
 //!
-//! Such a quiet run holds the hub's lock from start to end, so [`drain`] is not
-//! async: it cannot await while holding it.
+//! - While no subscription is live, the run is *quiet*: no batch is made, and
+//!   the hub's lock is held from start to end, so a subscription made meanwhile
+//!   waits until the run is published and starts from there. That is why
+//!   [`drain`] is not async: it cannot await while holding it.
+//! - With a live subscription, each revision gets its batch, which builds its
+//!   snapshot only if asked for (see [`Batch`](crate::mirror::Batch)); the
+//!   batches are queued together with the state after the last one, so every
+//!   subscriber still gets one batch per revision, in order. Such a run is also
+//!   bounded to a quarter of a subscriber's buffer, so that batching never makes
+//!   a subscriber that keeps up between runs lag.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,11 +27,11 @@ use super::WatchEnd;
 use super::publish::{Publisher, report_published};
 use super::stream::{Output, StreamCheck, StreamEnd};
 use crate::client::{Error, WatchResponse};
-use crate::mirror::batch::{ResyncReason, Update};
+use crate::mirror::batch::{ResyncReason, State, Update};
 use crate::mirror::hub::{Hub, Quiet};
 use crate::mirror::report::{Heard, Rejected};
 use crate::mirror::status::ReconnectCause;
-use crate::mirror::store::{Applied, Invalid};
+use crate::mirror::store::Invalid;
 
 /// Bounds of a run: events, and time (checked every [`RUN_TIME_CHECK`] events).
 /// They bound how long a revision applied in a run waits to be visible, how long
@@ -42,8 +47,7 @@ pub(super) type Reply = Result<Option<WatchResponse>, Error>;
 /// Replies handled in a row, as long as they carry only events (see the module
 /// docs).
 pub(super) struct Run<'a, T> {
-    /// Held while no subscription is live.
-    quiet: Option<Quiet<'a, T>>,
+    mode: Mode<'a, T>,
     started: Instant,
     events: u64,
     revisions: u64,
@@ -51,10 +55,32 @@ pub(super) struct Run<'a, T> {
     checked: u64,
 }
 
+/// How a run publishes what it applied.
+enum Mode<'a, T> {
+    /// No subscription is live: no batches, and the hub's lock is held.
+    Quiet(Quiet<'a, T>),
+    /// One batch per revision, queued when the run ends.
+    Batched {
+        /// The state before the next revision: unset until the first.
+        before: Option<State<T>>,
+        batches: Vec<Update<T>>,
+        /// Most revisions in the run.
+        max_revisions: u64,
+    },
+}
+
 impl<'a, T> Run<'a, T> {
     fn new(hub: &'a Hub<T>, started: Instant) -> Self {
+        let mode = match hub.quiet() {
+            Some(quiet) => Mode::Quiet(quiet),
+            None => Mode::Batched {
+                before: None,
+                batches: Vec::new(),
+                max_revisions: (hub.capacity() / 4).max(1) as u64,
+            },
+        };
         Run {
-            quiet: hub.quiet(),
+            mode,
             started,
             events: 0,
             revisions: 0,
@@ -65,6 +91,11 @@ impl<'a, T> Run<'a, T> {
     /// Whether the run has reached its bounds.
     fn is_full(&mut self) -> bool {
         if self.events >= MAX_RUN_EVENTS {
+            return true;
+        }
+        if let Mode::Batched { max_revisions, .. } = self.mode
+            && self.revisions >= max_revisions
+        {
             return true;
         }
         if self.events - self.checked < RUN_TIME_CHECK {
@@ -129,11 +160,6 @@ pub(super) fn drain<T: Send + Sync + 'static>(
             header_revision,
             matches!(&checked, Ok(out) if out.untrusted_progress),
         );
-        // In a quiet run, recorded once the run is published (not under the
-        // hub's lock).
-        if run.quiet.is_none() {
-            out.reporter.heard(std::mem::take(&mut heard));
-        }
         let output = match checked {
             Ok(output) => output,
             Err(end) => break Next::Stop(Stop::End(end)),
@@ -158,9 +184,9 @@ pub(super) fn drain<T: Send + Sync + 'static>(
 
 impl<T: Send + Sync + 'static> Publisher<T> {
     /// Applies `revisions` (draining it; in increasing order, validated by the
-    /// stream check) as part of `run`: unpublished while the run is quiet,
-    /// otherwise each published with its batch. Stops at a revision that fails
-    /// to apply, which leaves the state as it was before it.
+    /// stream check) as part of `run`, with a batch each unless the run is
+    /// quiet. Stops at a revision that fails to apply, which leaves the state as
+    /// it was before it.
     fn apply(
         &mut self,
         revisions: &mut Vec<(i64, Vec<Event>)>,
@@ -168,13 +194,16 @@ impl<T: Send + Sync + 'static> Publisher<T> {
     ) -> Result<(), Invalid> {
         for (revision, events) in revisions.drain(..) {
             let n = events.len() as u64;
-            if run.quiet.is_some() {
-                self.writer.apply_unpublished(revision, events)?;
-            } else {
-                let started = Instant::now();
-                let Applied { snapshot, batch } = self.writer.apply_revision(revision, events)?;
-                self.publish(snapshot, Update::Batch(batch), Some(n));
-                self.reporter.applied_in(started.elapsed(), 1);
+            match &mut run.mode {
+                Mode::Quiet(_) => self.writer.apply_unpublished(revision, events)?,
+                Mode::Batched {
+                    before, batches, ..
+                } => {
+                    let from = before.get_or_insert_with(|| State::At(self.writer.current()));
+                    let batch = self.writer.apply_revision(revision, events, from)?;
+                    *before = Some(State::After(Arc::clone(&batch)));
+                    batches.push(Update::Batch(batch));
+                }
             }
             run.events += n;
             run.revisions += 1;
@@ -182,29 +211,41 @@ impl<T: Send + Sync + 'static> Publisher<T> {
         Ok(())
     }
 
-    /// Ends `run`: publishes what a quiet run applied and records what its
-    /// replies told about the server (once the hub's lock is released).
+    /// Ends `run`: publishes the state after its last revision, with its
+    /// batches, and records what its replies told about the server (in a quiet
+    /// run, once the hub's lock is released).
     fn finish(&mut self, run: Run<'_, T>, heard: Heard) {
         let Run {
-            quiet,
+            mode,
             started,
             events,
             revisions,
             ..
         } = run;
-        let Some(quiet) = quiet else { return };
         if revisions == 0 {
-            drop(quiet);
+            drop(mode);
             self.reporter.heard(heard);
             return;
         }
         let snapshot = self.writer.current();
         let max = self.max_reported_decode_failures;
         let (reporter, writer) = (&self.reporter, &mut self.writer);
-        quiet.publish(Arc::clone(&snapshot), || {
+        let made_current = || {
             reporter.heard(heard);
             report_published(reporter, writer, max, &snapshot, Some((events, revisions)));
-        });
+        };
+        match mode {
+            Mode::Quiet(quiet) => quiet.publish(Arc::clone(&snapshot), made_current),
+            Mode::Batched { batches, .. } => {
+                // The last batch's state is the one published: whoever reads only
+                // the newest batch's snapshot replays nothing.
+                if let Some(Update::Batch(last)) = batches.last() {
+                    last.set_snapshot(Arc::clone(&snapshot));
+                }
+                self.hub
+                    .publish(Arc::clone(&snapshot), &batches, made_current)
+            }
+        }
         self.persist_maybe(&snapshot);
         // Each revision of the run took its share of the run's time.
         self.reporter.applied_in(started.elapsed(), revisions);

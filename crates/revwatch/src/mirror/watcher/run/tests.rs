@@ -2,7 +2,6 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use etcd_proto::etcdserverpb::ResponseHeader;
-use etcd_proto::mvccpb::{KeyValue, event::EventType};
 
 use super::*;
 use crate::mirror::config::ProgressTrust;
@@ -12,6 +11,7 @@ use crate::mirror::report::Reporter;
 use crate::mirror::snapshot::Snapshot;
 use crate::mirror::status::{State, Status};
 use crate::mirror::store::Writer;
+use crate::mirror::test_events::put_created;
 
 fn publisher() -> Publisher<Bytes> {
     let writer = Writer::new(
@@ -49,18 +49,7 @@ fn created(revision: i64) -> Reply {
 fn put(key: &str, revision: i64) -> Reply {
     Ok(Some(WatchResponse {
         header: header(revision),
-        events: vec![Event {
-            r#type: EventType::Put as i32,
-            kv: Some(KeyValue {
-                key: key.into(),
-                value: b"v".to_vec(),
-                create_revision: revision,
-                mod_revision: revision,
-                version: 1,
-                lease: 0,
-            }),
-            prev_kv: None,
-        }],
+        events: vec![put_created(key, b"v", revision)],
         ..WatchResponse::default()
     }))
 }
@@ -127,25 +116,51 @@ fn a_quiet_run_applies_every_ready_reply_and_publishes_the_last_state() {
 }
 
 #[test]
-fn with_a_live_subscription_every_revision_is_published_with_its_batch() {
+fn with_a_live_subscription_every_revision_gets_its_batch_and_the_last_state_is_published() {
     let mut out = publisher();
     let mut check = created_check(&mut out, ProgressTrust::Immediate);
     let mut sub = out.hub.subscribe();
     assert!(matches!(sub.try_recv(), Some(Update::Snapshot(_))));
+    let mut revision = out.hub.revision_watch();
+    revision.mark_unchanged();
+    // A capacity of 16: runs of at most 4 revisions.
     drain_all(
         &mut out,
         &mut check,
         vec![put("a", 2), put("b", 3), put("c", 4)],
     );
-    let mut batches = Vec::new();
+    assert_eq!(*revision.borrow_and_update(), 4);
+    assert_eq!(out.reporter.status().revision, 4);
+    let (mut batches, mut last) = (Vec::new(), None);
     while let Some(update) = sub.try_recv() {
         match update {
-            Update::Batch(b) => batches.push((b.revision, b.changes.len())),
+            Update::Batch(b) => {
+                last = Some(Arc::clone(&b));
+                let keys: Vec<Vec<u8>> = b.snapshot().iter().map(|(k, _)| k.to_vec()).collect();
+                batches.push((b.revision, b.changes.len(), keys.len()));
+            }
             other => panic!("expected a batch, got {other:?}"),
         }
     }
-    assert_eq!(batches, [(2, 1), (3, 1), (4, 1)]);
-    assert_eq!(out.reporter.status().revision, 4);
+    assert_eq!(batches, [(2, 1, 1), (3, 1, 2), (4, 1, 3)]);
+    assert!(
+        Arc::ptr_eq(&last.expect("a batch").snapshot(), &out.hub.snapshot()),
+        "the run's last batch has the published snapshot"
+    );
+    let metrics = out.reporter.metrics();
+    assert_eq!(metrics.revisions_applied.get(), 3);
+}
+
+#[test]
+fn with_a_live_subscription_a_run_holds_a_quarter_of_the_buffer() {
+    let mut out = publisher();
+    let mut check = created_check(&mut out, ProgressTrust::Immediate);
+    let _sub = out.hub.subscribe();
+    let replies = (2..=7).map(|r| put(&format!("k{r}"), r)).collect();
+    let next = drain_all(&mut out, &mut check, replies);
+    assert!(matches!(next, Next::Nothing), "{next:?}");
+    // 16 / 4 = 4 revisions, then the run ends and is published.
+    assert_eq!(out.hub.snapshot().revision(), 5);
 }
 
 #[test]
