@@ -9,7 +9,7 @@
 //! model's sections are the five known ones; its effect is one of casbin's four;
 //! every row names a type the model defines and has exactly its number of fields;
 //! every row value reaching the pattern argument of `regexMatch`, `keyMatch2` to
-//! `keyMatch5` or `keyGet3` compiles as casbin compiles it (see [`patterns`]).
+//! `keyMatch5` or `keyGet3` compiles as casbin compiles it (see the `patterns` module).
 //! A model the index decides (standard RBAC, with or without domains) needs no
 //! enforcer: a candidate after an accepted one under the same model moves only the
 //! changed files' rows in the persistent index (O(changed rows); changed `g` rows

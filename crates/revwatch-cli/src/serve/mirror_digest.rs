@@ -1,5 +1,5 @@
 //! `GET /v1/mirror/digest`: the state of serve's mirror as `revwatch verify --url`
-//! compares it with etcd: its revision, its digest ([`revwatch::mirror::digest`]),
+//! compares it with etcd: its revision, its digest ([`revwatch::mirror::Digest`]),
 //! and with `?keys=true` each key's fields and digest, so that drift can name the
 //! keys. Values are never sent, only their sizes and digests.
 //!

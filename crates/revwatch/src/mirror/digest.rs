@@ -39,7 +39,8 @@ use super::snapshot::{Entry, Snapshot};
 /// anything else, and a future encoding gets another tag.
 const TAG: &[u8] = b"revwatch-digest-v1";
 
-/// The SHA3-256 digest of a prefix's content (see the [module docs](self)).
+/// The SHA3-256 digest of a prefix's content: every key's key, value, create and
+/// mod revisions, version and lease, in key order (not the revision it was read at).
 /// Displays as 64 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Digest([u8; 32]);
