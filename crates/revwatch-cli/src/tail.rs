@@ -13,11 +13,11 @@ use revwatch::{
     client::{Error, RangeRequest, RangeResponse, WatchCreateRequest},
     mirror::{ClientSource, Mirror, MirrorConfig, Source, State, Status, Subscription, Update},
 };
+use revwatch_server::standalone::AutoCompactionArgs;
 use tokio::sync::watch;
 
 use crate::{
     connect::{EtcdAccessArgs, start_embedded, stop_embedded},
-    etcd::AutoCompactionArgs,
     progress, render,
     shutdown::Signals,
 };

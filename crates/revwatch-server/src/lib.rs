@@ -42,6 +42,7 @@ mod mvcc;
 mod server;
 mod service;
 mod shared;
+#[cfg(feature = "cli")]
 pub mod standalone;
 mod store;
 mod validate;

@@ -20,10 +20,10 @@ use clap::{Args, ValueEnum};
 use revwatch::mirror::{ClientSource, Mirror, MirrorConfig};
 use revwatch_policy::{Backend, Policies, PolicyConfig};
 use revwatch_server::AutoCompaction;
+use revwatch_server::standalone::AutoCompactionArgs;
 
 use crate::{
     connect::{EtcdAccessArgs, start_embedded, stop_embedded},
-    etcd::AutoCompactionArgs,
     shutdown::Signals,
 };
 

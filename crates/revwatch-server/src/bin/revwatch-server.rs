@@ -1,6 +1,7 @@
-//! Standalone embedded server: `revwatch-server --data-dir DIR [--listen ADDR]
+//! Standalone embedded server: `revwatch-server [--data-dir DIR] [--listen ADDR]
 //! [--checkpoint-interval-ms N] [--auto-compaction-mode periodic|revision]
-//! [--auto-compaction-retention VALUE]` (see [`revwatch_server::standalone`]).
+//! [--auto-compaction-retention VALUE]`, the flags of `revwatch etcd` (see
+//! [`revwatch_server::standalone`]).
 //!
 //! Prints `listening on ADDR` once it accepts connections, and stops on Ctrl-C or SIGTERM.
 
