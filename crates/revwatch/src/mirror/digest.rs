@@ -46,6 +46,15 @@ const TAG: &[u8] = b"revwatch-digest-v1";
 pub struct Digest([u8; 32]);
 
 impl Digest {
+    /// The digest of a state holding only `entry`: a digest of one key, comparable
+    /// across sources like any other.
+    pub fn of_entry(entry: DigestEntry<'_>) -> Digest {
+        let mut builder = DigestBuilder::new();
+        // One entry is always in order.
+        builder.push_unchecked(entry);
+        builder.finish()
+    }
+
     /// The 32 bytes of the hash.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
@@ -356,5 +365,20 @@ mod tests {
             b.finish(),
             digest_of(&[kv("p/b", "1", 1, 1, 1, 0), kv("p/c", "2", 2, 2, 1, 0)])
         );
+    }
+
+    #[test]
+    fn one_entrys_digest_is_that_of_a_state_holding_only_it() {
+        let kv = KeyValue {
+            key: b"p/a".to_vec(),
+            value: b"1".to_vec(),
+            create_revision: 2,
+            mod_revision: 3,
+            version: 2,
+            lease: 0,
+        };
+        let mut builder = DigestBuilder::new();
+        builder.push_kv(&kv).unwrap();
+        assert_eq!(Digest::of_entry((&kv).into()), builder.finish());
     }
 }
