@@ -95,8 +95,8 @@ impl ResyncReason {
 /// keeps a link to the state before it, and [`snapshot`](Self::snapshot) replays
 /// the changes from the nearest state already built. A subscriber that reads only
 /// `changes` (as `revwatch tail` does) never pays for a snapshot per revision;
-/// one that reads every batch's snapshot pays one step of replay per batch, the
-/// cost of publishing it eagerly.
+/// one that reads every batch's snapshot pays one step of replay per batch: a
+/// copy of the path to each changed key, as publishing every snapshot did.
 pub struct Batch<T> {
     /// The revision the batch brings the subscriber to.
     pub revision: i64,
