@@ -31,7 +31,8 @@ pub struct ServerArgs {
     /// How long logged writes may wait before they are copied into the database file, in
     /// milliseconds. A write is durable once its log record is fsynced; this only bounds
     /// how much log a restart replays.
-    #[arg(long, default_value_t = 100)]
+    // Negative numbers are read as values, so that `-1` is refused as one.
+    #[arg(long, default_value_t = 100, allow_negative_numbers = true)]
     pub checkpoint_interval_ms: u64,
     #[command(flatten)]
     pub auto_compaction: AutoCompactionArgs,
