@@ -90,11 +90,10 @@ impl Pipeline {
 
     fn absorb(&mut self, update: Update<bytes::Bytes>) {
         self.latest_revision = self.latest_revision.max(update.revision());
-        match update {
-            // A batch's snapshot is built only when evaluated: of a burst
-            // within the debounce window, only the last one's is.
-            Update::Snapshot(_) | Update::Batch(_) => self.latest = Some(update),
-            Update::Progress(_) => {}
+        // A batch's snapshot is built only when evaluated: of a burst within
+        // the debounce window, only the last one's is.
+        if !matches!(update, Update::Progress(_)) {
+            self.latest = Some(update);
         }
     }
 
@@ -112,10 +111,8 @@ impl Pipeline {
     }
 
     async fn evaluate(&mut self) {
-        let snapshot = match &self.latest {
-            Some(Update::Snapshot(s)) => Arc::clone(s),
-            Some(Update::Batch(b)) => b.snapshot(),
-            Some(Update::Progress(_)) | None => return,
+        let Some(snapshot) = self.latest.as_ref().and_then(Update::snapshot) else {
+            return;
         };
         let revision = self.latest_revision.max(snapshot.revision());
         let same_snapshot = self

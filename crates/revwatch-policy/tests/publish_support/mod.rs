@@ -11,7 +11,7 @@ use bytes::Bytes;
 use revwatch::client::{
     Client, ClientConfig, CompactionRequest, DeleteRangeRequest, PutRequest, RangeRequest,
 };
-use revwatch::mirror::{ClientSource, Mirror, Snapshot, Update};
+use revwatch::mirror::{ClientSource, Mirror, Snapshot};
 use revwatch_policy::layout::{Layout, Tree, active_tree};
 use revwatch_policy::publish::{Expect, PublishError, Publisher, publish, read_active_tree};
 
@@ -149,10 +149,8 @@ impl Observer {
         let task = tokio::spawn(async move {
             let mut seen = Vec::new();
             while let Some(update) = sub.recv().await {
-                let snapshot = match update {
-                    Update::Snapshot(s) => s,
-                    Update::Batch(b) => b.snapshot(),
-                    Update::Progress(_) => continue,
+                let Some(snapshot) = update.snapshot() else {
+                    continue;
                 };
                 seen.push(observe(&snapshot));
             }

@@ -197,10 +197,9 @@ impl<T> Batch<T> {
     /// first call (from the nearest earlier state already built), then shared:
     /// every call returns the same `Arc`.
     pub fn snapshot(&self) -> Arc<Snapshot<T>> {
-        let mut link = match &*lock(&self.after) {
-            After::Built(s) => return Arc::clone(s),
-            After::Replay(before) => before.clone(),
-            After::Unlinked => unreachable!("a batch is unlinked only while dropped"),
+        let mut link = match self.built_or_before() {
+            Ok(built) => return built,
+            Err(before) => before,
         };
         // Walk back to a built state, then replay forward.
         let mut pending = Vec::new();
@@ -209,10 +208,9 @@ impl<T> Batch<T> {
                 State::At(s) => break s,
                 State::After(b) => b,
             };
-            link = match &*lock(&batch.after) {
-                After::Built(s) => break Arc::clone(s),
-                After::Replay(before) => before.clone(),
-                After::Unlinked => unreachable!("a batch is unlinked only while dropped"),
+            link = match batch.built_or_before() {
+                Ok(built) => break built,
+                Err(before) => before,
             };
             pending.push(batch);
         };
@@ -236,6 +234,17 @@ impl<T> Batch<T> {
         drop(after);
         drop(before);
         built
+    }
+}
+
+impl<T> Batch<T> {
+    /// The snapshot if built, else the state this batch applies to.
+    fn built_or_before(&self) -> Result<Arc<Snapshot<T>>, State<T>> {
+        match &*lock(&self.after) {
+            After::Built(s) => Ok(Arc::clone(s)),
+            After::Replay(before) => Err(before.clone()),
+            After::Unlinked => unreachable!("a batch is unlinked only while dropped"),
+        }
     }
 }
 
@@ -311,6 +320,16 @@ impl<T> Clone for Update<T> {
 }
 
 impl<T> Update<T> {
+    /// The state the subscriber is at after this update: the first snapshot, or
+    /// the batch's (built if needed); `None` for a bookmark, which changes no key.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot<T>>> {
+        match self {
+            Update::Snapshot(s) => Some(Arc::clone(s)),
+            Update::Batch(b) => Some(b.snapshot()),
+            Update::Progress(_) => None,
+        }
+    }
+
     /// The revision the subscriber is at after this update.
     pub fn revision(&self) -> i64 {
         match self {
@@ -426,7 +445,7 @@ mod tests {
         for (n, ops) in revisions.iter().enumerate() {
             let revision = n as i64 + 2;
             let events = ops.iter().map(|op| event(op, revision)).collect();
-            let batch = w.apply_revision(revision, events, &before).unwrap();
+            let batch = w.apply_revision(revision, events, before.clone()).unwrap();
             before = State::After(Arc::clone(&batch));
             batches.push(batch);
             truth.push(w.current());
@@ -455,6 +474,17 @@ mod tests {
             let last = batches.len() - 1;
             prop_assert_eq!(content(&batches[last].snapshot()), content(&truth[last]));
         }
+    }
+
+    #[test]
+    fn an_updates_snapshot_is_the_state_after_it_and_a_bookmark_has_none() {
+        let Run { batches, truth } = run(DecodePolicy::DropKey, &[vec![Op::Put(1, Some(7))]]);
+        let first = Arc::new(Snapshot::<String>::empty(1));
+        let got = Update::Snapshot(Arc::clone(&first)).snapshot();
+        assert!(got.is_some_and(|s| Arc::ptr_eq(&s, &first)));
+        let got = Update::Batch(Arc::clone(&batches[0])).snapshot();
+        assert_eq!(got.map(|s| content(&s)), Some(content(&truth[0])));
+        assert!(Update::<String>::Progress(5).snapshot().is_none());
     }
 
     #[test]

@@ -444,7 +444,9 @@ mod tests {
         let mut run = Vec::new();
         for (revision, key) in (2..=6).zip(["a", "b", "c", "d", "e"]) {
             let put = put_created(key, b"v", revision);
-            let batch = w.apply_revision(revision, vec![put], &before).unwrap();
+            let batch = w
+                .apply_revision(revision, vec![put], before.clone())
+                .unwrap();
             before = State::After(Arc::clone(&batch));
             run.push(Update::Batch(batch));
         }

@@ -110,11 +110,11 @@ impl<T: Send + Sync + 'static> Writer<T> {
         &mut self,
         revision: i64,
         events: Vec<mvccpb::Event>,
-        before: &State<T>,
+        before: State<T>,
     ) -> Result<Arc<Batch<T>>, Invalid> {
         let mut changes = Vec::with_capacity(events.len());
         self.apply_events(revision, events, Some(&mut changes))?;
-        Ok(Arc::new(Batch::replayed(revision, changes, before.clone())))
+        Ok(Arc::new(Batch::replayed(revision, changes, before)))
     }
 
     /// Applies every event of one revision like [`apply_revision`](Self::apply_revision),

@@ -61,8 +61,6 @@ enum Mode<'a, T> {
     Quiet(Quiet<'a, T>),
     /// One batch per revision, queued when the run ends.
     Batched {
-        /// The state before the next revision: unset until the first.
-        before: Option<State<T>>,
         batches: Vec<Update<T>>,
         /// Most revisions in the run.
         max_revisions: u64,
@@ -74,7 +72,6 @@ impl<'a, T> Run<'a, T> {
         let mode = match hub.quiet() {
             Some(quiet) => Mode::Quiet(quiet),
             None => Mode::Batched {
-                before: None,
                 batches: Vec::new(),
                 max_revisions: (hub.capacity() / 4).max(1) as u64,
             },
@@ -196,12 +193,14 @@ impl<T: Send + Sync + 'static> Publisher<T> {
             let n = events.len() as u64;
             match &mut run.mode {
                 Mode::Quiet(_) => self.writer.apply_unpublished(revision, events)?,
-                Mode::Batched {
-                    before, batches, ..
-                } => {
-                    let from = before.get_or_insert_with(|| State::At(self.writer.current()));
-                    let batch = self.writer.apply_revision(revision, events, from)?;
-                    *before = Some(State::After(Arc::clone(&batch)));
+                Mode::Batched { batches, .. } => {
+                    // The state before: the run's last batch, or (first in the
+                    // run) the writer's state, which is the published one.
+                    let before = match batches.last() {
+                        Some(Update::Batch(last)) => State::After(Arc::clone(last)),
+                        _ => State::At(self.writer.current()),
+                    };
+                    let batch = self.writer.apply_revision(revision, events, before)?;
                     batches.push(Update::Batch(batch));
                 }
             }
