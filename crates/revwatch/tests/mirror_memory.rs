@@ -12,7 +12,7 @@ use mirror_support::{Replay, snap_kvs, truth};
 use revwatch::client::{Backoff, ResponseHeader, WatchResponse};
 use revwatch::mirror::{
     DecodePolicy, FailureKind, MemoryOp, MemorySource, Mirror, MirrorConfig, MirrorError,
-    ProgressTrust, ReconnectCause, ResyncReason, State, Update,
+    ProgressTrust, ReconnectCause, ResyncReason, State, Subscription, Update,
 };
 
 const P: &[u8] = b"p/";
@@ -440,6 +440,86 @@ async fn confirmed_progress_trust_reaches_quiet_revisions() {
     let mut replay = Replay::default();
     replay.follow_until(&mut sub, rev, WAIT).await;
     assert!(replay.bookmarks.contains(&snap.revision()));
+}
+
+/// A mirror trusting progress as for etcd 3.4, ready, with a subscriber.
+async fn confirmed_mirror(src: &MemorySource) -> (Mirror, Subscription<Bytes>) {
+    let mirror = start(
+        src,
+        fast_config().with_progress_trust(ProgressTrust::Confirmed),
+    )
+    .await;
+    mirror.wait_ready().await.unwrap();
+    let sub = mirror.subscribe();
+    (mirror, sub)
+}
+
+/// etcd#15220: progress is answered at the revision of `change` while its events
+/// wait. No bookmark may claim the range unchanged there; once the events come,
+/// they are applied in order, without a relist.
+async fn early_progress_is_no_bookmark(change: impl FnOnce(&MemorySource) -> i64) {
+    let src = MemorySource::new();
+    src.put(b"p/a", b"1");
+    src.put(b"p/b", b"1");
+    let (mirror, mut sub) = confirmed_mirror(&src).await;
+    let before = mirror.snapshot().revision();
+    src.set_events_held(true);
+    let rev = change(&src);
+    let early = mirror
+        .snapshot_at_least(rev, Duration::from_millis(500))
+        .await;
+    assert!(
+        matches!(early, Err(MirrorError::Timeout { reached, .. }) if reached == before),
+        "a bookmark at {rev} would claim the range unchanged: {early:?}"
+    );
+    assert!(mirror.status().untrusted_progress >= 1);
+
+    src.set_events_held(false);
+    let snap = mirror.snapshot_at_least(rev, WAIT).await.unwrap();
+    assert_eq!(snap_kvs(&snap), truth(&src, P, snap.revision()).await);
+    let mut replay = Replay::default();
+    replay.follow_until(&mut sub, rev, WAIT).await;
+    assert_eq!(replay.batches, [(rev, false)]);
+    assert!(replay.bookmarks.iter().all(|&b| b < rev), "{replay:?}");
+    assert!(mirror.status().relists.is_empty());
+}
+
+#[tokio::test]
+async fn an_early_progress_reply_is_no_bookmark_over_a_new_key() {
+    early_progress_is_no_bookmark(|src| src.put(b"p/c", b"2")).await;
+}
+
+#[tokio::test]
+async fn an_early_progress_reply_is_no_bookmark_over_a_changed_key() {
+    early_progress_is_no_bookmark(|src| src.put(b"p/a", b"2")).await;
+}
+
+#[tokio::test]
+async fn an_early_progress_reply_is_no_bookmark_over_a_deleted_key() {
+    early_progress_is_no_bookmark(|src| src.delete(b"p/a")).await;
+}
+
+#[tokio::test]
+async fn a_key_created_and_deleted_behind_an_early_reply_costs_a_relist_not_a_wrong_state() {
+    let src = MemorySource::new();
+    src.put(b"p/a", b"1");
+    let (mirror, _sub) = confirmed_mirror(&src).await;
+    src.set_events_held(true);
+    src.put(b"p/x", b"short-lived");
+    let gone = src.delete(b"p/x");
+    // The range at `gone` is as it was: a read cannot tell, so this is a bookmark,
+    // and the state it claims is right.
+    let snap = mirror.snapshot_at_least(gone, WAIT).await.unwrap();
+    assert_eq!(snap.revision(), gone);
+    assert_eq!(snap_kvs(&snap), truth(&src, P, gone).await);
+    // The key's events then come below the bookmark: rejected, and relisted.
+    src.set_events_held(false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while mirror.status().relists.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(mirror.status().relists[&ResyncReason::Validation], 1);
+    assert_converged(&mirror, &src).await;
 }
 
 #[tokio::test]

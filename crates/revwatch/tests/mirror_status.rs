@@ -104,8 +104,8 @@ fn embedded_config() -> MirrorConfig {
 
 /// A user's view: Syncing (with the cause) until etcd is reached; then Ready,
 /// revisions and event time following each write; a write outside the prefix is
-/// seen as lag until a confirmed progress reply turns it into a bookmark, which
-/// also counts as activity.
+/// seen as lag until a reader waits and a read verifies a progress reply, which
+/// turns it into a bookmark that also counts as activity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_follows_revisions_lag_and_event_time_against_etcd() {
     run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
@@ -116,7 +116,9 @@ async fn status_follows_revisions_lag_and_event_time_against_etcd() {
             vec![proxy.endpoint()],
             mirror_config()
                 .with_progress_interval(Duration::from_secs(1))
-                .with_stall_timeout(Duration::from_secs(4)),
+                .with_stall_timeout(Duration::from_secs(4))
+                // Replies are verified only when a reader waits.
+                .with_progress_verify_interval(Duration::from_secs(3600)),
         )
         .await;
         // etcd unreachable: Syncing, nothing served, and wait_ready says why.
@@ -166,7 +168,8 @@ async fn status_follows_revisions_lag_and_event_time_against_etcd() {
         assert_eq!(st.state, State::Ready);
         assert_eq!(st.last_event_at, Some(last_at), "nothing applied yet");
         assert!(st.untrusted_progress >= 1, "{st:?}");
-        // Confirmed: a bookmark, published, with its time. (`Duration::MAX`: no deadline.)
+        // A reader waits: verified, a bookmark, published, with its time.
+        // (`Duration::MAX`: no deadline.)
         mirror.snapshot_at_least(h, Duration::MAX).await.unwrap();
         let st = status_at(&mirror, h).await;
         assert_eq!((st.revision, st.server_revision, st.lag()), (h, h, 0));
@@ -269,7 +272,8 @@ async fn lag_is_reported_while_a_resumed_watch_catches_up() {
         let config = mirror_config()
             .with_progress_interval(Duration::from_secs(1))
             .with_stall_timeout(Duration::from_secs(5))
-            .with_catch_up_grace(Duration::from_secs(3));
+            .with_catch_up_grace(Duration::from_secs(3))
+            .with_progress_verify_interval(Duration::from_secs(1));
         let (mirror, mut sub, mut replay) = followed_mirror(server.endpoints(), config).await;
         let r = put(&etcd, &format!("{P}a"), "1").await;
         replay.follow_until(&mut sub, r, WAIT).await;

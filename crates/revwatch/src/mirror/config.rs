@@ -12,10 +12,12 @@ use crate::client::Backoff;
 pub enum ProgressTrust {
     /// For etcd 3.4 (before 3.4.31) and 3.5 (before 3.5.13), which may answer a
     /// progress request before the stream delivered events up to the reply's
-    /// revision (etcd#15220). A reply at R becomes a bookmark only once (a) the
-    /// watcher is known to have caught up, and (b) a reply to a progress request
-    /// sent *after* R arrived has been received: any event at or below R that the
-    /// server had queued is delivered before that second reply.
+    /// revision (etcd#15220). A reply at R above the applied revision A becomes a
+    /// bookmark only once the watch is known to have caught up and a read at R
+    /// shows the range exactly as it was at A (no key modified after A, as many
+    /// keys). The read costs the server a scan of the range, so it runs when a
+    /// reader waits for a revision, and otherwise at most once per
+    /// [`MirrorConfig::progress_verify_interval`].
     #[default]
     Confirmed,
     /// For servers that answer progress requests only when the stream is caught up
@@ -58,6 +60,11 @@ pub struct MirrorConfig {
     pub retry_backoff: Backoff,
     /// How progress replies are trusted.
     pub progress_trust: ProgressTrust,
+    /// Least time between two reads that verify a progress reply no reader is
+    /// waiting for ([`ProgressTrust::Confirmed`]): how soon a quiet range's
+    /// revision (and so its lag and resume point) follows the server's. A reader
+    /// waiting for a revision has its reply verified at once. Default 10 s.
+    pub progress_verify_interval: Duration,
     /// How long after its creation a watch that had history to catch up on (and
     /// delivered neither an event nor a bookmark at or above its creation
     /// revision) is assumed caught up: for trusting progress replies
@@ -87,6 +94,7 @@ impl Default for MirrorConfig {
                 max: Duration::from_secs(5),
             },
             progress_trust: ProgressTrust::default(),
+            progress_verify_interval: Duration::from_secs(10),
             catch_up_grace: Duration::from_secs(1),
             snapshot_file: None,
             snapshot_interval: Duration::from_secs(5),
@@ -135,6 +143,12 @@ impl MirrorConfig {
     /// Sets [`progress_trust`](Self::progress_trust).
     pub fn with_progress_trust(mut self, progress_trust: ProgressTrust) -> Self {
         self.progress_trust = progress_trust;
+        self
+    }
+
+    /// Sets [`progress_verify_interval`](Self::progress_verify_interval).
+    pub fn with_progress_verify_interval(mut self, interval: Duration) -> Self {
+        self.progress_verify_interval = interval;
         self
     }
 

@@ -75,9 +75,11 @@
 //!    advance the revision and are published as [`Update::Progress`]. Because
 //!    etcd before 3.4.31 / 3.5.13 may answer a progress request before delivering
 //!    events up to its revision, by default ([`ProgressTrust::Confirmed`]) a reply
-//!    becomes a bookmark only when confirmed by a later one; replies below the
-//!    applied revision are counted ([`Status::untrusted_progress`]) and ignored,
-//!    without reconnecting: they are harmless once ignored.
+//!    becomes a bookmark only once a read at its revision shows the range as the
+//!    mirror holds it (when a reader waits, or every
+//!    [`MirrorConfig::progress_verify_interval`]); replies not used as bookmarks
+//!    are counted ([`Status::untrusted_progress`]), without reconnecting: they are
+//!    harmless once ignored.
 //! 7. **Readiness and status.** The state is [`State::Ready`] once a watch has
 //!    caught up with the server revision at its creation: it delivered events or a
 //!    bookmark up to that revision, or [`MirrorConfig::catch_up_grace`] passed.
@@ -177,7 +179,7 @@ use store::Writer;
 use watcher::{KeyRange, Publisher, Runner};
 
 /// How often waiters re-request progress while waiting for a revision.
-const WAIT_PROGRESS_INTERVAL: Duration = Duration::from_millis(25);
+pub(crate) const WAIT_PROGRESS_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Configures and starts a [`Mirror`]; from [`Mirror::builder`].
 pub struct MirrorBuilder<T> {

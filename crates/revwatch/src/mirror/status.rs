@@ -145,8 +145,8 @@ pub struct Status {
     pub relists: BTreeMap<ResyncReason, u64>,
     /// Responses rejected by validation (also counted in `reconnects` or `relists`).
     pub rejected_responses: u64,
-    /// Progress replies not used as bookmarks (below the applied revision, or not
-    /// yet confirmable).
+    /// Progress replies not used as bookmarks when they came: below the applied
+    /// revision, before the watch caught up, or awaiting verification.
     pub untrusted_progress: u64,
     /// Stalls of streams whose creation the server answered but none of whose progress
     /// requests, while the same endpoint still answered a read sent at the stall: the

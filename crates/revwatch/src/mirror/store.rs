@@ -72,6 +72,17 @@ impl<T: Send + Sync + 'static> Writer<T> {
         self.failures.len()
     }
 
+    /// Number of keys in the range, as etcd counts them: those held, and those
+    /// dropped because their value fails to decode.
+    pub(crate) fn raw_key_count(&self) -> usize {
+        let dropped = self
+            .failures
+            .keys()
+            .filter(|key| !self.map.contains_key(&key[..]))
+            .count();
+        self.map.len() + dropped
+    }
+
     /// Number of decode errors since the last call.
     pub(crate) fn take_new_failures(&mut self) -> u64 {
         std::mem::take(&mut self.new_failures)
@@ -451,6 +462,30 @@ mod tests {
         let mut r = w.relist(at, ResyncReason::Compacted);
         r.page(kvs).unwrap();
         r.finish()
+    }
+
+    #[test]
+    fn the_raw_key_count_is_etcds_bad_values_included() {
+        for policy in [DecodePolicy::DropKey, DecodePolicy::KeepLastGood] {
+            let mut w = Writer::new(&Snapshot::empty(1), utf8(), policy);
+            w.apply_unpublished(2, vec![put(kv("a", b"good", 2, 2))])
+                .unwrap();
+            // Bad from the start: held by neither policy, still a key in etcd.
+            w.apply_unpublished(3, vec![put(kv("b", &[0xff], 3, 3))])
+                .unwrap();
+            // Bad after a good value: kept (once) or dropped.
+            w.apply_unpublished(4, vec![put(kv("a", &[0xff], 2, 4))])
+                .unwrap();
+            let held = match policy {
+                DecodePolicy::DropKey => 0,
+                DecodePolicy::KeepLastGood => 1,
+            };
+            assert_eq!(
+                (w.current().len(), w.raw_key_count()),
+                (held, 2),
+                "{policy:?}"
+            );
+        }
     }
 
     #[test]

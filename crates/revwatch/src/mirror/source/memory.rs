@@ -59,6 +59,8 @@ struct State {
     fail_after_created: bool,
     /// Split event replies into pieces of at most this many events (`fragment=true`).
     fragment: Option<usize>,
+    /// While `Some`, revisions whose events open watches have not been sent yet.
+    held: Option<Vec<(i64, Vec<Event>)>>,
 }
 
 #[derive(Debug)]
@@ -245,6 +247,24 @@ impl MemorySource {
         self.frozen.send_replace(frozen);
     }
 
+    /// While set, events for open watches are held back, in order, and sent when it is
+    /// cleared; progress requests are still answered at once with the store's
+    /// revision. That is how etcd before 3.4.31 answers them (etcd#15220): ahead of
+    /// events it has not sent yet. A watch opened meanwhile replays history as usual
+    /// and would get a held revision again: do not reconnect while set.
+    pub fn set_events_held(&self, held: bool) {
+        let mut st = lock(&self.inner);
+        match (held, st.held.take()) {
+            (true, pending) => st.held = Some(pending.unwrap_or_default()),
+            (false, Some(pending)) => {
+                for (rev, events) in pending {
+                    st.notify(rev, &events);
+                }
+            }
+            (false, None) => {}
+        }
+    }
+
     /// Splits event replies of watches created with `fragment=true` into pieces of
     /// at most `events` events.
     pub fn set_fragment(&self, events: Option<usize>) {
@@ -319,6 +339,8 @@ impl MemorySource {
         };
         let mut kvs = Vec::new();
         let mut count = 0i64;
+        // Like etcd, `min_mod_revision` filters the keys returned, never `count`.
+        let mut returnable = 0i64;
         for (_, versions) in st.versions.range((Bound::Included(req.key.clone()), upper)) {
             let Some(kv) = versions
                 .iter()
@@ -329,11 +351,19 @@ impl MemorySource {
                 continue;
             };
             count += 1;
-            if !req.count_only && (req.limit <= 0 || (kvs.len() as i64) < req.limit) {
-                kvs.push(kv.clone());
+            if req.count_only || kv.mod_revision < req.min_mod_revision {
+                continue;
+            }
+            returnable += 1;
+            if req.limit <= 0 || (kvs.len() as i64) < req.limit {
+                let mut kv = kv.clone();
+                if req.keys_only {
+                    kv.value.clear();
+                }
+                kvs.push(kv);
             }
         }
-        let more = !req.count_only && req.limit > 0 && count > req.limit;
+        let more = req.limit > 0 && returnable > req.limit;
         Ok(RangeResponse {
             header: header(st.revision),
             kvs,
@@ -425,6 +455,10 @@ impl State {
     }
 
     fn notify(&mut self, rev: i64, events: &[Event]) {
+        if let Some(held) = &mut self.held {
+            held.push((rev, events.to_vec()));
+            return;
+        }
         let fragment = self.fragment;
         self.watchers.retain(|w| {
             let matching: Vec<Event> = events.iter().filter(|e| w.matches(e)).cloned().collect();
@@ -503,7 +537,8 @@ impl WatchHandle for MemoryWatch {
 
     async fn request_progress(&mut self) -> Result<(), Error> {
         // Under the store lock, so every event reply up to the current revision is
-        // already queued ahead: the reply is an exact bookmark (like a fixed etcd).
+        // already queued ahead: the reply is an exact bookmark (like a fixed etcd),
+        // unless events are held (`set_events_held`).
         let st = lock(&self.source.inner);
         let _ = self.tx.send(Ok(WatchResponse {
             header: header(st.revision),

@@ -15,14 +15,16 @@
 //!
 //! This module is the async shell; the rules live in its rooms:
 //! [`stream`] validates one stream's replies, [`run`] applies a run of them,
-//! [`compaction`] checks a watch's start against compaction, [`list`] lists,
-//! and [`publish`] publishes, reports and persists the state.
+//! [`compaction`] checks a watch's start against compaction, [`verify`] turns
+//! unordered progress replies into bookmarks, [`list`] lists, and [`publish`]
+//! publishes, reports and persists the state.
 
 mod compaction;
 mod list;
 mod publish;
 mod run;
 mod stream;
+mod verify;
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -112,6 +114,10 @@ struct Watch<W> {
     replays: bool,
     last_message: Instant,
     progress_due: Instant,
+    /// When a reader last asked for progress.
+    progress_wanted_at: Option<Instant>,
+    /// When a verification is due that no reader asked for.
+    verify_due: Instant,
     /// The revisions of a reply (kept for its capacity).
     revisions: Vec<(i64, Vec<Event>)>,
 }
@@ -345,6 +351,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
                 () = sleep_until(wake.into()) => self.on_timer(&mut w, stall_at).await,
                 () = self.progress_wanted.notified() => {
                     if w.created {
+                        w.progress_wanted_at = Some(Instant::now());
                         self.request_progress(&mut w, stall_at).await
                     } else {
                         ControlFlow::Continue(())
@@ -354,6 +361,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             if let ControlFlow::Break(end) = step {
                 return end;
             }
+            self.verify_progress(&mut w).await;
         }
     }
 
@@ -383,6 +391,8 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             replays: false,
             last_message: now,
             progress_due: now + self.config.progress_interval,
+            progress_wanted_at: None,
+            verify_due: now + self.config.progress_verify_interval,
             revisions: Vec::new(),
         })
     }

@@ -1,6 +1,7 @@
 //! Validation of one watch stream's responses, fragment reassembly, grouping of
-//! events by revision, and the bookmark (progress) rules. Pure: no I/O, so every
-//! rule is unit-tested.
+//! events by revision, and the bookmark (progress) rules: which replies are
+//! bookmarks at once, and which are candidates that a read must verify first
+//! ([`super::verify`]). Pure: no I/O, so every rule is unit-tested.
 
 use std::time::{Duration, Instant};
 
@@ -50,9 +51,18 @@ pub(crate) struct StreamCheck {
     grace: Duration,
     progress_sent: u64,
     progress_replies: u64,
-    /// A progress revision awaiting confirmation, and the number of progress
-    /// requests sent when it arrived.
-    candidate: Option<(i64, u64)>,
+    /// The highest progress revision awaiting verification.
+    candidate: Option<i64>,
+}
+
+/// A progress reply's revision that may become a bookmark once a read at it
+/// shows the range as it was at `base` (see [`super::verify`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Candidate {
+    /// The applied revision the range must be unchanged from.
+    pub(crate) base: i64,
+    /// The reply's revision.
+    pub(crate) revision: i64,
 }
 
 fn invalid(reason: String, relist: bool) -> StreamEnd {
@@ -222,32 +232,41 @@ impl StreamCheck {
             // Periodic notifies go through the watcher's own ordered channel, and
             // only to watchers that are synced.
             || reply_id == own_id;
-        if trusted_now {
+        if trusted_now || header_rev == self.applied {
             return self.bookmark(header_rev);
         }
-        let mut out = Output::default();
-        if let Some((rev, sent_before)) = self.candidate {
-            // Replies answer requests in order: this one answers a request sent
-            // after the candidate arrived, so whatever the server had queued up to
-            // the candidate's revision has been delivered by now.
-            if self.progress_replies > sent_before {
-                self.candidate = None;
-                out = self.bookmark(rev);
-            }
+        // A reply from a channel of its own (etcd#15220): events up to its
+        // revision may still be queued, or not yet read for a watcher that is
+        // catching up. Kept for verification once the watch has caught up.
+        if self.is_caught_up(now) && header_rev > self.applied {
+            self.candidate = Some(self.candidate.map_or(header_rev, |c| c.max(header_rev)));
         }
-        if !self.is_caught_up(now) {
-            out.untrusted_progress = true;
-            return out;
+        untrusted
+    }
+
+    /// The progress revision to verify, if any is above the applied revision.
+    pub(crate) fn candidate(&self) -> Option<Candidate> {
+        self.candidate
+            .filter(|&revision| revision > self.applied)
+            .map(|revision| Candidate {
+                base: self.applied,
+                revision,
+            })
+    }
+
+    /// The verification of `candidate` ended: `unchanged` when a read at its
+    /// revision showed the range as it was at its base. The candidate is spent
+    /// either way: a failed one means events are on their way, and a later
+    /// reply brings a new one. A bookmark only if nothing was applied since.
+    pub(crate) fn verified(&mut self, candidate: Candidate, unchanged: bool) -> Output {
+        if self.candidate == Some(candidate.revision) {
+            self.candidate = None;
         }
-        if header_rev > self.applied {
-            match self.candidate {
-                // Keep the older candidate: it confirms sooner.
-                Some(_) => {}
-                None => self.candidate = Some((header_rev, self.progress_sent)),
-            }
-            out.untrusted_progress = out.bookmark.is_none();
+        if unchanged && candidate.base == self.applied {
+            self.bookmark(candidate.revision)
+        } else {
+            Output::default()
         }
-        out
     }
 
     fn bookmark(&mut self, rev: i64) -> Output {
@@ -321,7 +340,7 @@ impl StreamCheck {
         {
             self.caught_up = true;
         }
-        if self.candidate.is_some_and(|(rev, _)| rev <= last) {
+        if self.candidate.is_some_and(|rev| rev <= last) {
             // Superseded by events: nothing left to confirm.
             self.candidate = None;
         }
@@ -499,23 +518,103 @@ mod tests {
         assert!(c.on(events(15, vec![put("a", 14)]), now).is_err());
     }
 
+    fn candidate(base: i64, revision: i64) -> Option<Candidate> {
+        Some(Candidate { base, revision })
+    }
+
     #[test]
-    fn confirmed_trust_needs_a_later_reply() {
+    fn confirmed_trust_bookmarks_only_a_verified_candidate() {
         let now = Instant::now();
         let mut c = check(10, ProgressTrust::Confirmed);
         // Start above the server revision: synced at creation.
         c.on(created(10), now).unwrap();
-        c.progress_requested();
         let out = c.on(progress(14), now).unwrap();
-        assert_eq!(out.bookmark, None, "an unconfirmed reply is no bookmark");
+        assert!(out.untrusted_progress && out.bookmark.is_none());
+        assert_eq!(c.candidate(), candidate(10, 14));
+        // The highest reply is the one to verify.
+        c.on(progress(16), now).unwrap();
+        c.on(progress(15), now).unwrap();
+        assert_eq!(c.candidate(), candidate(10, 16));
+        let out = c.verified(
+            Candidate {
+                base: 10,
+                revision: 16,
+            },
+            true,
+        );
+        assert_eq!(out.bookmark, Some(16));
+        assert_eq!((c.applied(), c.candidate()), (16, None));
+        // Nothing at or below a bookmark may follow.
+        assert!(c.on(events(17, vec![put("a", 16)]), now).is_err());
+    }
+
+    #[test]
+    fn a_failed_verification_spends_the_candidate_and_events_follow() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Confirmed);
+        c.on(created(10), now).unwrap();
+        c.on(progress(14), now).unwrap();
         // The server had event 13 queued when it answered 14 (etcd#15220).
+        let out = c.verified(
+            Candidate {
+                base: 10,
+                revision: 14,
+            },
+            false,
+        );
+        assert_eq!((out.bookmark, c.candidate()), (None, None));
         let out = c.on(events(14, vec![put("a", 13)]), now).unwrap();
         assert_eq!(out.revisions.len(), 1);
-        c.progress_requested();
+        // A later reply is verified against what is applied now.
+        c.on(progress(14), now).unwrap();
+        assert_eq!(c.candidate(), candidate(13, 14));
+    }
+
+    #[test]
+    fn events_supersede_a_candidate_or_move_its_base() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Confirmed);
+        c.on(created(10), now).unwrap();
+        c.on(progress(14), now).unwrap();
+        c.on(events(14, vec![put("a", 12)]), now).unwrap();
+        assert_eq!(c.candidate(), candidate(12, 14));
+        // A verification against the old base proves nothing about revision 12.
+        let out = c.verified(
+            Candidate {
+                base: 10,
+                revision: 14,
+            },
+            true,
+        );
+        assert_eq!((out.bookmark, c.applied()), (None, 12));
+        c.on(progress(15), now).unwrap();
+        c.on(events(16, vec![put("a", 16)]), now).unwrap();
+        assert_eq!(c.candidate(), None, "superseded by events");
+        // A reply at the applied revision tells nothing new, and is no candidate.
         let out = c.on(progress(16), now).unwrap();
-        assert_eq!(out.bookmark, Some(14));
-        c.progress_requested();
-        assert_eq!(c.on(progress(16), now).unwrap().bookmark, Some(16));
+        assert_eq!(
+            out,
+            Out {
+                created: false,
+                revisions: vec![],
+                bookmark: None,
+                untrusted_progress: false
+            }
+        );
+        assert_eq!(c.candidate(), None);
+    }
+
+    #[test]
+    fn confirmed_trust_takes_its_own_notifies_at_once() {
+        let now = Instant::now();
+        let mut c = check(10, ProgressTrust::Confirmed);
+        c.on(created(10), now).unwrap();
+        // Periodic notifies carry the watch's id and come in order with events.
+        let notify = WatchResponse {
+            watch_id: 0,
+            ..progress(14)
+        };
+        assert_eq!(c.on(notify, now).unwrap().bookmark, Some(14));
     }
 
     #[test]
@@ -524,16 +623,12 @@ mod tests {
         let mut c = check(5, ProgressTrust::Confirmed);
         // History to catch up on: 6..=20.
         c.on(created(20), t0).unwrap();
-        c.progress_requested();
         assert!(c.on(progress(20), t0).unwrap().untrusted_progress);
-        c.progress_requested();
-        assert_eq!(c.on(progress(20), t0).unwrap().bookmark, None);
+        assert_eq!(c.candidate(), None, "not while catching up");
         // After the grace period the watcher counts as caught up.
         let later = t0 + Duration::from_secs(2);
-        c.progress_requested();
-        assert_eq!(c.on(progress(20), later).unwrap().bookmark, None);
-        c.progress_requested();
-        assert_eq!(c.on(progress(20), later).unwrap().bookmark, Some(20));
+        assert!(c.on(progress(20), later).unwrap().untrusted_progress);
+        assert_eq!(c.candidate(), candidate(5, 20));
     }
 
     #[test]
