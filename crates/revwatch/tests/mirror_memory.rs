@@ -596,6 +596,29 @@ async fn persisted_snapshot_is_resumed_and_served_stale() {
     assert_eq!(replay.batches, vec![(later, false)]);
     assert!(mirror.status().relists.is_empty());
     assert_converged(&mirror, &src).await;
+
+    // Subscribed before the task runs: each subscription starts at exactly the
+    // file's state, whatever the mirror does next.
+    mirror.shutdown().await.unwrap();
+    let next = src.put(b"p/next", b"z");
+    let (mirror, subs) = Mirror::builder(P)
+        .config(config)
+        .start_subscribed(src.clone(), 2)
+        .await
+        .unwrap();
+    assert_eq!(mirror.status().loaded_snapshot_revision, Some(later));
+    assert_eq!(subs.len(), 2);
+    for mut sub in subs {
+        let first = sub.recv().await.unwrap();
+        assert!(
+            matches!(&first, Update::Snapshot(s) if s.revision() == later),
+            "{first:?}"
+        );
+        let mut replay = Replay::default();
+        replay.apply(&first);
+        replay.follow_until(&mut sub, next, WAIT).await;
+        assert_eq!(replay.batches, vec![(next, false)]);
+    }
 }
 
 #[tokio::test]

@@ -16,8 +16,8 @@ use crate::serve::BackendArg;
 
 /// Validate a policy tree offline, as `revwatch serve` would before activating it.
 ///
-/// Prints one diagnostic per problem as FILE[:LINE:COLUMN]: MESSAGE and exits 1
-/// when the tree is invalid, 0 when it is valid (for CI).
+/// Prints one diagnostic per problem, as FILE: MESSAGE or FILE:LINE:COLUMN: MESSAGE,
+/// and exits 1 when the tree is invalid, 0 when it is valid (for CI).
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// The directory holding the policy files (hidden files are skipped).

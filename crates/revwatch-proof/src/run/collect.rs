@@ -43,14 +43,23 @@ pub(super) struct Feed {
 }
 
 impl Feed {
-    /// A subscription of `mirror`, given a snapshot file at `file` if it is a
-    /// restarted one.
-    pub(super) fn new(mirror: &Mirror, file: Option<i64>) -> Self {
+    /// A new subscription of a running `mirror`.
+    pub(super) fn new(mirror: &Mirror) -> Self {
         // Status first: a reconnect after it is then seen as a change.
         let status = mirror.status_changes();
         Self {
             sub: mirror.subscribe(),
             status,
+            file: None,
+        }
+    }
+
+    /// `sub`, made before a restarted `mirror`'s task ran, given a snapshot file
+    /// at `file` (`None`: no file).
+    pub(super) fn restarted(mirror: &Mirror, sub: Subscription<Bytes>, file: Option<i64>) -> Self {
+        Self {
+            sub,
+            status: mirror.status_changes(),
             file,
         }
     }

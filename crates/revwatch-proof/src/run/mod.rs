@@ -378,8 +378,8 @@ async fn run_schedule(config: &RunConfig, schedule: &Schedule) -> Result<RunRepo
         config.seed,
     )
     .await?;
-    let steady = Collector::start(Feed::new(rig.mirror()?, None));
-    let slow = Collector::start(Feed::new(rig.mirror()?, None));
+    let steady = Collector::start(Feed::new(rig.mirror()?));
+    let slow = Collector::start(Feed::new(rig.mirror()?));
 
     let start = Instant::now();
     let writers = {

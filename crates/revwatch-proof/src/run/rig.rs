@@ -4,15 +4,17 @@
 //! so the file is the last timed one), a clean shutdown (the file holds the
 //! last published revision), and a shutdown whose file is then removed (the
 //! new mirror must list afresh). After each, the rig asserts from the new
-//! mirror's status, before it reached etcd, that it loaded the file (or, with
-//! the file removed, nothing), and hands the collectors a subscription at
-//! once, so that the checker sees the loaded state and everything after it.
+//! mirror's status that it loaded the file, at which revision (or, with the
+//! file removed, nothing), and hands the collectors subscriptions made before
+//! the new mirror's task ran, so that the checker sees exactly the loaded state
+//! and everything after it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use revwatch::client::ClientConfig;
-use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, Status};
+use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, Status, Subscription};
 use tempfile::TempDir;
 use tokio::time::Instant;
 
@@ -87,18 +89,22 @@ impl MirrorRig {
             restarts: seed % 3,
             _dir: dir,
         };
-        let mirror = rig.spawn().await.map_err(RunError::Setup)?;
+        let (mirror, _) = rig.spawn(0).await.map_err(RunError::Setup)?;
         wait_ready(&mirror).await.map_err(RunError::Setup)?;
         rig.mirror = Some(mirror);
         Ok(rig)
     }
 
-    async fn spawn(&self) -> Result<Mirror, String> {
+    /// Starts a mirror with `subscribers` subscriptions made before its task runs.
+    async fn spawn(
+        &self,
+        subscribers: usize,
+    ) -> Result<(Mirror, Vec<Subscription<Bytes>>), String> {
         let source = ClientSource::lazy(ClientConfig::new(self.endpoints.clone()))
             .map_err(|e| e.to_string())?;
         Mirror::builder(self.prefix.clone())
             .config(self.config.clone())
-            .start(source)
+            .start_subscribed(source, subscribers)
             .await
             .map_err(|e| e.to_string())
     }
@@ -154,54 +160,60 @@ impl MirrorRig {
 
     /// Starts a new mirror on the same snapshot file, asserts from its status
     /// that it loaded the file (or nothing, if the file was removed), records
-    /// what it loaded, and at once hands a new subscription to each collector
-    /// (before the new mirror has reached etcd, so that the checker sees its
-    /// first state and everything after it).
+    /// what it loaded, and hands each collector a subscription made before the
+    /// new mirror's task ran (so that the checker sees its first state and
+    /// everything after it).
     pub(super) async fn restart(
         &mut self,
         stopped: Stopped,
         collectors: [&Collector; 2],
     ) -> Result<(), String> {
-        let mirror = self.spawn().await?;
+        // One more subscription than collectors: its first update is the state
+        // the new mirror starts from.
+        let (mirror, mut subs) = self.spawn(collectors.len() + 1).await?;
+        let started = subs
+            .pop()
+            .and_then(|mut sub| sub.try_recv())
+            .and_then(|first| first.snapshot())
+            .ok_or("a new subscription had no first snapshot")?;
         let status = mirror.status();
-        let loaded = status.loaded_snapshot_written_at.is_some();
-        let file = match stopped.kind {
-            RestartKind::FileRemoved if loaded || status.revision != 0 => {
+        let loaded = status.loaded_snapshot_revision;
+        let file = match (stopped.kind, loaded) {
+            (RestartKind::FileRemoved, None) => None,
+            (RestartKind::FileRemoved, Some(revision)) => {
                 return Err(format!(
-                    "its snapshot file was removed, yet it starts at revision {} (loaded: {loaded})",
-                    status.revision
+                    "its snapshot file was removed, yet it loaded one at revision {revision}"
                 ));
             }
-            RestartKind::FileRemoved => None,
-            _ if !loaded || status.revision <= 0 => {
+            (_, None) => return Err("it did not load its snapshot file".into()),
+            (RestartKind::Shutdown, Some(revision)) if revision != stopped.reached => {
                 return Err(format!(
-                    "it did not load its snapshot file: status at revision {} (loaded: {loaded})",
-                    status.revision
+                    "after a clean shutdown at {}, it loaded its file at {revision}",
+                    stopped.reached
                 ));
             }
-            RestartKind::Shutdown if status.revision != stopped.reached => {
+            (_, Some(revision)) if revision > stopped.reached || revision <= 0 => {
                 return Err(format!(
-                    "after a clean shutdown at {}, it loaded its file at {}",
-                    stopped.reached, status.revision
+                    "it loaded its file at {revision}, beyond the {} the old mirror reached",
+                    stopped.reached
                 ));
             }
-            _ if status.revision > stopped.reached => {
-                return Err(format!(
-                    "it loaded its file at {}, beyond the {} the old mirror reached",
-                    status.revision, stopped.reached
-                ));
-            }
-            _ => Some(status.revision),
+            (_, Some(revision)) => Some(revision),
         };
-        for c in collectors {
-            c.resubscribe(Feed::new(&mirror, file));
+        if started.revision() != file.unwrap_or(0) {
+            return Err(format!(
+                "it started from revision {}, not from its file's {file:?}",
+                started.revision()
+            ));
+        }
+        for (c, sub) in collectors.into_iter().zip(subs) {
+            c.resubscribe(Feed::restarted(&mirror, sub, file));
         }
         tracing::info!(?file, "restarted mirror subscribed");
         if file.is_some() {
-            let loaded = mirror.snapshot();
             self.loaded.push(FullSnapshot {
-                revision: loaded.revision(),
-                state: state_of(&loaded),
+                revision: started.revision(),
+                state: state_of(&started),
             });
         }
         self.mirror = Some(mirror);

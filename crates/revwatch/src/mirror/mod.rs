@@ -225,6 +225,21 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
     /// on the current Tokio runtime. Fails only on an invalid configuration; a
     /// corrupt snapshot file is logged, reported in status and ignored.
     pub async fn start<S: Source>(self, source: S) -> Result<Mirror<T>, MirrorError> {
+        let (mirror, _) = self.start_subscribed(source, 0).await?;
+        Ok(mirror)
+    }
+
+    /// Like [`start`](Self::start), and also returns `subscribers` subscriptions
+    /// made before the mirror's task runs: each first receives the state the
+    /// mirror starts from (a loaded snapshot file's, or the empty state before the
+    /// first list), then every update after it. With a snapshot file, that shows
+    /// exactly where the mirror resumed; [`Mirror::subscribe`] after `start` may
+    /// begin at a later state.
+    pub async fn start_subscribed<S: Source>(
+        self,
+        source: S,
+        subscribers: usize,
+    ) -> Result<(Mirror<T>, Vec<Subscription<T>>), MirrorError> {
         self.config.validate()?;
         let empty = Writer::new(
             &Snapshot::empty(0),
@@ -233,11 +248,17 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
         );
         let restored =
             persist::restore(empty, self.config.snapshot_file.as_deref(), &self.prefix).await;
-        Ok(self.spawn(source, restored))
+        Ok(self.spawn(source, restored, subscribers))
     }
 
-    /// Starts the mirror's task from the `restored` state.
-    fn spawn<S: Source>(self, source: S, restored: Restored<T>) -> Mirror<T> {
+    /// Starts the mirror's task from the `restored` state, with `subscribers`
+    /// subscriptions made first.
+    fn spawn<S: Source>(
+        self,
+        source: S,
+        restored: Restored<T>,
+        subscribers: usize,
+    ) -> (Mirror<T>, Vec<Subscription<T>>) {
         let Restored {
             writer,
             status,
@@ -279,8 +300,9 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
             stop: stop_rx,
             stopped: stopped_tx,
         };
+        let subscriptions = (0..subscribers).map(|_| hub.subscribe()).collect();
         let task = tokio::spawn(runner.run());
-        Mirror {
+        let mirror = Mirror {
             shared: Arc::new(Shared {
                 hub,
                 reporter,
@@ -290,7 +312,8 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
                 stop,
                 stopped,
             }),
-        }
+        };
+        (mirror, subscriptions)
     }
 }
 

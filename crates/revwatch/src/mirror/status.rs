@@ -161,6 +161,9 @@ pub struct Status {
     pub decode_failure_count: usize,
     /// For a snapshot loaded from file: when it was written.
     pub loaded_snapshot_written_at: Option<SystemTime>,
+    /// For a snapshot loaded from file: its revision, where the watch resumed
+    /// (unless compaction had passed it).
+    pub loaded_snapshot_revision: Option<i64>,
     /// Keys in the published snapshot.
     pub keys: usize,
     /// The list in progress, if the mirror is listing: set at the first page,
@@ -189,6 +192,7 @@ impl Status {
             decode_failures: Vec::new(),
             decode_failure_count: 0,
             loaded_snapshot_written_at: None,
+            loaded_snapshot_revision: None,
             keys: 0,
             listing: None,
         }

@@ -81,6 +81,7 @@ pub(crate) async fn restore<T: Send + Sync + 'static>(
                 status.revision = file.revision;
                 status.keys = keys;
                 status.loaded_snapshot_written_at = Some(file.written_at);
+                status.loaded_snapshot_revision = Some(file.revision);
             }
             Err(e) => {
                 // The writer still holds the empty state (a list takes effect only
@@ -344,6 +345,7 @@ mod tests {
         assert_eq!((r.loaded, r.status.state), (Some(6), State::Stale));
         assert_eq!((r.status.revision, r.status.keys), (6, 1));
         assert!(r.status.loaded_snapshot_written_at.is_some());
+        assert_eq!(r.status.loaded_snapshot_revision, Some(r.status.revision));
         assert_eq!(r.writer.revision(), 6);
 
         let r = restore(writer(), Some(&path), b"q/").await;
