@@ -14,7 +14,7 @@ use mirror_support::Replay;
 use mirror_support::etcd::{self, run_on_etcd};
 use mirror_support::scenarios::scenario_tests;
 use mirror_support::setup::{
-    P, WAIT, assert_converged, bounded, mirror_config, put, start, writer,
+    P, WAIT, assert_converged, bounded, mirror_config, put, put_op, source, start, txn, writer,
 };
 use revwatch::client::{Client, PutRequest, RangeRequest};
 use revwatch::mirror::source::prefix_range_end;
@@ -103,6 +103,55 @@ async fn quiet_revisions_are_reached_through_verified_progress() {
             st.untrusted_progress >= 1,
             "reached through a verified reply: {st:?}"
         );
+        assert!(st.relists.is_empty(), "{st:?}");
+        assert_converged(&mirror, &etcd).await;
+    })
+    .await;
+}
+
+/// etcd#15220 on a real etcd 3.4: a mirror resumes from its snapshot file with a
+/// long history to catch up on, and a reader asks for the newest revision all
+/// along. etcd answers the progress requests at the newest revision while it is
+/// still reading that history for the watcher. With the catch-up taken for done
+/// at once, only the verification read stands between such an answer and a
+/// bookmark that would claim a stale state (and whose late events would then
+/// fail validation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_answered_ahead_of_a_catch_up_is_never_a_bookmark() {
+    run_on_etcd(Duration::from_secs(120), async |cluster, etcd| {
+        let dir = tempfile::tempdir().unwrap();
+        let config = mirror_config()
+            .with_snapshot_file(dir.path().join("mirror.snapshot"))
+            .with_catch_up_grace(Duration::from_millis(1));
+        put(&etcd, &format!("{P}a"), "1").await;
+        let mirror = start(cluster.endpoints(), config.clone()).await;
+        mirror.wait_ready().await.unwrap();
+        let saved = mirror.snapshot().revision();
+        mirror.shutdown().await.unwrap();
+        // The history: 50 revisions of 100 puts each, every one in the prefix.
+        let value = "v".repeat(500);
+        let mut head = saved;
+        for t in 0..50 {
+            let ops = (0..100)
+                .map(|k| put_op(&format!("{P}{t}/{k}"), &value))
+                .collect();
+            head = txn(&etcd, ops).await;
+        }
+
+        let (mirror, mut subs) = Mirror::builder(P)
+            .config(config)
+            .start_subscribed(source(cluster.endpoints()), 1)
+            .await
+            .unwrap();
+        assert_eq!(mirror.status().loaded_snapshot_revision, Some(saved));
+        let snap = mirror.snapshot_at_least(head, WAIT).await.unwrap();
+        assert_eq!(snap.revision(), head);
+        let mut replay = Replay::default();
+        replay.follow_until(&mut subs[0], head, WAIT).await;
+        assert_eq!(replay.batches.len(), 50, "{:?}", replay.batches);
+        assert_eq!(replay.resyncs, 0);
+        assert!(replay.bookmarks.is_empty(), "{:?}", replay.bookmarks);
+        let st = mirror.status();
         assert!(st.relists.is_empty(), "{st:?}");
         assert_converged(&mirror, &etcd).await;
     })
