@@ -67,9 +67,11 @@ async fn metrics_follow_real_traffic() {
         let config = mirror_config()
             .with_subscriber_buffer(4)
             // Wide enough to watch the lag a progress reply reveals before a
-            // second one confirms it as a bookmark.
+            // read verifies it as a bookmark, which happens only when a reader
+            // waits.
             .with_progress_interval(Duration::from_secs(1))
-            .with_stall_timeout(Duration::from_secs(4));
+            .with_stall_timeout(Duration::from_secs(4))
+            .with_progress_verify_interval(Duration::from_secs(3600));
         let mirror = start_with(source(vec![proxy.endpoint()]), config, |b| {
             b.register_metrics(&mut registry)
                 .decoder(|_k: &[u8], v: &[u8]| String::from_utf8(v.to_vec()))
@@ -116,6 +118,10 @@ async fn metrics_follow_real_traffic() {
             zeros(&["event", "header", "list", "untrusted_progress"])
         );
         assert_eq!(m.causes("snapshot_file_writes"), zeros(&["error", "ok"]));
+        assert_eq!(
+            m.causes("progress_verifications"),
+            zeros(&["bookmark", "changed", "failed"])
+        );
 
         // Puts, a txn (3 events in the prefix, one revision), a bad value, a good
         // one; a subscriber with a 4-update buffer that reads nothing meanwhile.
@@ -210,7 +216,8 @@ async fn metrics_follow_real_traffic() {
         assert!(reconnects.values().sum::<u64>() >= 1, "{}", m.text);
 
         // A write outside the prefix: a progress reply reveals the server revision
-        // (lag 1) before a second one confirms it as a bookmark (lag 0).
+        // (lag 1) before a read, once a reader waits, verifies it as a bookmark
+        // (lag 0).
         let h = put(&etcd, "other/lag", "x").await;
         assert_eq!(h, r2 + 1);
         let lagging = eventually("the server revision", || {
@@ -218,13 +225,25 @@ async fn metrics_follow_real_traffic() {
             (m.int("server_revision") == h).then_some(m)
         })
         .await;
-        // Not yet a bookmark: a second reply, a progress interval later, confirms it.
+        // Not yet a bookmark: nobody waits for it.
         assert_eq!(lagging.int("revision"), r2, "{}", lagging.text);
         assert_eq!(lagging.int("lag_revisions"), 1, "{}", lagging.text);
+        assert_eq!(
+            lagging.by_cause("progress_verifications", "bookmark"),
+            0,
+            "{}",
+            lagging.text
+        );
         mirror.snapshot_at_least(h, WAIT).await.unwrap();
         let m = scrape_at(&registry, h).await;
         assert_eq!(m.int("revision"), h);
         assert_eq!(m.int("lag_revisions"), 0);
+        assert_eq!(
+            m.by_cause("progress_verifications", "bookmark"),
+            1,
+            "{}",
+            m.text
+        );
         assert!(
             m.by_cause("rejected_responses", "untrusted_progress") >= 1,
             "{}",

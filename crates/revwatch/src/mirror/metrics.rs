@@ -15,6 +15,7 @@
 //! | `apply_seconds` | histogram | time to apply and publish one watched revision |
 //! | `decode_errors_total` | counter | values that failed to decode (or whose decoder panicked) |
 //! | `rejected_responses_total{cause}` | counter | responses rejected by validation (`header`, `event`, `list`) or progress replies not trusted (`untrusted_progress`) |
+//! | `progress_verifications_total{cause}` | counter | reads verifying a progress reply ([`ProgressTrust::Confirmed`](super::ProgressTrust::Confirmed)), by outcome: `bookmark` (the range was unchanged), `changed` (events were on their way), `failed` (no answer) |
 //! | `unanswered_progress_stalls_total` | counter | stalls of streams whose creation was answered but no progress request, on an endpoint that still answered a read (see [`Status::unanswered_progress_stalls`](super::Status::unanswered_progress_stalls)) |
 //! | `subscribers` | gauge | live subscriptions |
 //! | `subscriber_lagged_total` | counter | times a subscriber's buffer overflowed (it is then marked lagging) |
@@ -52,6 +53,7 @@ pub(crate) struct Metrics {
     pub(crate) apply_seconds: Histogram,
     pub(crate) decode_errors: Counter,
     pub(crate) rejected_responses: Family<CauseLabel, Counter>,
+    pub(crate) progress_verifications: Family<CauseLabel, Counter>,
     pub(crate) unanswered_progress_stalls: Counter,
     pub(crate) subscribers: Gauge,
     pub(crate) subscriber_lagged: Counter,
@@ -72,6 +74,32 @@ const RECONNECT_CAUSES: [ReconnectCause; 5] = [
 const RELIST_CAUSES: [ResyncReason; 2] = [ResyncReason::Compacted, ResyncReason::Validation];
 const REJECTED_CAUSES: [&str; 4] = ["header", "event", "list", "untrusted_progress"];
 const SNAPSHOT_WRITE_OUTCOMES: [&str; 2] = ["ok", "error"];
+/// How a read verifying a progress reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verification {
+    /// The range was unchanged: the reply became a bookmark.
+    Bookmark,
+    /// It changed (or events came meanwhile): no bookmark.
+    Changed,
+    /// The read failed or did not answer in time: no bookmark.
+    Failed,
+}
+
+impl Verification {
+    const ALL: [Verification; 3] = [
+        Verification::Bookmark,
+        Verification::Changed,
+        Verification::Failed,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Verification::Bookmark => "bookmark",
+            Verification::Changed => "changed",
+            Verification::Failed => "failed",
+        }
+    }
+}
 
 fn family_with(causes: impl IntoIterator<Item = &'static str>) -> Family<CauseLabel, Counter> {
     let family = Family::default();
@@ -96,6 +124,7 @@ impl Metrics {
             apply_seconds: Histogram::new(exponential_buckets(1e-6, 2.5, 15)),
             decode_errors: Counter::default(),
             rejected_responses: family_with(REJECTED_CAUSES),
+            progress_verifications: family_with(Verification::ALL.map(Verification::as_str)),
             unanswered_progress_stalls: Counter::default(),
             subscribers: Gauge::default(),
             subscriber_lagged: Counter::default(),
@@ -162,6 +191,11 @@ impl Metrics {
             "rejected_responses",
             "Server responses rejected by validation or not trusted, by cause",
             self.rejected_responses.clone(),
+        );
+        r.register(
+            "progress_verifications",
+            "Reads verifying a progress reply as a bookmark, by outcome",
+            self.progress_verifications.clone(),
         );
         r.register(
             "unanswered_progress_stalls",
@@ -244,6 +278,9 @@ mod tests {
             "revwatch_mirror_rejected_responses_total{cause=\"list\"} 0",
             "revwatch_mirror_rejected_responses_total{cause=\"untrusted_progress\"} 0",
             "revwatch_mirror_snapshot_file_writes_total{cause=\"error\"} 0",
+            "revwatch_mirror_progress_verifications_total{cause=\"bookmark\"} 0",
+            "revwatch_mirror_progress_verifications_total{cause=\"changed\"} 0",
+            "revwatch_mirror_progress_verifications_total{cause=\"failed\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == sample),

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use super::batch::ResyncReason;
 use super::decode::DecodeFailure;
 use super::error::FailureKind;
-use super::metrics::Metrics;
+use super::metrics::{CauseLabel, Metrics, Verification};
 use super::status::{LastError, ListProgress, ReconnectCause, State, Status};
 
 /// What replies told about the server.
@@ -279,6 +279,16 @@ impl Reporter {
     /// The watch has caught up.
     pub(crate) fn ready(&self) {
         self.status.send_modify(|s| s.state = State::Ready);
+    }
+
+    /// A read verifying a progress reply ended.
+    pub(crate) fn progress_verified(&self, outcome: Verification) {
+        self.metrics
+            .progress_verifications
+            .get_or_create(&CauseLabel {
+                cause: outcome.as_str(),
+            })
+            .inc();
     }
 
     /// A stream whose creation was answered but none of its progress requests

@@ -34,6 +34,7 @@ use super::stream::Candidate;
 use super::{KeyRange, Runner, Watch, probe_timeout};
 use crate::client::{RangeRequest, RangeResponse};
 use crate::mirror::WAIT_PROGRESS_INTERVAL;
+use crate::mirror::metrics::Verification;
 use crate::mirror::source::Source;
 
 /// How long a reader's request for progress counts as a reader waiting. One
@@ -81,16 +82,28 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         let keys_at_base = self.out.writer.raw_key_count();
         let req = verify_request(&self.range, candidate);
         let after = probe_timeout(self.config.stall_timeout);
-        let verdict = match tokio::time::timeout(after, self.source.range(req)).await {
-            Ok(Ok(resp)) => unchanged(&resp, keys_at_base),
+        let read = tokio::time::timeout(after, self.source.range(req)).await;
+        let unchanged = match read {
+            Ok(Ok(resp)) => Some(unchanged(&resp, keys_at_base)),
             Ok(Err(error)) => {
                 tracing::debug!(%error, revision = candidate.revision, "progress verification failed");
-                false
+                None
             }
-            Err(_) => false,
+            Err(_) => None,
         };
-        tracing::debug!(?candidate, verdict, "progress reply verified");
-        if let Some(revision) = w.check.verified(candidate, verdict).bookmark {
+        let bookmark = w
+            .check
+            .verified(candidate, unchanged == Some(true))
+            .bookmark;
+        tracing::debug!(?candidate, ?unchanged, ?bookmark, "progress reply verified");
+        self.out
+            .reporter
+            .progress_verified(match (bookmark, unchanged) {
+                (Some(_), _) => Verification::Bookmark,
+                (None, Some(_)) => Verification::Changed,
+                (None, None) => Verification::Failed,
+            });
+        if let Some(revision) = bookmark {
             self.out.bookmark(revision);
         }
     }
