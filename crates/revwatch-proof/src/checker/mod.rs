@@ -11,10 +11,10 @@
 //! | `Unique` | no (key, revision) delivered twice |
 //! | `Atomic` | the batch at R holds every change truth has at R in the range (a revision is never split) |
 //! | `Content` | every change in a batch is exactly truth's change for that key at R |
-//! | `Reliable` | no revision that touches the range is skipped between the first and the last delivery, or up to a bookmark or [`History::expect_through`] |
+//! | `Reliable` | no revision that touches the range is skipped between the first and the last delivery, or up to a bookmark (checked when the bookmark comes) or [`History::expect_through`] |
 //! | `Resumable` | after [`Delivery::Reconnected`](crate::history::Delivery::Reconnected), the first batch is exactly the next revision that touches the range; after a restart marker with a file, the first delivery is the file's state and the next batch resumes right after it |
 //! | `Relist` | a resync is explained: a subscription's first state, the mirror's first list, a lagging subscriber, or a relist for a compaction that truth shows above the revision the watch resumed after |
-//! | `Bookmarkable` | nothing at or below a delivered progress revision arrives later |
+//! | `Bookmarkable` | nothing at or below a delivered progress revision arrives later (a bookmark ahead of a revision never delivered is `Reliable`), checked when the bookmark comes |
 //! | `Resync` | a resync batch equals the true diff from the subscriber's state to truth's state at its revision |
 //! | `Snapshot` | every published snapshot hash (and sampled full snapshot) equals truth's at its revision, and published revisions never decrease (except where a restarted mirror's begin) |
 //! | `Convergence` | the mirror's final state equals etcd's range at the same revision ([`check_convergence`]) |

@@ -133,6 +133,39 @@ impl<'c, 'a> Replay<'c, 'a> {
                         ),
                     });
                 }
+                // A bookmark vouches that everything up to it was delivered:
+                // what it came ahead of arrives late, or never.
+                if let Some(missed) = self.checker.truth.first_touching(
+                    &self.checker.range,
+                    self.known() + 1,
+                    *revision,
+                ) {
+                    let late = self.history.deliveries[at + 1..]
+                        .iter()
+                        .any(|d| matches!(d, Delivery::Batch(b) if b.revision == missed));
+                    let (kind, detail) = if late {
+                        (
+                            Kind::Bookmarkable,
+                            format!(
+                                "progress at {revision} came before revision {missed}, delivered later"
+                            ),
+                        )
+                    } else {
+                        (
+                            Kind::Reliable,
+                            format!(
+                                "revision {missed} was never delivered, yet progress at {revision} vouched for it"
+                            ),
+                        )
+                    };
+                    return Err(Found {
+                        kind,
+                        at,
+                        since: self.bookmark.1.max(self.applied.1).unwrap_or(at),
+                        revision: missed,
+                        detail,
+                    });
+                }
                 self.bookmark = (*revision, Some(at));
                 Ok(())
             }
