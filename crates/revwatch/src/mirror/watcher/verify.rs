@@ -83,7 +83,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
         let req = verify_request(&self.range, candidate);
         let after = probe_timeout(self.config.stall_timeout);
         let read = tokio::time::timeout(after, self.source.range(req)).await;
-        let unchanged = match read {
+        let verdict = match read {
             Ok(Ok(resp)) => Some(unchanged(&resp, keys_at_base)),
             Ok(Err(error)) => {
                 tracing::debug!(%error, revision = candidate.revision, "progress verification failed");
@@ -91,14 +91,11 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             }
             Err(_) => None,
         };
-        let bookmark = w
-            .check
-            .verified(candidate, unchanged == Some(true))
-            .bookmark;
-        tracing::debug!(?candidate, ?unchanged, ?bookmark, "progress reply verified");
+        let bookmark = w.check.verified(candidate, verdict == Some(true)).bookmark;
+        tracing::debug!(?candidate, ?verdict, ?bookmark, "progress reply verified");
         self.out
             .reporter
-            .progress_verified(match (bookmark, unchanged) {
+            .progress_verified(match (bookmark, verdict) {
                 (Some(_), _) => Verification::Bookmark,
                 (None, Some(_)) => Verification::Changed,
                 (None, None) => Verification::Failed,
