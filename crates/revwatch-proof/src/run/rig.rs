@@ -25,6 +25,8 @@ use crate::history::FullSnapshot;
 
 /// Longest wait for a (re)started mirror to be ready or caught up.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for a stopped mirror's task to end.
+const TASK_END_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The mirror of one run: started, stopped and started again on the same
 /// snapshot file, with its counters kept across instances.
@@ -134,9 +136,10 @@ impl MirrorRig {
         let Some(mirror) = self.mirror.take() else {
             return Err("the mirror is not running".into());
         };
-        self.add_counters(&mirror);
-        let reached = mirror.snapshot().revision();
-        tracing::info!(?kind, reached, "stopping the mirror for a restart");
+        // Read once the old mirror's task has ended: until then it may publish
+        // (and, on a clean shutdown, persist) one more revision.
+        let mut last = mirror.status_changes();
+        tracing::info!(?kind, "stopping the mirror for a restart");
         match kind {
             RestartKind::Crash => drop(mirror),
             RestartKind::Shutdown => mirror
@@ -155,7 +158,22 @@ impl MirrorRig {
                 }
             }
         }
-        Ok(Stopped { kind, reached })
+        // Every sender of the status is gone once the task has ended.
+        let ended = tokio::time::timeout(TASK_END_TIMEOUT, async {
+            while last.changed().await.is_ok() {}
+        });
+        if ended.await.is_err() {
+            return Err(format!(
+                "the stopped mirror's task did not end within {TASK_END_TIMEOUT:?}"
+            ));
+        }
+        let last = last.borrow().clone();
+        add_status(&mut self.relists, &mut self.reconnects, &last);
+        tracing::info!(?kind, reached = last.revision, "mirror stopped");
+        Ok(Stopped {
+            kind,
+            reached: last.revision,
+        })
     }
 
     /// Starts a new mirror on the same snapshot file, asserts from its status
@@ -228,10 +246,6 @@ impl MirrorRig {
             add_status(&mut totals.0, &mut totals.1, &m.status());
         }
         totals
-    }
-
-    fn add_counters(&mut self, mirror: &Mirror) {
-        add_status(&mut self.relists, &mut self.reconnects, &mirror.status());
     }
 }
 

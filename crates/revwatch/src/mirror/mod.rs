@@ -235,6 +235,25 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
     /// first list), then every update after it. With a snapshot file, that shows
     /// exactly where the mirror resumed; [`Mirror::subscribe`] after `start` may
     /// begin at a later state.
+    ///
+    /// ```no_run
+    /// use std::path::PathBuf;
+    /// use revwatch::client::ClientConfig;
+    /// use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, Update};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let source = ClientSource::lazy(ClientConfig::new(["http://127.0.0.1:2379"]))?;
+    /// let config = MirrorConfig::default().with_snapshot_file(PathBuf::from("config.snapshot"));
+    /// let (mirror, mut subs) = Mirror::builder("config/")
+    ///     .config(config)
+    ///     .start_subscribed(source, 1)
+    ///     .await?;
+    /// if let Some(Update::Snapshot(first)) = subs[0].recv().await {
+    ///     // The file's state (revision 0 without one), then every change after it.
+    ///     assert_eq!(first.revision(), mirror.status().loaded_snapshot_revision.unwrap_or(0));
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn start_subscribed<S: Source>(
         self,
         source: S,
