@@ -17,7 +17,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use revwatch::mirror::{ClientSource, Mirror, MirrorConfig};
+use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, ProgressTrust};
 use revwatch_policy::{Backend, Policies, PolicyConfig};
 use revwatch_server::AutoCompaction;
 use revwatch_server::standalone::AutoCompactionArgs;
@@ -230,6 +230,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mirror_config = {
         let mut config = MirrorConfig::default();
         config.snapshot_file = args.snapshot_file.clone();
+        if embedded.is_some() {
+            // It answers a progress request only once the stream has caught up:
+            // no read is needed to trust the answer.
+            config.progress_trust = ProgressTrust::Immediate;
+        }
         config
     };
     let mirror = Mirror::builder(args.prefix.as_bytes())
