@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use etcd_proto::key_range::KeyRange;
 use revwatch::client::{Client, ClientConfig, Pem, TlsConfig, WatchCreateRequest};
+use revwatch::mirror::ProgressTrust;
 use revwatch_server::{AutoCompaction, RunningServer, Server, ServerConfig};
 
 /// TLS and authentication flags for etcd endpoints.
@@ -65,6 +66,16 @@ pub async fn start_embedded(
         data_dir.display()
     );
     Ok(running)
+}
+
+/// How a mirror of `embedded` trusts progress replies: the embedded server
+/// answers one only once the stream has caught up, so no read need verify it;
+/// any other server is treated as etcd 3.4 (the library's default).
+pub fn progress_trust(embedded: Option<&RunningServer>) -> ProgressTrust {
+    match embedded {
+        Some(_) => ProgressTrust::Immediate,
+        None => ProgressTrust::default(),
+    }
 }
 
 /// How long the embedded server may take to close its connections at exit.

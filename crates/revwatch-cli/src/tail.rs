@@ -11,16 +11,13 @@ use std::{
 use clap::Args;
 use revwatch::{
     client::{Error, RangeRequest, RangeResponse, WatchCreateRequest},
-    mirror::{
-        ClientSource, Mirror, MirrorConfig, ProgressTrust, Source, State, Status, Subscription,
-        Update,
-    },
+    mirror::{ClientSource, Mirror, MirrorConfig, Source, State, Status, Subscription, Update},
 };
 use revwatch_server::standalone::AutoCompactionArgs;
 use tokio::sync::watch;
 
 use crate::{
-    connect::{EtcdAccessArgs, start_embedded, stop_embedded},
+    connect::{self, EtcdAccessArgs, start_embedded, stop_embedded},
     progress, render,
     shutdown::Signals,
 };
@@ -89,12 +86,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         None => args.endpoints.clone(),
     };
 
-    let mut config = MirrorConfig::default().with_snapshot_file(args.snapshot_file.clone());
-    if embedded.is_some() {
-        // It answers a progress request only once the stream has caught up: no
-        // read is needed to trust the answer.
-        config = config.with_progress_trust(ProgressTrust::Immediate);
-    }
+    let mut config = MirrorConfig::default()
+        .with_snapshot_file(args.snapshot_file.clone())
+        .with_progress_trust(connect::progress_trust(embedded.as_ref()));
     if args.persist_every_batch {
         config = config.with_snapshot_interval(Duration::ZERO);
     }

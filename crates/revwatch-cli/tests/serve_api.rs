@@ -72,6 +72,12 @@ fn embedded_default_seeds_decides_flips_and_keeps_last_known_good() {
         (200, &json!("allow")),
         "{linear}"
     );
+    // A write outside the prefix: a fully consistent decision now needs a
+    // bookmark, which the embedded server's progress replies give without a
+    // verification read (see the metrics below).
+    put(&ep, "/elsewhere/x", "y");
+    let (code, quiet) = serve.post("/v1/authorize", &bob_writes_at(json!("fully_consistent")));
+    assert_eq!(code, 200, "{quiet}");
 
     // A batch is decided at one revision.
     let batch = format!(
@@ -128,7 +134,9 @@ fn embedded_default_seeds_decides_flips_and_keeps_last_known_good() {
         r#"revwatch_policy_loads_total{result="failed"} 1"#,
         r#"revwatch_policy_load_failures_total{key="/revwatch/policies/broken.cedar"} 1"#,
         r#"revwatch_policy_state{state="degraded"} 1"#,
-        "revwatch_mirror_",
+        r#"revwatch_mirror_progress_verifications_total{cause="bookmark"} 0"#,
+        r#"revwatch_mirror_progress_verifications_total{cause="changed"} 0"#,
+        r#"revwatch_mirror_progress_verifications_total{cause="failed"} 0"#,
     ] {
         assert!(metrics.contains(line), "no {line:?} in {metrics}");
     }

@@ -17,13 +17,13 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use revwatch::mirror::{ClientSource, Mirror, MirrorConfig, ProgressTrust};
+use revwatch::mirror::{ClientSource, Mirror, MirrorConfig};
 use revwatch_policy::{Backend, Policies, PolicyConfig};
 use revwatch_server::AutoCompaction;
 use revwatch_server::standalone::AutoCompactionArgs;
 
 use crate::{
-    connect::{EtcdAccessArgs, start_embedded, stop_embedded},
+    connect::{self, EtcdAccessArgs, start_embedded, stop_embedded},
     shutdown::Signals,
 };
 
@@ -230,11 +230,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mirror_config = {
         let mut config = MirrorConfig::default();
         config.snapshot_file = args.snapshot_file.clone();
-        if embedded.is_some() {
-            // It answers a progress request only once the stream has caught up:
-            // no read is needed to trust the answer.
-            config.progress_trust = ProgressTrust::Immediate;
-        }
+        config.progress_trust = connect::progress_trust(embedded.as_ref());
         config
     };
     let mirror = Mirror::builder(args.prefix.as_bytes())

@@ -477,28 +477,26 @@ impl<'c, 'a> Replay<'c, 'a> {
             .count()
     }
 
-    /// Nothing vouched for by a bookmark or by `expect_through` may be missing.
+    /// Nothing `expect_through` vouches for may be missing (each bookmark was
+    /// checked when it came).
     pub fn end(&mut self) -> Result<(), Found> {
-        let expected = self.history.expect_through.unwrap_or(0);
-        let through = self.bookmark.0.max(expected);
-        let (last, last_at) = self.applied;
+        let Some(expected) = self.history.expect_through else {
+            return Ok(());
+        };
         if let Some(missed) =
             self.checker
                 .truth
-                .first_touching(&self.checker.range, last + 1, through)
+                .first_touching(&self.checker.range, self.known() + 1, expected)
         {
             let at = self.history.deliveries.len().saturating_sub(1);
-            let vouched = if expected > self.bookmark.0 {
-                format!("the history was to reach {expected}")
-            } else {
-                format!("a progress mark vouched for {}", self.bookmark.0)
-            };
             return Err(Found {
                 kind: Kind::Reliable,
                 at,
-                since: last_at.or(self.bookmark.1).unwrap_or(at),
+                since: self.applied.1.or(self.bookmark.1).unwrap_or(at),
                 revision: missed,
-                detail: format!("revision {missed} was never delivered, yet {vouched}"),
+                detail: format!(
+                    "revision {missed} was never delivered, yet the history was to reach {expected}"
+                ),
             });
         }
         Ok(())

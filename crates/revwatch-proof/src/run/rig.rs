@@ -210,7 +210,10 @@ impl MirrorRig {
                     stopped.reached
                 ));
             }
-            (_, Some(revision)) if revision > stopped.reached || revision <= 0 => {
+            (_, Some(revision)) if revision <= 0 => {
+                return Err(format!("it loaded a snapshot file at revision {revision}"));
+            }
+            (_, Some(revision)) if revision > stopped.reached => {
                 return Err(format!(
                     "it loaded its file at {revision}, beyond the {} the old mirror reached",
                     stopped.reached

@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(
             r.metrics()
                 .rejected_responses
-                .get_or_create(&super::super::metrics::CauseLabel {
+                .get_or_create(&CauseLabel {
                     cause: "untrusted_progress"
                 })
                 .get(),
