@@ -68,13 +68,38 @@ pub async fn start_embedded(
     Ok(running)
 }
 
-/// How a mirror of `embedded` trusts progress replies: the embedded server
-/// answers one only once the stream has caught up, so no read need verify it;
-/// any other server is treated as etcd 3.4 (the library's default).
-pub fn progress_trust(embedded: Option<&RunningServer>) -> ProgressTrust {
-    match embedded {
-        Some(_) => ProgressTrust::Immediate,
-        None => ProgressTrust::default(),
+/// `--progress-trust`: how far a mirror trusts progress replies as bookmarks.
+#[derive(Debug, Args)]
+pub struct ProgressTrustArgs {
+    /// How far a progress reply from the server is trusted as a bookmark, which a
+    /// quiet prefix needs to show that it is up to date (read-your-writes, fully
+    /// consistent decisions). `immediate`: at once, for servers that answer only
+    /// once the watch has caught up (etcd 3.4.31+, 3.5.13+, 3.6, the embedded
+    /// server). `confirmed`: once a read shows the prefix unchanged, for older
+    /// etcd, which may answer before the events it covers (etcd#15220).
+    /// [default: immediate on the embedded server, confirmed otherwise]
+    #[arg(long, value_enum, value_name = "TRUST")]
+    pub progress_trust: Option<ProgressTrustArg>,
+}
+
+/// The values of `--progress-trust`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressTrustArg {
+    Confirmed,
+    Immediate,
+}
+
+impl ProgressTrustArgs {
+    /// The trust for a mirror of `embedded`, or of an outside server when
+    /// `None`: the flag's, or else immediate for the embedded server (it answers
+    /// a progress request only once the stream has caught up, so no read need
+    /// verify it) and the library's default, for etcd 3.4, for any other.
+    pub fn resolve(&self, embedded: Option<&RunningServer>) -> ProgressTrust {
+        match (self.progress_trust, embedded) {
+            (Some(ProgressTrustArg::Confirmed), _) => ProgressTrust::Confirmed,
+            (Some(ProgressTrustArg::Immediate), _) | (None, Some(_)) => ProgressTrust::Immediate,
+            (None, None) => ProgressTrust::default(),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use revwatch_server::standalone::AutoCompactionArgs;
 use tokio::sync::watch;
 
 use crate::{
-    connect::{self, EtcdAccessArgs, start_embedded, stop_embedded},
+    connect::{EtcdAccessArgs, ProgressTrustArgs, start_embedded, stop_embedded},
     progress, render,
     shutdown::Signals,
 };
@@ -64,6 +64,8 @@ pub struct TailArgs {
     pub auto_compaction: AutoCompactionArgs,
     #[command(flatten)]
     pub access: EtcdAccessArgs,
+    #[command(flatten)]
+    pub progress: ProgressTrustArgs,
 }
 
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
@@ -88,7 +90,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
 
     let mut config = MirrorConfig::default()
         .with_snapshot_file(args.snapshot_file.clone())
-        .with_progress_trust(connect::progress_trust(embedded.as_ref()));
+        .with_progress_trust(args.progress.resolve(embedded.as_ref()));
     if args.persist_every_batch {
         config = config.with_snapshot_interval(Duration::ZERO);
     }

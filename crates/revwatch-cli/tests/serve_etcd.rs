@@ -1,6 +1,7 @@
 //! `revwatch serve` against real etcd 3.4: a decision flips with the revision of
-//! the put that changed the policy, and read-your-writes never answers from the
-//! older set.
+//! the put that changed the policy, read-your-writes never answers from the
+//! older set, and `--progress-trust` decides whether a quiet prefix's progress is
+//! verified by a read.
 
 mod common;
 mod serve_support;
@@ -79,4 +80,79 @@ async fn decisions_flip_with_the_revision_of_a_put_to_real_etcd() {
         }
     }
     assert!(serve.terminate().success(), "exit status after SIGTERM");
+}
+
+/// The value of the counter `line_start` (a metric name with its labels) in a
+/// Prometheus text exposition.
+fn counter(metrics: &str, line_start: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(line_start)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start:?} in {metrics}"))
+}
+
+/// On etcd 3.4 (whose progress replies may run ahead of their events), `serve`
+/// verifies a progress reply with a read before a quiet prefix counts as up to
+/// date; `--progress-trust immediate`, for etcd that orders them, skips the read.
+/// Either way a fully consistent decision is made at or after the last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_trust_decides_whether_a_quiet_prefix_is_verified_by_a_read() {
+    let etcd = EtcdCluster::single().await.expect("etcd");
+    let ep = etcd.endpoint(0);
+    put(&ep, "/authz/model.conf", &example_file("model.conf"));
+    let loaded = put(
+        &ep,
+        "/authz/policies/grants.csv",
+        &example_file("policies/grants.csv"),
+    );
+    for (flag, verified) in [(None, true), (Some("immediate"), false)] {
+        let mut args = vec![
+            "--endpoints",
+            &ep,
+            "--prefix",
+            "/authz/",
+            "--backend",
+            "casbin",
+        ];
+        args.extend(flag.iter().flat_map(|trust| ["--progress-trust", trust]));
+        let serve = Serve::spawn(&args, &ep, &[]);
+        serve.await_stderr("ready: policy set at revision");
+        // Outside the prefix: only a bookmark can show the mirror is at it.
+        let outside = put(&ep, "/elsewhere/x", "y");
+        assert!(outside > loaded);
+        let q = r#"{"principal": "bob", "action": "write", "resource": "plan", "context": {"dom": "acme"}, "consistency": "fully_consistent"}"#;
+        let (code, answer) = serve.post("/v1/authorize", q);
+        assert_eq!(code, 200, "{flag:?}: {answer}");
+        let at = answer["revision"].as_i64().expect("revision");
+        assert!(at >= outside, "{flag:?}: decided at {at}, before {outside}");
+
+        let (code, metrics) = serve.get("/metrics");
+        assert_eq!(code, 200);
+        let metrics = metrics.as_str().expect("text").to_owned();
+        let reads: u64 = ["bookmark", "changed", "failed"]
+            .iter()
+            .map(|cause| {
+                counter(
+                    &metrics,
+                    &format!(r#"revwatch_mirror_progress_verifications_total{{cause="{cause}"}}"#),
+                )
+            })
+            .sum();
+        let bookmarks = counter(
+            &metrics,
+            r#"revwatch_mirror_progress_verifications_total{cause="bookmark"}"#,
+        );
+        if verified {
+            assert!(
+                bookmarks >= 1,
+                "{flag:?}: no verified bookmark in {metrics}"
+            );
+        } else {
+            assert_eq!(reads, 0, "{flag:?}: a verification read was made");
+        }
+        assert!(
+            serve.terminate().success(),
+            "{flag:?}: exit status after SIGTERM"
+        );
+    }
 }

@@ -23,7 +23,7 @@ use revwatch_server::AutoCompaction;
 use revwatch_server::standalone::AutoCompactionArgs;
 
 use crate::{
-    connect::{self, EtcdAccessArgs, start_embedded, stop_embedded},
+    connect::{EtcdAccessArgs, ProgressTrustArgs, start_embedded, stop_embedded},
     shutdown::Signals,
 };
 
@@ -59,6 +59,8 @@ pub struct ServeArgs {
     pub backend: BackendArg,
     #[command(flatten)]
     pub access: EtcdAccessArgs,
+    #[command(flatten)]
+    pub progress: ProgressTrustArgs,
     /// Address of the HTTP API.
     #[arg(long, default_value = "127.0.0.1:8181")]
     pub listen: SocketAddr,
@@ -230,7 +232,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mirror_config = {
         let mut config = MirrorConfig::default();
         config.snapshot_file = args.snapshot_file.clone();
-        config.progress_trust = connect::progress_trust(embedded.as_ref());
+        config.progress_trust = args.progress.resolve(embedded.as_ref());
         config
     };
     let mirror = Mirror::builder(args.prefix.as_bytes())
