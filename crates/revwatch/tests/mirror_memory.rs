@@ -442,6 +442,41 @@ async fn confirmed_progress_trust_reaches_quiet_revisions() {
     assert!(replay.bookmarks.contains(&snap.revision()));
 }
 
+/// With no reader waiting, a progress reply is verified when
+/// `progress_verify_interval` says, not only when something else wakes the
+/// watch: here the next progress request would come 3 s after that.
+#[tokio::test]
+async fn a_due_verification_runs_without_waiting_for_the_next_progress_request() {
+    let src = MemorySource::new();
+    src.put(b"p/a", b"1");
+    let opened = tokio::time::Instant::now();
+    let config = fast_config()
+        .with_progress_trust(ProgressTrust::Confirmed)
+        .with_progress_interval(Duration::from_secs(4))
+        .with_progress_verify_interval(Duration::from_secs(5))
+        .with_stall_timeout(Duration::from_secs(60));
+    let mirror = start(&src, config).await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    // Outside the prefix: only a bookmark moves the mirror there. The progress
+    // reply at 4 s is a candidate, due for verification at 5 s; the next
+    // request would be at 8 s.
+    let rev = src.put(b"elsewhere", b"1");
+    let bookmark = async {
+        loop {
+            match sub.recv().await {
+                Some(Update::Progress(at)) if at >= rev => return at,
+                Some(_) => continue,
+                None => panic!("subscription ended"),
+            }
+        }
+    };
+    let at = tokio::time::timeout_at(opened + Duration::from_secs(7), bookmark)
+        .await
+        .expect("no bookmark by 7 s: the due verification waited for the next request");
+    assert_eq!(mirror.snapshot().revision(), at);
+}
+
 /// A mirror trusting progress as for etcd 3.4, ready, with a subscriber.
 async fn confirmed_mirror(src: &MemorySource) -> (Mirror, Subscription<Bytes>) {
     let mirror = start(

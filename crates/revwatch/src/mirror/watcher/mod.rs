@@ -124,12 +124,14 @@ struct Watch<W> {
 
 impl<W> Watch<W> {
     /// When the watch loop must wake up without a reply: to request progress,
-    /// to declare a stall, to write the snapshot file, or to end the catch-up.
+    /// to declare a stall, to write the snapshot file, to end the catch-up, or
+    /// to verify a progress candidate that no reader waits for.
     fn wake_at(&self, stall_at: Instant, persist_due: Option<Instant>) -> Instant {
         let catch_up = (!self.settled)
             .then(|| self.check.catch_up_deadline())
             .flatten();
-        [persist_due, catch_up]
+        let verify = self.check.candidate().map(|_| self.verify_due);
+        [persist_due, catch_up, verify]
             .into_iter()
             .flatten()
             .fold(self.progress_due.min(stall_at), Instant::min)
