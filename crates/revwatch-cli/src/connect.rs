@@ -90,15 +90,15 @@ pub enum ProgressTrustArg {
 }
 
 impl ProgressTrustArgs {
-    /// The trust for a mirror of `embedded`, or of an outside server when
-    /// `None`: the flag's, or else immediate for the embedded server (it answers
-    /// a progress request only once the stream has caught up, so no read need
-    /// verify it) and the library's default, for etcd 3.4, for any other.
-    pub fn resolve(&self, embedded: Option<&RunningServer>) -> ProgressTrust {
+    /// The trust for a mirror of the embedded server (`embedded`) or of an
+    /// outside one. The flag's if given; else immediate for the embedded server,
+    /// which answers a progress request only once the stream has caught up, and
+    /// the library's default (safe for etcd 3.4) for any other.
+    pub fn resolve(&self, embedded: bool) -> ProgressTrust {
         match (self.progress_trust, embedded) {
             (Some(ProgressTrustArg::Confirmed), _) => ProgressTrust::Confirmed,
-            (Some(ProgressTrustArg::Immediate), _) | (None, Some(_)) => ProgressTrust::Immediate,
-            (None, None) => ProgressTrust::default(),
+            (Some(ProgressTrustArg::Immediate), _) | (None, true) => ProgressTrust::Immediate,
+            (None, false) => ProgressTrust::default(),
         }
     }
 }
@@ -146,4 +146,22 @@ pub async fn compacted_at(client: &Client, range: &KeyRange, revision: i64) -> O
         .await
         .ok()
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_trust_is_the_flags_else_immediate_only_on_the_embedded_server() {
+        let args = |progress_trust| ProgressTrustArgs { progress_trust };
+        for embedded in [false, true] {
+            let confirmed = args(Some(ProgressTrustArg::Confirmed));
+            assert_eq!(confirmed.resolve(embedded), ProgressTrust::Confirmed);
+            let immediate = args(Some(ProgressTrustArg::Immediate));
+            assert_eq!(immediate.resolve(embedded), ProgressTrust::Immediate);
+        }
+        assert_eq!(args(None).resolve(true), ProgressTrust::Immediate);
+        assert_eq!(args(None).resolve(false), ProgressTrust::Confirmed);
+    }
 }

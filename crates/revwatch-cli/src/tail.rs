@@ -90,7 +90,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
 
     let mut config = MirrorConfig::default()
         .with_snapshot_file(args.snapshot_file.clone())
-        .with_progress_trust(args.progress.resolve(embedded.as_ref()));
+        .with_progress_trust(args.progress.resolve(embedded.is_some()));
     if args.persist_every_batch {
         config = config.with_snapshot_interval(Duration::ZERO);
     }
@@ -255,8 +255,11 @@ fn status_lines(before: Option<&Status>, now: &Status, at: SystemTime) -> Vec<St
         match now.state {
             State::Stale => {
                 line.push_str(" (from the snapshot file");
-                if let Some(written) = now.loaded_snapshot_written_at {
-                    let age = at.duration_since(written).unwrap_or_default().as_secs();
+                if let Some(file) = now.loaded_snapshot {
+                    let age = at
+                        .duration_since(file.written_at)
+                        .unwrap_or_default()
+                        .as_secs();
                     line.push_str(&format!(", written {age}s ago"));
                 }
                 line.push_str("; served until etcd answers)");

@@ -11,19 +11,12 @@ use std::time::{Duration, Instant};
 use common::{WAIT, put};
 use revwatch_testkit::etcd::EtcdCluster;
 use serde_json::{Value, json};
-use serve_support::{Serve, http_unix, serve_exits};
-
-/// The casbin RBAC-with-tenants example of the policy crate (`dom` comes from the
-/// request context).
-const EXAMPLE: &str = "../../examples/policy/casbin-rbac-domains/tree";
+use serve_support::{
+    example_file, http_unix, put_example_model_and_grants, serve_example, serve_exits,
+};
 
 /// The staleness after which `serve` fails closed in this test.
 const MAX_STALENESS: Duration = Duration::from_secs(3);
-
-fn example_file(path: &str) -> String {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(EXAMPLE);
-    std::fs::read_to_string(dir.join(path)).expect("example file")
-}
 
 /// Polls `probe` every 100 ms until it returns `Some`, for at most [`WAIT`].
 fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
@@ -39,31 +32,12 @@ fn eventually<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
 
 /// Puts the example set, with bob an editor in acme; the revision of the last put.
 fn put_example_granting_bob(ep: &str, roles: &str) -> i64 {
-    put(ep, "/authz/model.conf", &example_file("model.conf"));
-    put(
-        ep,
-        "/authz/policies/grants.csv",
-        &example_file("policies/grants.csv"),
-    );
+    put_example_model_and_grants(ep);
     put(
         ep,
         "/authz/policies/roles.csv",
         &format!("{roles}g, bob, editor, acme\n"),
     )
-}
-
-/// `serve` on the example set under `/authz/` in the etcd at `ep`, plus `extra` flags.
-fn serve_example(ep: &str, extra: &[&str]) -> Serve {
-    let mut args = vec![
-        "--endpoints",
-        ep,
-        "--prefix",
-        "/authz/",
-        "--backend",
-        "casbin",
-    ];
-    args.extend_from_slice(extra);
-    Serve::spawn(&args, ep, &[])
 }
 
 /// An allow from the set `granted` put, or from a later one: its revision may be

@@ -143,7 +143,10 @@ async fn progress_answered_ahead_of_a_catch_up_is_never_a_bookmark() {
             .start_subscribed(source(cluster.endpoints()), 1)
             .await
             .unwrap();
-        assert_eq!(mirror.status().loaded_snapshot_revision, Some(saved));
+        assert_eq!(
+            mirror.status().loaded_snapshot.map(|f| f.revision),
+            Some(saved)
+        );
         let snap = mirror.snapshot_at_least(head, WAIT).await.unwrap();
         assert_eq!(snap.revision(), head);
         let mut replay = Replay::default();

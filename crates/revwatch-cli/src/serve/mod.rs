@@ -232,7 +232,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mirror_config = {
         let mut config = MirrorConfig::default();
         config.snapshot_file = args.snapshot_file.clone();
-        config.progress_trust = args.progress.resolve(embedded.as_ref());
+        config.progress_trust = args.progress.resolve(embedded.is_some());
         config
     };
     let mirror = Mirror::builder(args.prefix.as_bytes())

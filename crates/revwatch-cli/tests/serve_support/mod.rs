@@ -14,7 +14,43 @@ use std::{
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::common::{BIN, Process, WAIT, free_addr};
+use crate::common::{BIN, Process, WAIT, free_addr, put};
+
+/// The casbin RBAC-with-tenants example of the policy crate (`dom` comes from the
+/// request context), which the etcd tests serve under `/authz/`.
+const EXAMPLE: &str = "../../examples/policy/casbin-rbac-domains/tree";
+
+/// A file of the casbin example, by its path in the example's tree.
+pub fn example_file(path: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(EXAMPLE);
+    std::fs::read_to_string(dir.join(path)).expect("example file")
+}
+
+/// Puts the example's model and grants under `/authz/` in the etcd at `ep`; the
+/// revision of the last put.
+pub fn put_example_model_and_grants(ep: &str) -> i64 {
+    put(ep, "/authz/model.conf", &example_file("model.conf"));
+    put(
+        ep,
+        "/authz/policies/grants.csv",
+        &example_file("policies/grants.csv"),
+    )
+}
+
+/// `serve` on the example set under `/authz/` in the etcd at `ep` (the casbin
+/// backend), plus `extra` flags.
+pub fn serve_example(ep: &str, extra: &[&str]) -> Serve {
+    let mut args = vec![
+        "--endpoints",
+        ep,
+        "--prefix",
+        "/authz/",
+        "--backend",
+        "casbin",
+    ];
+    args.extend_from_slice(extra);
+    Serve::spawn(&args, ep, &[])
+}
 
 /// A `revwatch serve` process; killed on drop.
 pub struct Serve {

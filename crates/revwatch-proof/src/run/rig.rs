@@ -195,7 +195,7 @@ impl MirrorRig {
             .and_then(|first| first.snapshot())
             .ok_or("a new subscription had no first snapshot")?;
         let status = mirror.status();
-        let loaded = status.loaded_snapshot_revision;
+        let loaded = status.loaded_snapshot.map(|f| f.revision);
         let file = match (stopped.kind, loaded) {
             (RestartKind::FileRemoved, None) => None,
             (RestartKind::FileRemoved, Some(revision)) => {

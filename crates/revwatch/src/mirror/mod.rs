@@ -168,7 +168,7 @@ pub use snapshot::{Entry, Snapshot};
 pub use source::{ClientSource, Source, WatchHandle};
 #[cfg(feature = "test-util")]
 pub use source::{MemoryOp, MemorySource};
-pub use status::{LastError, ListProgress, ReconnectCause, State, Status};
+pub use status::{LastError, ListProgress, LoadedSnapshot, ReconnectCause, State, Status};
 
 use crate::client::{Error, RangeRequest};
 use hub::Hub;
@@ -250,7 +250,7 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
     ///     .await?;
     /// if let Some(Update::Snapshot(first)) = subs[0].recv().await {
     ///     // The file's state (revision 0 without one), then every change after it.
-    ///     assert_eq!(first.revision(), mirror.status().loaded_snapshot_revision.unwrap_or(0));
+    ///     assert_eq!(first.revision(), mirror.status().loaded_snapshot.map_or(0, |f| f.revision));
     /// }
     /// # Ok(()) }
     /// ```

@@ -118,6 +118,16 @@ impl ListProgress {
     }
 }
 
+/// The snapshot file a mirror started from ([`Status::loaded_snapshot`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LoadedSnapshot {
+    /// Its revision: where the watch resumed (unless compaction had passed it).
+    pub revision: i64,
+    /// When it was written.
+    pub written_at: SystemTime,
+}
+
 /// A point-in-time report, from [`Mirror::status`](super::Mirror::status).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -159,11 +169,8 @@ pub struct Status {
     pub decode_failures: Vec<DecodeFailure>,
     /// Number of keys currently failing to decode.
     pub decode_failure_count: usize,
-    /// For a snapshot loaded from file: when it was written.
-    pub loaded_snapshot_written_at: Option<SystemTime>,
-    /// For a snapshot loaded from file: its revision, where the watch resumed
-    /// (unless compaction had passed it).
-    pub loaded_snapshot_revision: Option<i64>,
+    /// The snapshot file the mirror started from, if it loaded one.
+    pub loaded_snapshot: Option<LoadedSnapshot>,
     /// Keys in the published snapshot.
     pub keys: usize,
     /// The list in progress, if the mirror is listing: set at the first page,
@@ -191,8 +198,7 @@ impl Status {
             unanswered_progress_stalls: 0,
             decode_failures: Vec::new(),
             decode_failure_count: 0,
-            loaded_snapshot_written_at: None,
-            loaded_snapshot_revision: None,
+            loaded_snapshot: None,
             keys: 0,
             listing: None,
         }

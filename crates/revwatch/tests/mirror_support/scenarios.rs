@@ -219,7 +219,7 @@ pub async fn restart_from_persisted_snapshot_and_start_with_etcd_down(target: &m
     let st = mirror.status();
     assert_eq!(st.state, State::Stale);
     assert_eq!(st.revision, after);
-    assert!(st.loaded_snapshot_written_at.is_some());
+    assert_eq!(st.loaded_snapshot.map(|f| f.revision), Some(after));
     assert_eq!(mirror.snapshot().len(), 21);
     target.restart().await;
     let etcd = writer(target.endpoints()).await;

@@ -21,7 +21,7 @@ use super::batch::ResyncReason;
 use super::error::FailureKind;
 use super::report::Reporter;
 use super::snapshot::Snapshot;
-use super::status::{LastError, State, Status};
+use super::status::{LastError, LoadedSnapshot, State, Status};
 use super::store::Writer;
 
 pub use file::PersistError;
@@ -80,8 +80,10 @@ pub(crate) async fn restore<T: Send + Sync + 'static>(
                 status.state = State::Stale;
                 status.revision = file.revision;
                 status.keys = keys;
-                status.loaded_snapshot_written_at = Some(file.written_at);
-                status.loaded_snapshot_revision = Some(file.revision);
+                status.loaded_snapshot = Some(LoadedSnapshot {
+                    revision: file.revision,
+                    written_at: file.written_at,
+                });
             }
             Err(e) => {
                 // The writer still holds the empty state (a list takes effect only
@@ -344,8 +346,7 @@ mod tests {
         let r = restore(writer(), Some(&path), b"p/").await;
         assert_eq!((r.loaded, r.status.state), (Some(6), State::Stale));
         assert_eq!((r.status.revision, r.status.keys), (6, 1));
-        assert!(r.status.loaded_snapshot_written_at.is_some());
-        assert_eq!(r.status.loaded_snapshot_revision, Some(r.status.revision));
+        assert_eq!(r.status.loaded_snapshot.map(|f| f.revision), Some(6));
         assert_eq!(r.writer.revision(), 6);
 
         let r = restore(writer(), Some(&path), b"q/").await;

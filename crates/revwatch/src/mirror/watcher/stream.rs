@@ -233,12 +233,14 @@ impl StreamCheck {
             // only to watchers that are synced.
             || reply_id == own_id;
         if trusted_now || header_rev == self.applied {
+            // At the applied revision it tells nothing new: no bookmark, and
+            // nothing to verify either.
             return self.bookmark(header_rev);
         }
-        // A reply from a channel of its own (etcd#15220): events up to its
-        // revision may still be queued, or not yet read for a watcher that is
-        // catching up. Kept for verification once the watch has caught up.
-        if self.is_caught_up(now) && header_rev > self.applied {
+        // Above the applied revision, from a channel of its own (etcd#15220):
+        // events up to it may still be queued, or not yet read for a watcher
+        // that is catching up. Kept for verification once the watch has caught up.
+        if self.is_caught_up(now) {
             self.candidate = Some(self.candidate.map_or(header_rev, |c| c.max(header_rev)));
         }
         untrusted
@@ -518,8 +520,8 @@ mod tests {
         assert!(c.on(events(15, vec![put("a", 14)]), now).is_err());
     }
 
-    fn candidate(base: i64, revision: i64) -> Option<Candidate> {
-        Some(Candidate { base, revision })
+    fn candidate(base: i64, revision: i64) -> Candidate {
+        Candidate { base, revision }
     }
 
     #[test]
@@ -530,18 +532,12 @@ mod tests {
         c.on(created(10), now).unwrap();
         let out = c.on(progress(14), now).unwrap();
         assert!(out.untrusted_progress && out.bookmark.is_none());
-        assert_eq!(c.candidate(), candidate(10, 14));
+        assert_eq!(c.candidate(), Some(candidate(10, 14)));
         // The highest reply is the one to verify.
         c.on(progress(16), now).unwrap();
         c.on(progress(15), now).unwrap();
-        assert_eq!(c.candidate(), candidate(10, 16));
-        let out = c.verified(
-            Candidate {
-                base: 10,
-                revision: 16,
-            },
-            true,
-        );
+        assert_eq!(c.candidate(), Some(candidate(10, 16)));
+        let out = c.verified(candidate(10, 16), true);
         assert_eq!(out.bookmark, Some(16));
         assert_eq!((c.applied(), c.candidate()), (16, None));
         // Nothing at or below a bookmark may follow.
@@ -555,19 +551,13 @@ mod tests {
         c.on(created(10), now).unwrap();
         c.on(progress(14), now).unwrap();
         // The server had event 13 queued when it answered 14 (etcd#15220).
-        let out = c.verified(
-            Candidate {
-                base: 10,
-                revision: 14,
-            },
-            false,
-        );
+        let out = c.verified(candidate(10, 14), false);
         assert_eq!((out.bookmark, c.candidate()), (None, None));
         let out = c.on(events(14, vec![put("a", 13)]), now).unwrap();
         assert_eq!(out.revisions.len(), 1);
         // A later reply is verified against what is applied now.
         c.on(progress(14), now).unwrap();
-        assert_eq!(c.candidate(), candidate(13, 14));
+        assert_eq!(c.candidate(), Some(candidate(13, 14)));
     }
 
     #[test]
@@ -577,15 +567,9 @@ mod tests {
         c.on(created(10), now).unwrap();
         c.on(progress(14), now).unwrap();
         c.on(events(14, vec![put("a", 12)]), now).unwrap();
-        assert_eq!(c.candidate(), candidate(12, 14));
+        assert_eq!(c.candidate(), Some(candidate(12, 14)));
         // A verification against the old base proves nothing about revision 12.
-        let out = c.verified(
-            Candidate {
-                base: 10,
-                revision: 14,
-            },
-            true,
-        );
+        let out = c.verified(candidate(10, 14), true);
         assert_eq!((out.bookmark, c.applied()), (None, 12));
         c.on(progress(15), now).unwrap();
         c.on(events(16, vec![put("a", 16)]), now).unwrap();
@@ -628,7 +612,7 @@ mod tests {
         // After the grace period the watcher counts as caught up.
         let later = t0 + Duration::from_secs(2);
         assert!(c.on(progress(20), later).unwrap().untrusted_progress);
-        assert_eq!(c.candidate(), candidate(5, 20));
+        assert_eq!(c.candidate(), Some(candidate(5, 20)));
     }
 
     #[test]
