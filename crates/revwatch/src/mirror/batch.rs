@@ -91,12 +91,15 @@ impl ResyncReason {
 ///
 /// The snapshot is built when first asked for, then kept. A mirror with live
 /// subscriptions applies the revisions it has already received in a row and
-/// makes only the state after the last one current; each batch of such a run
-/// keeps a link to the state before it, and [`snapshot`](Self::snapshot) replays
-/// the changes from the nearest state already built. A subscriber that reads only
-/// `changes` (as `revwatch tail` does) never pays for a snapshot per revision;
-/// one that reads every batch's snapshot pays one step of replay per batch: a
-/// copy of the path to each changed key, as publishing every snapshot did.
+/// makes only the state after the last one current (itself built only when
+/// asked for, or every 1,024 revisions); each batch keeps a link to the state
+/// before it, and [`snapshot`](Self::snapshot) replays the changes from the
+/// nearest state already built. A subscriber that reads only `changes` (as
+/// `revwatch tail` does) never pays for a snapshot per revision; one that reads
+/// every batch's snapshot pays one step of replay per batch: a copy of the path
+/// to each changed key, as publishing every snapshot did. One that reads only
+/// the newest batch's snapshot now and then replays the changes since its last
+/// read.
 pub struct Batch<T> {
     /// The revision the batch brings the subscriber to.
     pub revision: i64,
@@ -142,6 +145,14 @@ impl<T> State<T> {
         match self {
             State::At(s) => Arc::clone(s),
             State::After(b) => b.snapshot(),
+        }
+    }
+
+    /// The revision the state is at.
+    pub(crate) fn revision(&self) -> i64 {
+        match self {
+            State::At(s) => s.revision(),
+            State::After(b) => b.revision,
         }
     }
 }

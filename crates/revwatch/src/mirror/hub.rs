@@ -1,14 +1,20 @@
-//! Publication: the current snapshot for lock-free readers, and per-subscriber
+//! Publication: the current state for lock-free readers, and per-subscriber
 //! bounded queues fed in publication order.
 //!
 //! Publication and subscription take the same lock, so a new subscriber gets the
 //! snapshot current at that instant and then exactly the updates published after
 //! it. A run of revisions is published in one critical section: the state after
 //! the last one, and a batch for each, in order. A subscriber whose queue is full
-//! is not waited for: it is marked lagging, only the newest snapshot is remembered
+//! is not waited for: it is marked lagging, only the newest state is remembered
 //! for it, and its next receive yields one resync diff from the last state it was
 //! sent. Memory per subscriber is therefore bounded by its queue capacity plus two
-//! snapshots (and the batches of one run, which an unbuilt batch links to).
+//! states (and the unbuilt batches they link to, which the writer bounds).
+//!
+//! The published state is a snapshot, or a run's last batch whose snapshot is not
+//! built yet: the writer then keeps its map to itself, and does not copy the path
+//! to each key it changes next (see [`Hub::snapshot`]). The first reader to ask
+//! builds it, by replaying the unbuilt batches on the nearest built state, and
+//! makes it current for the readers after it.
 //!
 //! While no subscription is live, the writer may hold that lock across a run of
 //! revisions ([`Hub::quiet`]) and publish only the state after the last: nobody
@@ -36,7 +42,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) struct Hub<T> {
-    current: ArcSwap<Snapshot<T>>,
+    /// The published state (see the module docs).
+    current: ArcSwap<State<T>>,
     subscribers: Mutex<Subscribers<T>>,
     revision: watch::Sender<i64>,
     capacity: usize,
@@ -59,8 +66,8 @@ struct SlotState<T> {
     queue: VecDeque<Update<T>>,
     /// The state the subscriber has once it drained `queue`.
     base: State<T>,
-    /// While lagging: the newest snapshot, to resync to.
-    lagging: Option<Arc<Snapshot<T>>>,
+    /// While lagging: the newest state, to resync to.
+    lagging: Option<State<T>>,
     closed: bool,
     dropped: bool,
 }
@@ -69,7 +76,7 @@ impl<T> Hub<T> {
     pub(crate) fn new(initial: Arc<Snapshot<T>>, capacity: usize, metrics: Metrics) -> Self {
         let (revision, _) = watch::channel(initial.revision());
         Hub {
-            current: ArcSwap::new(initial),
+            current: ArcSwap::from_pointee(State::At(initial)),
             subscribers: Mutex::new(Subscribers {
                 slots: Vec::new(),
                 closed: false,
@@ -85,9 +92,28 @@ impl<T> Hub<T> {
         self.capacity
     }
 
-    /// The current snapshot, lock-free.
+    /// The current snapshot, lock-free: the writer is never waited for.
+    ///
+    /// If the published state is a batch whose snapshot is not built yet, this
+    /// builds it (replaying at most the revisions the writer leaves unbuilt),
+    /// and makes it current for the readers after it, unless a newer state was
+    /// published meanwhile.
     pub(crate) fn snapshot(&self) -> Arc<Snapshot<T>> {
-        self.current.load_full()
+        let current = self.current.load();
+        match &**current {
+            State::At(snapshot) => Arc::clone(snapshot),
+            State::After(batch) => {
+                let built = batch.snapshot();
+                let at = Arc::new(State::At(Arc::clone(&built)));
+                let _ = self.current.compare_and_swap(&*current, at);
+                built
+            }
+        }
+    }
+
+    /// The published state, which is the writer's between two publications.
+    pub(crate) fn state(&self) -> State<T> {
+        State::clone(&self.current.load())
     }
 
     /// The published revision, for waiters.
@@ -95,22 +121,22 @@ impl<T> Hub<T> {
         self.revision.subscribe()
     }
 
-    /// Makes `snapshot` current and queues `updates` (which lead to it, in
+    /// Makes `state` current and queues `updates` (which lead to it, in
     /// order) for every subscriber, in one critical section. `made_current` runs
-    /// once readers can see `snapshot` and before any subscriber or waiter is
+    /// once readers can see `state` and before any subscriber or waiter is
     /// woken.
     ///
     /// A subscriber whose queue fills up part-way gets the updates that fit; it
     /// lags from there, and its resync starts from the state after the last one.
     pub(crate) fn publish(
         &self,
-        snapshot: Arc<Snapshot<T>>,
+        state: State<T>,
         updates: &[Update<T>],
         made_current: impl FnOnce(),
     ) {
-        let revision = snapshot.revision();
+        let revision = state.revision();
         let mut subs = lock(&self.subscribers);
-        let old = self.current.swap(Arc::clone(&snapshot));
+        let old = self.current.swap(Arc::new(state.clone()));
         made_current();
         subs.slots.retain(|slot| {
             let mut st = lock(&slot.state);
@@ -122,17 +148,17 @@ impl<T> Hub<T> {
                 let fit = &updates[..room.min(updates.len())];
                 st.queue.extend(fit.iter().cloned());
                 if fit.len() == updates.len() {
-                    st.base = State::At(Arc::clone(&snapshot));
+                    st.base = state.clone();
                 } else {
                     // A bookmark changes no key: only a batch moves the base.
                     if let Some(Update::Batch(last)) = fit.last() {
                         st.base = State::After(Arc::clone(last));
                     }
-                    st.lagging = Some(Arc::clone(&snapshot));
+                    st.lagging = Some(state.clone());
                     self.metrics.subscriber_lagged.inc();
                 }
             } else {
-                st.lagging = Some(Arc::clone(&snapshot));
+                st.lagging = Some(state.clone());
             }
             drop(st);
             slot.waker.wake();
@@ -170,7 +196,8 @@ impl<T> Hub<T> {
     /// A new subscription whose first update is the current snapshot.
     pub(crate) fn subscribe(self: &Arc<Self>) -> Subscription<T> {
         let mut subs = lock(&self.subscribers);
-        let snapshot = self.current.load_full();
+        // No publication can come in between: it takes the same lock.
+        let snapshot = self.snapshot();
         let slot = Arc::new(Slot {
             state: Mutex::new(SlotState {
                 queue: VecDeque::from([Update::Snapshot(Arc::clone(&snapshot))]),
@@ -210,13 +237,13 @@ pub(crate) struct Quiet<'a, T> {
 }
 
 impl<T> Quiet<'_, T> {
-    /// Makes `snapshot` current for readers and waiters, then lets subscriptions
-    /// in (they start from it). `made_current` runs once readers can see `snapshot`
+    /// Makes `state` current for readers and waiters, then lets subscriptions
+    /// in (they start from it). `made_current` runs once readers can see `state`
     /// and before waiters are woken.
-    pub(crate) fn publish(self, snapshot: Arc<Snapshot<T>>, made_current: impl FnOnce()) {
-        let revision = snapshot.revision();
+    pub(crate) fn publish(self, state: State<T>, made_current: impl FnOnce()) {
+        let revision = state.revision();
         let hub = self.hub;
-        let old = hub.current.swap(snapshot);
+        let old = hub.current.swap(Arc::new(state));
         drop(self);
         made_current();
         // Freeing what only the old snapshot held happens outside the lock.
@@ -312,9 +339,10 @@ impl<T> Subscription<T> {
             return Next::Ready(u);
         }
         if let Some(latest) = st.lagging.take() {
-            let from = std::mem::replace(&mut st.base, State::At(Arc::clone(&latest)));
+            let from = std::mem::replace(&mut st.base, latest.clone());
             drop(st);
-            // Computed by the consumer, outside any lock the mirror takes.
+            // Built and computed by the consumer, outside any lock the mirror takes.
+            let latest = latest.snapshot();
             let changes = diff(&from.snapshot(), &latest);
             self.metrics.subscriber_resyncs.inc();
             return Next::Ready(Update::Batch(Arc::new(Batch::new(
@@ -399,8 +427,8 @@ mod tests {
     async fn a_subscription_streams_every_update_then_ends_on_close() {
         let hub = hub(8);
         let sub = hub.subscribe();
-        hub.publish(at(2), &[Update::Progress(2)], || {});
-        hub.publish(at(3), &[Update::Progress(3)], || {});
+        hub.publish(State::At(at(2)), &[Update::Progress(2)], || {});
+        hub.publish(State::At(at(3)), &[Update::Progress(3)], || {});
         hub.close();
         let revisions: Vec<i64> = sub.map(|u| u.revision()).collect().await;
         assert_eq!(revisions, [1, 2, 3]);
@@ -411,8 +439,8 @@ mod tests {
         // The first snapshot fills the queue: both publications are skipped.
         let hub = hub(1);
         let mut sub = hub.subscribe();
-        hub.publish(at(2), &[Update::Progress(2)], || {});
-        hub.publish(at(3), &[Update::Progress(3)], || {});
+        hub.publish(State::At(at(2)), &[Update::Progress(2)], || {});
+        hub.publish(State::At(at(3)), &[Update::Progress(3)], || {});
         assert!(matches!(sub.next().await, Some(Update::Snapshot(s)) if s.revision() == 1));
         match sub.next().await {
             Some(Update::Batch(b)) => {
@@ -450,8 +478,13 @@ mod tests {
             before = State::After(Arc::clone(&batch));
             run.push(Update::Batch(batch));
         }
-        hub.publish(w.current(), &run, || {});
-        assert_eq!(hub.snapshot().revision(), 6);
+        // Published as the writer does between snapshots it builds: the last
+        // batch, unbuilt. The first reader builds it, and makes it current.
+        hub.publish(before, &run, || {});
+        assert!(matches!(hub.state(), State::After(_)));
+        let current = hub.snapshot();
+        assert_eq!((current.revision(), current.len()), (6, 5));
+        assert!(matches!(hub.state(), State::At(s) if Arc::ptr_eq(&s, &current)));
 
         // The first snapshot took one of 3 places: revisions 2 and 3 fit.
         assert!(matches!(sub.try_recv(), Some(Update::Snapshot(s)) if s.revision() == 1));
@@ -499,7 +532,7 @@ mod tests {
             Poll::Ready(Some(Update::Snapshot(_)))
         ));
         assert!(poll(&mut sub).is_pending());
-        hub.publish(at(2), &[Update::Progress(2)], || {});
+        hub.publish(State::At(at(2)), &[Update::Progress(2)], || {});
         assert!(woken.take());
         assert!(matches!(
             poll(&mut sub),

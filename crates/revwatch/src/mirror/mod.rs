@@ -122,10 +122,14 @@
 //!     subscription live waits for the run to be published and starts from it.
 //!     A batch's [`snapshot`](Batch::snapshot) is the exact state after it, built
 //!     when first asked for (by replaying the run's changes on the state before
-//!     it), so subscribers that read only the changes never pay for one. Its
-//!     buffer is bounded: a slow subscriber never blocks the mirror; it is marked
-//!     lagging and later receives one resync diff from the last state it
-//!     received.
+//!     it), so subscribers that read only the changes never pay for one. So is
+//!     the current snapshot while subscriptions are live: the first
+//!     [`Mirror::snapshot`] after new revisions builds it (replaying at most
+//!     1,024 of them), and the readers after it load it; the mirror builds one
+//!     itself every 1,024 revisions. Its map is thus not copied for snapshots
+//!     nobody reads. A subscription's buffer is bounded: a slow subscriber never
+//!     blocks the mirror; it is marked lagging and later receives one resync
+//!     diff from the last state it received.
 //! 12. **Metrics.** [`MirrorBuilder::register_metrics`] registers Prometheus
 //!     metrics (streams opened, reconnects and relists by cause, events applied,
 //!     revision, server revision, lag, apply latency, decode errors, subscriber lag
@@ -312,6 +316,7 @@ impl<T: Send + Sync + 'static> MirrorBuilder<T> {
                 reporter: reporter.clone(),
                 persister,
                 max_reported_decode_failures: self.config.max_reported_decode_failures,
+                unbuilt: 0,
             },
             config: self.config,
             progress_wanted: Arc::clone(&progress_wanted),
@@ -408,7 +413,10 @@ impl Mirror<Bytes> {
 }
 
 impl<T: Send + Sync + 'static> Mirror<T> {
-    /// The current snapshot. Lock-free.
+    /// The current snapshot. Lock-free: it never waits for the mirror. While
+    /// subscriptions are live, the first call after new revisions may build it,
+    /// by replaying their changes (at most 1,024 revisions); the calls after it
+    /// return the same `Arc`.
     pub fn snapshot(&self) -> Arc<Snapshot<T>> {
         self.shared.hub.snapshot()
     }

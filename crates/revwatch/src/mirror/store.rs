@@ -62,6 +62,11 @@ impl<T: Send + Sync + 'static> Writer<T> {
         self.revision
     }
 
+    /// Number of keys held.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
     /// Keys whose current value failed to decode.
     pub(crate) fn failures(&self) -> impl Iterator<Item = &DecodeFailure> {
         self.failures.values()

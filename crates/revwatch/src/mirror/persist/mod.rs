@@ -169,8 +169,13 @@ impl Persister {
         )
     }
 
-    /// Starts a write of `snapshot` if one is due and none is running.
-    pub(crate) fn maybe_write<T: Send + Sync + 'static>(&mut self, snapshot: &Arc<Snapshot<T>>) {
+    /// Starts a write of the state at `revision` if one is due and none is
+    /// running; `snapshot` gives that state, only then.
+    pub(crate) fn maybe_write<T: Send + Sync + 'static>(
+        &mut self,
+        revision: i64,
+        snapshot: impl FnOnce() -> Arc<Snapshot<T>>,
+    ) {
         if self.in_flight.as_ref().is_some_and(JoinHandle::is_finished)
             && let Some(Some(written)) = self.in_flight.take().map(futures::FutureExt::now_or_never)
         {
@@ -178,13 +183,14 @@ impl Persister {
             let _ = self.finished(written);
         }
         let now = Instant::now();
-        if !self.should_start(snapshot.revision(), now) {
+        if !self.should_start(revision, now) {
             return;
         }
+        let snapshot = snapshot();
+        debug_assert_eq!(snapshot.revision(), revision);
         self.last_write = Some(now);
-        self.written = Some(snapshot.revision());
+        self.written = Some(revision);
         let (path, prefix) = (self.path.clone(), self.prefix.clone());
-        let snapshot = Arc::clone(snapshot);
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             file::write(&path, &prefix, &snapshot)
         }));
@@ -307,11 +313,14 @@ mod tests {
         let path = dir.path().join("snap");
         let mut p = persister(path.clone(), None);
         let first = snapshot(vec![kv("p/a", 2)], 3);
-        p.maybe_write(&first);
+        p.maybe_write(3, || Arc::clone(&first));
         assert!(p.in_flight.is_some());
         let second = snapshot(vec![kv("p/a", 2), kv("p/b", 4)], 4);
-        // Not due yet: only the flush writes it, after the first write landed.
-        p.maybe_write(&second);
+        // Not due yet: its snapshot is not even asked for; only the flush writes
+        // it, after the first write landed.
+        p.maybe_write(4, || -> Arc<Snapshot<Bytes>> {
+            panic!("built though not due")
+        });
         p.flush(Arc::clone(&second)).await.unwrap();
         let loaded = file::load(&path, b"p/").unwrap().unwrap();
         assert_eq!((loaded.revision, loaded.kvs.len()), (4, 2));

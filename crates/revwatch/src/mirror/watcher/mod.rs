@@ -482,8 +482,7 @@ impl<S: Source, T: Send + Sync + 'static> Runner<S, T> {
             w.progress_due = now + self.config.progress_interval;
             self.request_progress(w, stall_at).await?;
         }
-        let current = self.out.hub.snapshot();
-        self.out.persist_maybe(&current);
+        self.out.persist_maybe();
         ControlFlow::Continue(())
     }
 

@@ -1,13 +1,13 @@
 //! The writer's side of the watcher: the state, where it is published, and what
 //! is reported and persisted with each publication.
 //!
-//! Every publication makes the snapshot current, then reports it (status and
+//! Every publication makes the state current, then reports it (status and
 //! metrics), then wakes waiters and subscribers (the hub calls back in between):
 //! whoever has waited for a revision sees a status at least as new.
 
 use std::sync::Arc;
 
-use crate::mirror::batch::Update;
+use crate::mirror::batch::{State, Update};
 use crate::mirror::hub::Hub;
 use crate::mirror::persist::{PersistError, Persister};
 use crate::mirror::report::{Published, Reporter};
@@ -21,6 +21,9 @@ pub(crate) struct Publisher<T> {
     pub(crate) persister: Option<Persister>,
     /// Most failing keys listed in status.
     pub(crate) max_reported_decode_failures: usize,
+    /// Revisions published as an unbuilt batch since the writer last built a
+    /// snapshot (see [`run`](super::run)).
+    pub(crate) unbuilt: u64,
 }
 
 impl<T: Send + Sync + 'static> Publisher<T> {
@@ -29,10 +32,11 @@ impl<T: Send + Sync + 'static> Publisher<T> {
     fn publish(&mut self, snapshot: Arc<Snapshot<T>>, update: Update<T>) {
         let max = self.max_reported_decode_failures;
         let (reporter, writer) = (&self.reporter, &mut self.writer);
-        self.hub.publish(Arc::clone(&snapshot), &[update], || {
-            report_published(reporter, writer, max, &snapshot, None);
+        self.hub.publish(State::At(snapshot), &[update], || {
+            report_published(reporter, writer, max, None);
         });
-        self.persist_maybe(&snapshot);
+        self.unbuilt = 0;
+        self.persist_maybe();
     }
 
     /// Publishes a list's result.
@@ -47,10 +51,11 @@ impl<T: Send + Sync + 'static> Publisher<T> {
         self.publish(snapshot, Update::Progress(revision));
     }
 
-    /// Starts a snapshot file write if one is due and none is running.
-    pub(crate) fn persist_maybe(&mut self, snapshot: &Arc<Snapshot<T>>) {
+    /// Starts a write of the published state to the snapshot file if one is
+    /// due and none is running. Only then is its snapshot built, if it is not.
+    pub(crate) fn persist_maybe(&mut self) {
         if let Some(p) = &mut self.persister {
-            p.maybe_write(snapshot);
+            p.maybe_write(self.writer.revision(), || self.hub.snapshot());
         }
     }
 
@@ -70,18 +75,17 @@ impl<T: Send + Sync + 'static> Publisher<T> {
     }
 }
 
-/// Reports `snapshot` as published, with the decode failures the writer holds.
+/// Reports the writer's state as published, with the decode failures it holds.
 /// `applied`: the events and revisions it applied.
 pub(super) fn report_published<T: Send + Sync + 'static>(
     reporter: &Reporter,
     writer: &mut Writer<T>,
     max_reported_decode_failures: usize,
-    snapshot: &Snapshot<T>,
     applied: Option<(u64, u64)>,
 ) {
     let published = Published {
-        revision: snapshot.revision(),
-        keys: snapshot.len(),
+        revision: writer.revision(),
+        keys: writer.len(),
         applied,
         new_decode_failures: writer.take_new_failures(),
         decode_failure_count: writer.failure_count(),

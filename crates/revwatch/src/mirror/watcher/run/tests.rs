@@ -27,6 +27,7 @@ fn publisher() -> Publisher<Bytes> {
         reporter,
         persister: None,
         max_reported_decode_failures: 10,
+        unbuilt: 0,
     }
 }
 
@@ -149,6 +150,50 @@ fn with_a_live_subscription_every_revision_gets_its_batch_and_the_last_state_is_
     );
     let metrics = out.reporter.metrics();
     assert_eq!(metrics.revisions_applied.get(), 3);
+}
+
+#[test]
+fn with_a_live_subscription_runs_publish_unbuilt_states_and_the_writer_builds_one_in_a_bound() {
+    use crate::mirror::batch::State;
+    use crate::mirror::watcher::run::MAX_UNBUILT_REVISIONS;
+
+    let mut out = publisher();
+    let mut check = created_check(&mut out, ProgressTrust::Immediate);
+    let mut sub = out.hub.subscribe();
+    // Runs of 4 revisions (a quarter of 16), each putting one of 100 keys; the
+    // subscriber reads only changes, and nobody reads a snapshot.
+    let runs = MAX_UNBUILT_REVISIONS as i64 / 4 + 3;
+    let mut built_at = Vec::new();
+    for run in 0..runs {
+        let from = 2 + 4 * run;
+        let replies = (from..from + 4)
+            .map(|r| put(&format!("k{:02}", r % 100), r))
+            .collect();
+        drain_all(&mut out, &mut check, replies);
+        while sub.try_recv().is_some() {}
+        let state = out.hub.state();
+        assert_eq!(state.revision(), from + 3);
+        assert_eq!(out.reporter.status().revision, from + 3);
+        if matches!(state, State::At(_)) {
+            built_at.push(from + 3);
+        }
+        assert!(out.unbuilt <= MAX_UNBUILT_REVISIONS);
+    }
+    // Built by the writer once, at the run that would have passed the bound.
+    let bound = 1 + MAX_UNBUILT_REVISIONS as i64 + 4;
+    assert_eq!(built_at, [bound]);
+
+    // A reader builds the unbuilt state, exactly, and it becomes current.
+    let last = 1 + 4 * runs;
+    let snapshot = out.hub.snapshot();
+    assert_eq!((snapshot.revision(), snapshot.len()), (last, 100));
+    for (key, entry) in snapshot.iter() {
+        let n: i64 = std::str::from_utf8(&key[1..]).unwrap().parse().unwrap();
+        // The key's last put: the highest revision up to `last` that is n mod 100.
+        assert_eq!(entry.mod_revision, last - (last - n).rem_euclid(100));
+    }
+    assert!(matches!(out.hub.state(), State::At(s) if Arc::ptr_eq(&s, &snapshot)));
+    assert_eq!(out.reporter.status().keys, 100);
 }
 
 #[test]
