@@ -823,3 +823,82 @@ async fn subscriptions_made_while_a_backlog_drains_miss_nothing() {
     }
     assert_converged(&mirror, &src).await;
 }
+
+/// With a subscriber live that reads only changes (so each run's state is left
+/// unbuilt for the first reader), readers on other threads build those states
+/// concurrently: each snapshot they get is a whole revision, exactly, over more
+/// revisions than the mirror leaves unbuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_build_unbuilt_states_exactly_while_a_subscriber_reads_only_changes() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    let src = MemorySource::new();
+    let config = fast_config()
+        .with_progress_interval(Duration::from_secs(10))
+        .with_stall_timeout(Duration::from_secs(30))
+        .with_subscriber_buffer(10_000);
+    let mirror = start(&src, config).await;
+    mirror.wait_ready().await.unwrap();
+    let mut sub = mirror.subscribe();
+    assert!(matches!(sub.try_recv(), Some(Update::Snapshot(_))));
+    // The subscriber reads every batch's changes, never a snapshot.
+    let subscriber = tokio::spawn(async move {
+        let mut revisions = Vec::new();
+        while let Ok(Some(update)) = tokio::time::timeout(WAIT, sub.recv()).await {
+            if let Update::Batch(batch) = update {
+                assert!(batch.resync.is_none());
+                revisions.push(batch.revision);
+            }
+        }
+        revisions
+    });
+    let last = Arc::new(AtomicI64::new(i64::MAX));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (mirror, last) = (mirror.clone(), Arc::clone(&last));
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + WAIT;
+                let mut seen = Vec::new();
+                while std::time::Instant::now() < deadline {
+                    let snap = mirror.snapshot();
+                    let revision = snap.revision();
+                    if seen.last().is_none_or(|(r, _)| *r != revision) {
+                        seen.push((revision, snap_kvs(&snap)));
+                    }
+                    if revision >= last.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+    // Runs of 50 revisions, arriving while the readers read.
+    let first = src.revision() + 1;
+    for _ in 0..60 {
+        backlog(&src, 50);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let end = src.revision() - 1;
+    last.store(end, Ordering::SeqCst);
+    let mut seen_revisions = 0;
+    for reader in readers {
+        let seen = reader.join().expect("a reader panicked");
+        assert_eq!(seen.last().map(|(r, _)| *r), Some(end));
+        seen_revisions += seen.len();
+        for (revision, kvs) in seen {
+            assert_eq!(kvs, truth(&src, P, revision).await, "at {revision}");
+        }
+    }
+    // Readers landed on many states, not only on the last.
+    assert!(seen_revisions > 20, "readers saw {seen_revisions} states");
+    // Built once, then loaded: the same state for every reader.
+    assert!(Arc::ptr_eq(&mirror.snapshot(), &mirror.snapshot()));
+    mirror.shutdown().await.unwrap();
+    let revisions = subscriber.await.unwrap();
+    // Every revision but the final one outside the prefix, each as its own batch.
+    let expected: Vec<i64> = (first..=end).filter(|r| (r - first) % 51 != 50).collect();
+    assert_eq!(revisions, expected);
+    assert!(end - first > 1_024 * 2);
+}
