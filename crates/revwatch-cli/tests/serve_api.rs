@@ -127,9 +127,7 @@ fn embedded_default_seeds_decides_flips_and_keeps_last_known_good() {
         (ready["ready"].clone(), ready["degraded"].clone()),
         (json!(true), json!(true))
     );
-    let (code, metrics) = serve.get("/metrics");
-    assert_eq!(code, 200);
-    let metrics = metrics.as_str().expect("text").to_owned();
+    let metrics = serve.metrics();
     for line in [
         r#"revwatch_policy_loads_total{result="failed"} 1"#,
         r#"revwatch_policy_load_failures_total{key="/revwatch/policies/broken.cedar"} 1"#,

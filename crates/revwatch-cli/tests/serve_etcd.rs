@@ -93,9 +93,7 @@ async fn progress_trust_decides_whether_a_quiet_prefix_is_verified_by_a_read() {
             "{extra:?}: decided at {at}, before {outside}"
         );
 
-        let (code, metrics) = serve.get("/metrics");
-        assert_eq!(code, 200);
-        let metrics = metrics.as_str().expect("text").to_owned();
+        let metrics = serve.metrics();
         let [bookmarks, changed, failed] = ["bookmark", "changed", "failed"].map(|cause| {
             counter(
                 &metrics,

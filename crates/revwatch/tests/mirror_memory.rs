@@ -709,6 +709,21 @@ fn backlog(src: &MemorySource, n: usize) {
     src.set_frozen(false);
 }
 
+/// For a backlog: no progress request or stall while it drains.
+fn backlog_config() -> MirrorConfig {
+    fast_config()
+        .with_progress_interval(Duration::from_secs(10))
+        .with_stall_timeout(Duration::from_secs(30))
+}
+
+/// A ready mirror for a backlog whose subscribers read only at the end: a
+/// buffer none of them overflows.
+async fn backlog_mirror(src: &MemorySource) -> Mirror {
+    let mirror = start(src, backlog_config().with_subscriber_buffer(10_000)).await;
+    mirror.wait_ready().await.unwrap();
+    mirror
+}
+
 /// Scrapes one sample of a registry.
 fn sample(registry: &prometheus_client::registry::Registry, name: &str) -> f64 {
     let mut text = String::new();
@@ -727,12 +742,9 @@ async fn backlog_without_subscribers_is_published_exactly() {
     for i in 0..30 {
         src.put(format!("p/{i:02}").as_bytes(), b"v");
     }
-    let config = fast_config()
-        .with_progress_interval(Duration::from_secs(10))
-        .with_stall_timeout(Duration::from_secs(30));
     let mut registry = prometheus_client::registry::Registry::default();
     let mirror = Mirror::builder(P)
-        .config(config)
+        .config(backlog_config())
         .register_metrics(&mut registry)
         .start(src.clone())
         .await
@@ -790,13 +802,7 @@ async fn backlog_without_subscribers_is_published_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriptions_made_while_a_backlog_drains_miss_nothing() {
     let src = MemorySource::new();
-    let config = fast_config()
-        .with_progress_interval(Duration::from_secs(10))
-        .with_stall_timeout(Duration::from_secs(30))
-        // Nobody reads until the end: no subscriber may lag.
-        .with_subscriber_buffer(10_000);
-    let mirror = start(&src, config).await;
-    mirror.wait_ready().await.unwrap();
+    let mirror = backlog_mirror(&src).await;
     // Only the first subscription of a round can meet a run (the others turn
     // runs off): several rounds, each subscribing a bit later.
     for round in 0..10u64 {
@@ -834,12 +840,7 @@ async fn readers_build_unbuilt_states_exactly_while_a_subscriber_reads_only_chan
     use std::sync::atomic::{AtomicI64, Ordering};
 
     let src = MemorySource::new();
-    let config = fast_config()
-        .with_progress_interval(Duration::from_secs(10))
-        .with_stall_timeout(Duration::from_secs(30))
-        .with_subscriber_buffer(10_000);
-    let mirror = start(&src, config).await;
-    mirror.wait_ready().await.unwrap();
+    let mirror = backlog_mirror(&src).await;
     let mut sub = mirror.subscribe();
     assert!(matches!(sub.try_recv(), Some(Update::Snapshot(_))));
     // The subscriber reads every batch's changes, never a snapshot.

@@ -130,6 +130,13 @@ impl Serve {
         self.call("GET", path, None)
     }
 
+    /// The Prometheus text exposition at `/metrics`.
+    pub fn metrics(&self) -> String {
+        let (code, metrics) = self.get("/metrics");
+        assert_eq!(code, 200, "{metrics}");
+        metrics.as_str().expect("text").to_owned()
+    }
+
     /// SIGTERM; the exit status (within 10 s).
     pub fn terminate(self) -> ExitStatus {
         self.process.stop(Signal::SIGTERM).0

@@ -195,6 +195,10 @@ impl<T> Hub<T> {
 
     /// A new subscription whose first update is the current snapshot.
     pub(crate) fn subscribe(self: &Arc<Self>) -> Subscription<T> {
+        // Built before the lock, so that publication never waits for a replay:
+        // under it the snapshot is only loaded, unless a run was published in
+        // between (then one run is replayed).
+        let _ = self.snapshot();
         let mut subs = lock(&self.subscribers);
         // No publication can come in between: it takes the same lock.
         let snapshot = self.snapshot();
